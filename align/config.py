@@ -1,0 +1,179 @@
+"""Recipe loading: typed dataclasses, one YAML file plus `--key value` overrides.
+
+Every stage parses the same way:
+
+    model_args, data_args, train_args = parse_recipe((ModelArguments, DataArguments, SFTConfig))
+
+The key names are TRL's (`ModelConfig`, `ScriptArguments`, `SFTConfig`/`DPOConfig`/...) so recipes from the
+alignment-handbook or TRL read the same here; `align` only adds the fields those classes lack. A key that no
+dataclass knows is an error that names the key and the file, with the closest known names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+
+class ConfigError(ValueError):
+    """A recipe or command line that cannot be used as given."""
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` (model, quantization and LoRA keys) plus what it lacks."""
+
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file inside `model_name_or_path` to load (dequantized on load)."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load, when it differs from `model_name_or_path`."}
+    )
+    lora_bias: str = field(
+        default="none",
+        metadata={"help": "Which biases LoRA trains.", "choices": ["none", "all", "lora_only"]},
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Compute dtype of 4-bit layers; defaults to `dtype` (bfloat16 when `dtype` is float32)."},
+    )
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """TRL's `ScriptArguments` (`dataset_name`, splits) plus the shared data module's settings."""
+
+    dataset_format: str = field(
+        default="auto",
+        metadata={
+            "help": "Row format of the dataset; `auto` detects it from the columns.",
+            "choices": [
+                "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k", "text",
+                "preference",
+            ],
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate eval file or dataset; otherwise a split of the training data."}
+    )
+    eval_split_size: float = field(
+        default=0.05,
+        metadata={"help": "Held-out part of the training rows: a fraction (<1) or a row count (>=1); 0 disables."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows (after the split), for quick runs."}
+    )
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    chat_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: a Jinja string, a file path, or `default` for align's documented template. "
+            "By default the tokenizer's own template, and align's default where the tokenizer has none."
+        },
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "System message prepended to conversations that have none."}
+    )
+
+
+@dataclass
+class RunArguments:
+    """Settings of an `align` run that are not model, data or trainer keys."""
+
+    sft_adapter: str | None = field(
+        default=None, metadata={"help": "Output directory of an earlier stage whose adapter this stage starts from."}
+    )
+    stop_on_nonfinite_loss: bool = field(
+        default=True, metadata={"help": "Stop with an error when the training loss is NaN or infinite."}
+    )
+    resume: bool = field(
+        default=True, metadata={"help": "Resume from the last `checkpoint-N` in `output_dir` when there is one."}
+    )
+
+
+def _known_keys(classes) -> dict[str, type]:
+    keys: dict[str, type] = {}
+    for cls in classes:
+        for f in fields(cls):
+            keys.setdefault(f.name, cls)
+    return keys
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe file not found: {path}")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def check_keys(keys, classes, source: str) -> None:
+    """Raise `ConfigError` naming every key that none of `classes` has."""
+    known = _known_keys(classes)
+    unknown = [k for k in keys if k not in known and k != "env"]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, list(known), n=3, cutoff=0.6)
+            hints.append(f"'{k}'" + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
+        raise ConfigError(f"{source}: unknown key{'s' if len(unknown) > 1 else ''} " + ", ".join(hints))
+
+
+def _cli_keys(argv: list[str]) -> list[str]:
+    keys = []
+    for tok in argv:
+        if tok.startswith("--"):
+            keys.append(tok[2:].split("=", 1)[0].replace("-", "_"))
+    return keys
+
+
+def parse_recipe(classes, argv: list[str] | None = None):
+    """Parse `--config FILE` plus `--key value` overrides into one instance of each dataclass.
+
+    Values from the command line win over the file. Unknown keys in either are errors that name them.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            config_path = argv[i + 1]
+        elif tok.startswith("--config="):
+            config_path = tok.split("=", 1)[1]
+    if config_path is not None:
+        check_keys(load_yaml(config_path), classes, config_path)
+    check_keys([k for k in _cli_keys(argv) if k != "config"], classes, "command line")
+    parser = TrlParser(dataclass_types=list(classes))
+    return parser.parse_args_and_config(args=argv)
+
+
+def to_dict(*configs) -> dict[str, dict[str, Any]]:
+    """Resolved config for run.json: one mapping per dataclass, JSON-safe."""
+    out = {}
+    for cfg in configs:
+        if cfg is None:
+            continue
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+        out[type(cfg).__name__] = {k: _jsonable(v) for k, v in d.items()}
+    return out
+
+
+def _jsonable(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)

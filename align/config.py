@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 
 class ConfigError(ValueError):
@@ -95,6 +95,16 @@ class RunArguments:
     )
     resume: bool = field(
         default=True, metadata={"help": "Resume from the last `checkpoint-N` in `output_dir` when there is one."}
+    )
+
+
+@dataclass
+class SFTArguments(SFTConfig):
+    """TRL's `SFTConfig`, with the loss on assistant tokens by default (align builds the labels itself)."""
+
+    assistant_only_loss: bool = field(
+        default=True,
+        metadata={"help": "Train on assistant tokens only (each turn's end-of-turn/EOS token included)."},
     )
 
 

@@ -1,0 +1,106 @@
+"""What every training stage shares around TRL's trainers: logging, resume, the non-finite-loss guard,
+atomic saving of the final output and the Trainer-layout result files."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+
+logger = logging.getLogger("align")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops instead of training on garbage."""
+
+
+class NonFiniteLossGuard:
+    """Trainer mixin: stop with a clear message as soon as a step's loss is NaN or inf.
+
+    Stock `Trainer` drops such losses from its logs (`logging_nan_inf_filter`) and keeps training, so a diverged
+    run can look healthy. Mix in before the TRL trainer: `class T(NonFiniteLossGuard, SFTTrainer)`.
+    """
+
+    stop_on_nonfinite_loss = True
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.stop_on_nonfinite_loss:
+            value = loss.detach().float().item()
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"training loss is {value} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
+                    "stopping. Lower learning_rate, set max_grad_norm, check the data for empty or broken rows, "
+                    "or use bf16/fp32 instead of fp16. The last good checkpoint is in "
+                    f"{self.args.output_dir}."
+                )
+        return loss
+
+
+def setup_logging(train_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = train_args.get_process_log_level()
+    logger.setLevel(level)
+    logging.getLogger("align.data").setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def find_resume_checkpoint(train_args, resume: bool) -> str | None:
+    """The last `checkpoint-N` in `output_dir` to resume from, honouring an explicit `resume_from_checkpoint`."""
+    if train_args.resume_from_checkpoint:
+        return train_args.resume_from_checkpoint
+    if not resume or not os.path.isdir(train_args.output_dir):
+        return None
+    last = get_last_checkpoint(train_args.output_dir)
+    if last is not None:
+        logger.info("resuming from %s", last)
+    return last
+
+
+def save_final(trainer, output_dir: str) -> None:
+    """Save the model (adapter or full weights) and tokenizer so no reader sees half-written files.
+
+    Everything is written into a temporary directory first and then moved into `output_dir` file by file with
+    `os.replace`, which is atomic per file.
+    """
+    if not trainer.is_world_process_zero():
+        trainer.save_model(os.path.join(output_dir, ".final-tmp"))  # collective under ZeRO-3/FSDP
+        return
+    tmp = os.path.join(output_dir, ".final-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(tmp)
+    for name in os.listdir(tmp):
+        src, dst = os.path.join(tmp, name), os.path.join(output_dir, name)
+        if os.path.isdir(src):
+            shutil.rmtree(dst, ignore_errors=True)
+        os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_results(trainer, split: str, metrics: dict) -> None:
+    """`train_results.json` / `eval_results.json` / `all_results.json`, as the HF example scripts write them."""
+    trainer.log_metrics(split, metrics)
+    trainer.save_metrics(split, metrics)
+
+
+def mark_base_frozen(model) -> None:
+    """Assert that with an adapter only adapter (and modules_to_save) weights train; fail loudly otherwise."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return
+    bad = [
+        n for n, p in model.named_parameters()
+        if p.requires_grad and "lora_" not in n and "modules_to_save" not in n and "score" not in n
+    ]
+    if bad:
+        raise RuntimeError(f"base weights would train with an adapter: {bad[:5]}")

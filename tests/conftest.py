@@ -1,0 +1,68 @@
+"""Shared fixtures: SmolLM2's tokenizer, tiny random models per architecture, small synthetic chat data."""
+
+import json
+import os
+import random
+
+import pytest
+
+from align.testing import load_test_tokenizer, make_tiny_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(REPO, "..", "shared")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_test_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory, tokenizer):
+    """tiny_model_factory("llama") -> path of a saved tiny random Llama (built once per session)."""
+    made = {}
+
+    def make(arch="llama"):
+        if arch not in made:
+            made[arch] = make_tiny_model(arch, str(tmp_path_factory.mktemp(f"tiny-{arch}")), tokenizer)
+        return made[arch]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model_factory):
+    return tiny_model_factory("llama")
+
+
+WORDS = "red green blue apple river stone cloud paper seven orange quiet lamp tiger music window".split()
+
+
+def synthetic_chat_rows(n=64, seed=0):
+    """Learnable chat rows: the assistant repeats the user's words in reverse order."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 4)
+        rows.append({"messages": [
+            {"role": "user", "content": "Reverse: " + " ".join(words)},
+            {"role": "assistant", "content": " ".join(reversed(words))},
+        ]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    with open(path, "w") as fh:
+        for row in synthetic_chat_rows():
+            fh.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def have_shared() -> bool:
+    return os.path.isdir(os.path.join(SHARED, "data"))

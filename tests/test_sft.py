@@ -1,0 +1,142 @@
+"""SFT stage on tiny random models: LoRA per architecture, full fine-tune, determinism, NaN guard."""
+
+import json
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from align import sft
+from align.training import NonFiniteLossError
+
+ARCHS = ["llama", "mistral", "qwen2", "gemma2", "phi3"]
+
+
+def sft_argv(model, data, out, **overrides):
+    args = {
+        "model_name_or_path": model, "dataset_name": data, "output_dir": out, "use_peft": "true",
+        "lora_r": "8", "lora_alpha": "16", "lora_dropout": "0.0", "max_steps": "12",
+        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "4", "learning_rate": "5e-3",
+        "logging_steps": "1", "save_strategy": "no", "report_to": "none", "bf16": "false",
+        "gradient_checkpointing": "false", "dtype": "float32", "max_length": "128", "eval_split_size": "8",
+        "eval_strategy": "no", "seed": "0", "disable_tqdm": "true", "warmup_steps": "0",
+    }
+    args.update({k: str(v) for k, v in overrides.items()})
+    argv = []
+    for k, v in args.items():
+        argv += [f"--{k}", v]
+    return argv
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def base_state(model_dir):
+    return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def sample_batch(tokenizer):
+    msgs = [{"role": "user", "content": "Reverse: red green blue lamp"}, {"role": "assistant", "content": "lamp blue"}]
+    ids = tokenizer.apply_chat_template(msgs, return_tensors="pt", return_dict=True)
+    return ids["input_ids"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sft_lora_trains_only_the_adapter(arch, tiny_model_factory, chat_jsonl, tokenizer, tmp_path):
+    base_dir = tiny_model_factory(arch)
+    out = str(tmp_path / "out")
+    trainer = sft.main(sft_argv(base_dir, chat_jsonl, out))
+
+    # the loss falls
+    ls = losses(trainer)
+    assert len(ls) == 12
+    assert sum(ls[-3:]) / 3 < ls[0] - 1.0, ls
+
+    # every base weight is bit-identical; only adapter weights are trainable and they moved
+    model = trainer.model
+    base = base_state(base_dir)
+    seen = 0
+    for name, p in model.get_base_model().state_dict().items():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        if key in base:
+            assert torch.equal(p.cpu(), base[key]), key
+            seen += 1
+    assert seen >= len(base) - 1  # all (lm_head may be tied)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # initialised at zero, so they trained
+
+    # the saved adapter holds only adapter weights and reloads to the same logits
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert saved and all("lora_" in k for k in saved)
+    assert os.path.isfile(os.path.join(out, "adapter_config.json"))
+    ids = sample_batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_output_layout_and_manifest(tiny_llama, chat_jsonl, tmp_path):
+    out = str(tmp_path / "out")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, out, save_strategy="steps", save_steps=6, eval_strategy="steps",
+                      eval_steps=6, report_to="tensorboard"))
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "run.json",
+                 "trainer_state.json", "train_results.json", "eval_results.json", "checkpoint-12"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert any(os.scandir(os.path.join(out, "runs"))) or any("tfevents" in f for _, _, fs in os.walk(out) for f in fs)
+    tok_cfg = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    chat_template = tok_cfg.get("chat_template") or open(os.path.join(out, "chat_template.jinja")).read()
+    assert "<|im_start|>" in chat_template
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["stage"] == "sft" and run["seed"] == 0
+    assert run["versions"]["torch"] and run["versions"]["peft"] and run["versions"]["trl"]
+    assert run["lineage"]["base_model"] == os.path.abspath(tiny_llama)
+    assert run["lineage"]["quantization"]["load_in_4bit"] is False
+    assert len(run["lineage"]["chat_template_sha256"]) == 64
+    assert run["lineage"]["parent_adapter"] is None
+    assert run["data"]["train"] == 56 and run["data"]["eval"] == 8
+    assert run["metrics"]["eval_loss"] < run["metrics"]["eval_loss_before"]
+    assert run["config"]["ModelArguments"]["lora_r"] == 8
+
+
+def test_sft_same_seed_same_adapter(tiny_llama, chat_jsonl, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, a, max_steps=4, lora_dropout=0.1))
+    sft.main(sft_argv(tiny_llama, chat_jsonl, b, max_steps=4, lora_dropout=0.1))
+    wa, wb = (load_file(os.path.join(d, "adapter_model.safetensors")) for d in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    c = str(tmp_path / "c")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, c, max_steps=4, lora_dropout=0.1, seed=1))
+    wc = load_file(os.path.join(c, "adapter_model.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_sft_full_finetune_from_the_same_script(tiny_llama, chat_jsonl, tmp_path):
+    out = str(tmp_path / "full")
+    trainer = sft.main(sft_argv(tiny_llama, chat_jsonl, out, use_peft="false", learning_rate="1e-3"))
+    ls = losses(trainer)
+    assert sum(ls[-3:]) / 3 < ls[0] - 1.0, ls
+    saved = load_file(os.path.join(out, "model.safetensors"))
+    base = base_state(tiny_llama)
+    changed = [k for k in base if k in saved and not torch.equal(saved[k], base[k])]
+    assert len(changed) > len(base) // 2
+    assert saved["model.embed_tokens.weight"].dtype == torch.float32  # fp32 master weights
+    assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+
+
+def test_nonfinite_loss_stops_the_run(tiny_llama, chat_jsonl, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="training loss is (nan|inf)"):
+        sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "nan"), learning_rate="1e12",
+                          max_grad_norm="0", lora_alpha="100000", max_steps=30))

@@ -1,0 +1,45 @@
+"""Every recipe in recipes/ runs for 2 steps with a tiny random model of its family's architecture."""
+
+import glob
+import json
+import os
+
+import pytest
+
+from align import config, sft
+
+from .conftest import REPO
+from .test_sft import sft_argv
+
+FAMILY_ARCH = {"smollm2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2.5": "qwen2",
+               "gemma2": "gemma2", "phi3": "phi3"}
+RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*.yaml")))
+STAGES = {"sft": sft.main}
+
+
+def test_every_family_has_a_tiny_architecture():
+    fams = {os.path.basename(os.path.dirname(p)) for p in RECIPES} - {"accelerate"}
+    assert fams and fams <= set(FAMILY_ARCH), fams - set(FAMILY_ARCH)
+
+
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if "/accelerate/" not in p],
+                         ids=lambda p: os.path.relpath(p, os.path.join(REPO, "recipes")))
+def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, tmp_path):
+    family = os.path.basename(os.path.dirname(recipe))
+    stage = os.path.basename(recipe).split("_")[0]
+    values = config.load_yaml(recipe)
+    assert values["output_dir"].startswith("outputs/")
+    out = str(tmp_path / "out")
+    # only what a CPU test must change: the model (tiny, same architecture), data size, steps, and the family's
+    # end-of-turn token, which the shared test tokenizer (ChatML) spells <|im_end|>
+    argv = ["--config", recipe, "--model_name_or_path", tiny_model_factory(FAMILY_ARCH[family]),
+            "--dataset_name", chat_jsonl, "--output_dir", out, "--max_steps", "2", "--save_strategy", "no",
+            "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--max_length", "128"]
+    if "eos_token" in values:
+        argv += ["--eos_token", "<|im_end|>"]
+    STAGES[stage](argv)
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["metrics"]["train_loss"] > 0
+    assert run["config"]["ModelArguments"]["load_in_4bit"] == bool(values.get("load_in_4bit", False))
+    assert os.path.isfile(os.path.join(out, "adapter_config.json")) == bool(values.get("use_peft", False))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
-from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,14 @@ class RunArguments:
     sft_adapter: str | None = field(
         default=None, metadata={"help": "Output directory of an earlier stage whose adapter this stage starts from."}
     )
+    merge_sft_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "Preference stages: merge the SFT adapter into the base and train a fresh adapter on the merged "
+            "weights (reference: the merged model) instead of training a copy of the SFT adapter (reference: the "
+            "SFT adapter). Not with a 4-bit base: merge with align/merge.py first and train on the merged model."
+        },
+    )
     stop_on_nonfinite_loss: bool = field(
         default=True, metadata={"help": "Stop with an error when the training loss is NaN or infinite."}
     )
@@ -106,6 +114,9 @@ class SFTArguments(SFTConfig):
         default=True,
         metadata={"help": "Train on assistant tokens only (each turn's end-of-turn/EOS token included)."},
     )
+
+
+DPOArguments = DPOConfig  # TRL's keys as they are: beta, loss_type, label_smoothing, precompute_ref_log_probs, ...
 
 
 def _known_keys(classes) -> dict[str, type]:

@@ -3,9 +3,11 @@ an earlier stage's adapter (stacking: SFT -> DPO / RM / PPO), or all weights for
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
+import torch
 from peft import PeftModel, get_peft_model
 
 from align import manifest, modeling
@@ -55,3 +57,77 @@ def parent_lineage(parent: str | None) -> dict | None:
         "base_model": (run.get("lineage") or {}).get("base_model"),
         "lineage": run.get("lineage"),
     }
+
+
+def adapter_base(adapter_dir: str) -> str | None:
+    with open(os.path.join(check_adapter_dir(adapter_dir), "adapter_config.json")) as fh:
+        return json.load(fh).get("base_model_name_or_path")
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    if os.path.isdir(a) or os.path.isdir(b):
+        return os.path.abspath(a) == os.path.abspath(b)
+    return a == b
+
+
+def check_same_base(adapter_dir: str, model_args) -> None:
+    """The stage's base must be the one the parent adapter was trained on (filled in when the recipe has none)."""
+    base = adapter_base(adapter_dir)
+    if model_args.model_name_or_path is None:
+        model_args.model_name_or_path = base
+        return
+    if base is not None and not _same_model(base, model_args.model_name_or_path):
+        raise AdapterError(
+            f"{adapter_dir} was trained on {base}, but this recipe loads {model_args.model_name_or_path}; "
+            "set model_name_or_path to the adapter's base"
+        )
+
+
+def policy_for_preference_training(model, model_args, run_args):
+    """Set up the trainable policy on the frozen base and say what the reference is.
+
+    Returns `(model, reference)` where `reference` is one of:
+    - "sft_adapter": the policy is a trainable copy of the SFT adapter; the reference is the SFT adapter itself,
+      frozen (TRL's DPOTrainer adds it as adapter "ref"; `check_reference` verifies it).
+    - "merged_sft": the SFT adapter was merged into the base; a fresh adapter trains; the reference is the merged
+      model with the adapter switched off.
+    - "base": no SFT adapter; a fresh adapter trains; the reference is the base with the adapter switched off.
+    """
+    sft = run_args.sft_adapter
+    if sft is not None and run_args.merge_sft_adapter:
+        if model_args.load_in_4bit or model_args.load_in_8bit:
+            raise AdapterError(
+                "merge_sft_adapter with a quantized base would merge into rounded weights: merge with "
+                "`python align/merge.py` first and use the merged model as model_name_or_path"
+            )
+        merged = PeftModel.from_pretrained(model, check_adapter_dir(sft)).merge_and_unload()
+        if not model_args.use_peft:
+            raise AdapterError("merge_sft_adapter trains a fresh adapter: set use_peft: true")
+        return attach_trainable_adapter(merged, model_args), "merged_sft"
+    if sft is not None:
+        return attach_trainable_adapter(model, model_args, parent=sft), "sft_adapter"
+    if not model_args.use_peft:
+        raise AdapterError("align's preference stages train adapters: set use_peft: true (or give --sft_adapter)")
+    return attach_trainable_adapter(model, model_args), "base"
+
+
+def check_reference(model, reference: str) -> None:
+    """Fail before training if the reference is not what `policy_for_preference_training` promised."""
+    if reference != "sft_adapter":
+        return
+    if "ref" not in getattr(model, "peft_config", {}):
+        raise AdapterError("the SFT reference adapter is missing: the reference would be the bare base")
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        if ".ref." in name:
+            policy = params[name.replace(".ref.", ".default.")]
+            if p.requires_grad or not torch.equal(p, policy):
+                raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter")
+
+
+def drop_reference_adapter(model) -> None:
+    """Remove TRL's frozen "ref" copy before saving, so the output holds the policy adapter only."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")

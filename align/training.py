@@ -92,6 +92,16 @@ def write_results(trainer, split: str, metrics: dict) -> None:
     trainer.save_metrics(split, metrics)
 
 
+def last_logged(trainer, prefix: str = "", keys: tuple[str, ...] = ()) -> dict:
+    """The last logged training value of each metric whose name starts with one of `keys` (eval logs excluded)."""
+    out = {}
+    for entry in trainer.state.log_history:
+        for k, v in entry.items():
+            if not k.startswith("eval_") and k.startswith(keys):
+                out[prefix + k] = v
+    return out
+
+
 def mark_base_frozen(model) -> None:
     """Assert that with an adapter only adapter (and modules_to_save) weights train; fail loudly otherwise."""
     from peft import PeftModel

@@ -1,0 +1,99 @@
+"""Direct preference optimisation on adapters, stacked on the SFT adapter.
+
+    accelerate launch align/dpo.py --config recipes/smollm2/dpo_lora.yaml --sft_adapter outputs/smollm2-sft-lora
+
+The base is loaded once and stays frozen. With `--sft_adapter`, the policy is a trainable copy of the SFT adapter
+and the reference is the SFT adapter itself, frozen, on the same base (no second copy of the base weights).
+Without it, the policy is a fresh LoRA adapter and the reference is the base with the adapter switched off.
+With `--merge_sft_adapter true`, the SFT adapter is merged into the base first and a fresh adapter is trained
+on the merged weights; the reference is then the merged model (adapter off). See `align.stacking`.
+
+Sections: parse -> logging, seed, resume point -> tokenizer and preference data -> base + policy/reference
+adapters -> TRL's DPOTrainer -> train and evaluate (held-out reward accuracy before and after) -> save + run.json.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import the package, not the sibling files
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import time
+
+from transformers import set_seed
+from trl import DPOTrainer
+
+from align import config, data, manifest, modeling, stacking, training
+
+
+class AlignDPOTrainer(training.NonFiniteLossGuard, DPOTrainer):
+    """TRL's DPOTrainer that stops on a NaN/inf loss."""
+
+
+def main(argv=None):
+    started = time.time()
+    # 1. Recipe.
+    model_args, data_args, train_args, run_args = config.parse_recipe(
+        (config.ModelArguments, config.DataArguments, config.DPOArguments, config.RunArguments), argv
+    )
+    training.setup_logging(train_args)
+    set_seed(train_args.seed)
+    checkpoint = training.find_resume_checkpoint(train_args, run_args.resume)
+    resolved = config.to_dict(model_args, data_args, train_args, run_args)
+    if run_args.sft_adapter:  # the SFT run fixes the base and the chat template
+        stacking.check_same_base(run_args.sft_adapter, model_args)
+        model_args.tokenizer_name_or_path = model_args.tokenizer_name_or_path or run_args.sft_adapter
+
+    # 2. Tokenizer and preference pairs (prompt / chosen / rejected as chat messages).
+    tokenizer = modeling.load_tokenizer(model_args)
+    template_sha = data.ensure_chat_template(tokenizer, data_args.chat_template)
+    train_ds, eval_ds, report = data.build_preference_datasets(
+        data_args, tokenizer, max_length=train_args.max_length, seed=train_args.seed
+    )
+
+    # 3. One frozen base; the policy adapter on it; the reference is an adapter switch, not a second model.
+    model = modeling.load_model(model_args, training=True)
+    model, reference = stacking.policy_for_preference_training(model, model_args, run_args)
+    training.mark_base_frozen(model)
+
+    # 4. Trainer. TRL copies a pretrained adapter into a frozen "ref" adapter and uses it as the reference.
+    trainer = AlignDPOTrainer(
+        model=model, ref_model=None, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
+    trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
+    stacking.check_reference(trainer.model, reference)
+
+    # 5. Train, with held-out reward accuracy before and after.
+    metrics = {}
+    if eval_ds is not None and checkpoint is None:
+        metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
+    train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    training.write_results(trainer, "train", train_metrics)
+    metrics.update(train_metrics)
+    metrics.update(training.last_logged(trainer, prefix="train_", keys=("rewards/", "logps/", "loss")))
+    if eval_ds is not None:
+        eval_metrics = trainer.evaluate()
+        training.write_results(trainer, "eval", eval_metrics)
+        metrics.update(eval_metrics)
+
+    # 6. Save the policy adapter only (not TRL's "ref" copy), the tokenizer, trainer state and run.json.
+    stacking.drop_reference_adapter(trainer.model)
+    training.save_final(trainer, train_args.output_dir)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        lineage = manifest.base_model_lineage(model_args)
+        lineage.update(chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
+                       reference=reference, adapter=True)
+        path = manifest.write_run(
+            train_args.output_dir, stage="dpo", config=resolved, seed=train_args.seed, data=report.as_dict(),
+            metrics=metrics, lineage=lineage, started=started,
+        )
+        print(f"dpo: wrote {train_args.output_dir} (run manifest {path}; reference: {reference})")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

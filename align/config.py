@@ -176,7 +176,13 @@ def parse_recipe(classes, argv: list[str] | None = None):
         check_keys(load_yaml(config_path), classes, config_path)
     check_keys([k for k in _cli_keys(argv) if k != "config"], classes, "command line")
     parser = TrlParser(dataclass_types=list(classes))
-    return parser.parse_args_and_config(args=argv)
+    parsed = parser.parse_args_and_config(args=argv)
+    # TRL keeps `trust_remote_code` on the trainer config; model loading reads it from the model arguments
+    trust = any(getattr(p, "trust_remote_code", False) for p in parsed)
+    for p in parsed:
+        if isinstance(p, ModelConfig):
+            p.trust_remote_code = trust
+    return parsed
 
 
 def to_dict(*configs) -> dict[str, dict[str, Any]]:

@@ -29,6 +29,7 @@ def tiny_config(arch: str, vocab_size: int, **overrides) -> transformers.Pretrai
         eos_token_id=2,
         pad_token_id=2,
         tie_word_embeddings=False,
+        initializer_range=0.2,  # frozen random lm_head: wide enough that an adapter can move the loss
     )
     if arch == "llama":
         cfg = transformers.LlamaConfig(**common)

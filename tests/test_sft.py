@@ -19,7 +19,7 @@ def sft_argv(model, data, out, **overrides):
     args = {
         "model_name_or_path": model, "dataset_name": data, "output_dir": out, "use_peft": "true",
         "lora_r": "8", "lora_alpha": "16", "lora_dropout": "0.0", "max_steps": "12",
-        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "4", "learning_rate": "5e-3",
+        "per_device_train_batch_size": "4", "per_device_eval_batch_size": "4", "learning_rate": "3e-2",
         "logging_steps": "1", "save_strategy": "no", "report_to": "none", "bf16": "false",
         "gradient_checkpointing": "false", "dtype": "float32", "max_length": "128", "eval_split_size": "8",
         "eval_strategy": "no", "seed": "0", "disable_tqdm": "true", "warmup_steps": "0",
@@ -136,7 +136,23 @@ def test_sft_full_finetune_from_the_same_script(tiny_llama, chat_jsonl, tmp_path
     assert not os.path.exists(os.path.join(out, "adapter_config.json"))
 
 
-def test_nonfinite_loss_stops_the_run(tiny_llama, chat_jsonl, tmp_path):
-    with pytest.raises(NonFiniteLossError, match="training loss is (nan|inf)"):
-        sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "nan"), learning_rate="1e12",
-                          max_grad_norm="0", lora_alpha="100000", max_steps=30))
+def test_nonfinite_loss_stops_the_run(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """From step 3 on the embeddings turn NaN (as after a blow-up); the run must stop there with a message."""
+    from align import modeling
+
+    real_load = modeling.load_model
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] >= 3 else output
+
+        model.get_input_embeddings().register_forward_hook(hook)
+        return model
+
+    monkeypatch.setattr(modeling, "load_model", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 3"):
+        sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "nan"), eval_split_size=0))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
+from transformers import TrainingArguments
 from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 
@@ -175,6 +176,9 @@ def parse_recipe(classes, argv: list[str] | None = None):
     if config_path is not None:
         check_keys(load_yaml(config_path), classes, config_path)
     check_keys([k for k in _cli_keys(argv) if k != "config"], classes, "command line")
+    if not _has_accelerator() and any(issubclass(c, TrainingArguments) for c in classes):
+        if "use_cpu" not in _cli_keys(argv) and "use_cpu" not in (load_yaml(config_path) if config_path else {}):
+            argv += ["--use_cpu", "true"]  # no GPU here: train on the CPU (bf16 then means CPU autocast)
     parser = TrlParser(dataclass_types=list(classes))
     parsed = parser.parse_args_and_config(args=argv)
     # TRL keeps `trust_remote_code` on the trainer config; model loading reads it from the model arguments
@@ -183,6 +187,12 @@ def parse_recipe(classes, argv: list[str] | None = None):
         if isinstance(p, ModelConfig):
             p.trust_remote_code = trust
     return parsed
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def to_dict(*configs) -> dict[str, dict[str, Any]]:

@@ -112,7 +112,16 @@ def load_model(model_args, *, task: str = "causal_lm", num_labels: int = 1, trai
     if quant is not None and training:
         # casts norms to fp32 and freezes the base; checkpointing is the trainer's job (gradient_checkpointing key)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_cpu_4bit_trainable(model)
     return model
+
+
+def _keep_cpu_4bit_trainable(model) -> None:
+    """bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode forward; a training step after
+    that (eval during training) then fails on layers with a bias. Keep the training layout on CPU."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(model_args, model) -> LoraConfig | None:

@@ -49,8 +49,9 @@ def setup_logging(train_args) -> None:
         handlers=[logging.StreamHandler(sys.stdout)],
     )
     level = train_args.get_process_log_level()
-    logger.setLevel(level)
-    logging.getLogger("align.data").setLevel(level)
+    own = logging.INFO if train_args.should_log else logging.WARNING  # align's own messages: info on process 0
+    logger.setLevel(min(level, own))
+    logging.getLogger("align.data").setLevel(min(level, own))
     transformers.utils.logging.set_verbosity(level)
 
 

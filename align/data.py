@@ -2,13 +2,27 @@
 
     read_records(source)            local .jsonl/.json/.json.gz/.jsonl.gz/.parquet/.csv, a directory, or a hub name
     to_messages(record)             messages | sharegpt | alpaca | prompt_completion | hh | gsm8k  -> chat messages
-    to_preference(record)           prompt/chosen/rejected (explicit or implicit prompt), ShareGPT pairs -> messages
+    to_preference(record)           explicit or implicit prompt, ShareGPT pairs  -> prompt / chosen / rejected
+    ensure_chat_template(tok)       the tokenizer's template, a file, a Jinja string, or DEFAULT_CHAT_TEMPLATE
     tokenize_conversation(...)      chat template -> input_ids, labels on assistant tokens (end-of-turn included)
-    build_sft_datasets(...)         all of the above, split, filtered with counts  -> datasets.Dataset
+    build_sft_datasets(...)         all of the above, split and filtered with counts -> datasets.Dataset
     build_preference_datasets(...)  the same for pairs -> TRL's conversational prompt/chosen/rejected columns
 
-A malformed row raises `DataError` naming file, row and field. Rows dropped on purpose (too long, chosen equal
-to rejected, nothing to train on) are counted in a `DataReport`, logged, and written into run.json.
+Row formats (`dataset_format: auto` picks one per row from its columns, see `detect_format`):
+
+    messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+    sharegpt           {"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": str}, ...]}
+    alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
+    prompt_completion  {"prompt", "completion"}: strings, or message lists
+    hh                 {"chosen" or "text": "\\n\\nHuman: ...\\n\\nAssistant: ..."}  (HH-RLHF dialogue text)
+    gsm8k              {"question", "answer"}
+    text               {"text"}: plain text, trained on whole (not a conversation; only `build_sft_datasets`)
+    preference         {"prompt"?, "chosen", "rejected"} or {"conversations", "chosen", "rejected"}; for SFT the
+                       prompt followed by the chosen response
+
+Malformed rows raise `DataError` naming file, row (from 1) and field. Rows dropped on purpose are counted in a
+`DataReport` (logged, and written into run.json): too long, chosen equal to rejected, nothing to train on, and an
+empty response (`EmptyResponseError`; real sets have a few, e.g. Alpaca's empty outputs).
 """
 
 from __future__ import annotations
@@ -24,16 +38,18 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-logger = logging.getLogger("align.data")
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bing": "assistant", "chatgpt": "assistant"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k", "text")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
 
-# The documented default for models whose tokenizer has no chat template: plain-text role markers (no new
-# tokens to learn), every turn closed by the tokenizer's EOS token so a tuned model learns to stop.
+# The documented default for tokenizers without a chat template (base models): Zephyr-like plain-text role markers,
+# so no new tokens need embeddings, and every turn closed by the tokenizer's EOS token so a tuned model stops.
+#   <|system|>\n{content}{eos}\n   <|user|>\n{content}{eos}\n   <|assistant|>\n{content}{eos}\n
+# Generation prompt: "<|assistant|>\n".
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
@@ -42,24 +58,34 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and records
+
+
 class DataError(ValueError):
-    """A row that cannot be used, named by file, row (from 1) and field."""
+    """A row or file that cannot be used, named by file, row (from 1) and field."""
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None):
         self.file, self.row, self.field, self.reason = file, row, field, message
-        where = ", ".join(x for x in (file, f"row {row}" if row is not None else None,
-                                      f"field '{field}'" if field else None) if x)
+        where = [file, f"row {row}" if row is not None else None, f"field '{field}'" if field else None]
+        where = ", ".join(w for w in where if w)
         super().__init__(f"{where}: {message}" if where else message)
+
+
+class EmptyResponseError(DataError):
+    """An assistant turn without text. The builders count these rows as `empty` instead of stopping."""
 
 
 @dataclass
 class Record:
+    """One row as read: where it came from (file, row from 1) and its columns."""
+
     source: str
     row: int
     data: dict
 
-    def error(self, message: str, field: str | None = None) -> DataError:
-        return DataError(message, file=self.source, row=self.row, field=field)
+    def error(self, message: str, field: str | None = None, cls: type[DataError] = DataError) -> DataError:
+        return cls(message, file=self.source, row=self.row, field=field)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,20 +96,24 @@ def _open_text(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
+def _row(path: str, row: int, obj: Any) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(f"a row must be a JSON object, got {type(obj).__name__}", file=path, row=row)
+    return Record(path, row, obj)
+
+
 def _read_jsonl(path: str) -> list[Record]:
-    out = []
+    records = []
     with _open_text(path) as fh:
-        for i, line in enumerate(fh, start=1):
+        for line_no, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg} (column {err.colno})", file=path, row=i) from err
-            if not isinstance(obj, dict):
-                raise DataError(f"a row must be a JSON object, got {type(obj).__name__}", file=path, row=i)
-            out.append(Record(path, i, obj))
-    return out
+                raise DataError(f"not valid JSON: {err.msg} (column {err.colno})", file=path, row=line_no) from None
+            records.append(_row(path, line_no, obj))
+    return records
 
 
 def _read_json(path: str) -> list[Record]:
@@ -92,22 +122,17 @@ def _read_json(path: str) -> list[Record]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        if "\n{" in text.strip():  # JSON lines saved as .json
+        if text.lstrip().startswith("{") and "\n{" in text:  # JSON lines saved as .json
             return _read_jsonl(path)
-        raise DataError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=path) from err
+        raise DataError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=path) from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError("a JSON file must hold a list of rows, or an object with exactly one list", file=path)
+            raise DataError("a JSON file must hold a list of rows, or an object holding exactly one list", file=path)
         obj = lists[0]
     if not isinstance(obj, list):
         raise DataError("a JSON file must hold a list of rows", file=path)
-    out = []
-    for i, row in enumerate(obj, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"a row must be a JSON object, got {type(row).__name__}", file=path, row=i)
-        out.append(Record(path, i, row))
-    return out
+    return [_row(path, i, r) for i, r in enumerate(obj, start=1)]
 
 
 def _read_table(path: str) -> list[Record]:
@@ -121,8 +146,18 @@ def _read_table(path: str) -> list[Record]:
     return [Record(path, i, dict(r)) for i, r in enumerate(rows, start=1)]
 
 
+def _read_hub(name: str, split: str, config: str | None) -> list[Record]:
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split=split)
+    return [Record(f"{name}:{split}", i, dict(r)) for i, r in enumerate(ds, start=1)]
+
+
 def read_records(source: str, split: str = "train", config: str | None = None) -> list[Record]:
-    """Rows of a local file or directory, or of a hub dataset (`datasets.load_dataset(source, config, split)`)."""
+    """Rows of a local file, of every supported file in a directory (sorted by name), or of a hub dataset.
+
+    `split` and `config` apply to hub datasets only (`datasets.load_dataset(source, config, split=split)`).
+    """
     if os.path.isdir(source):
         files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(LOCAL_SUFFIXES))
         if not files:
@@ -136,212 +171,261 @@ def read_records(source: str, split: str = "train", config: str | None = None) -
         if source.endswith((".parquet", ".csv")):
             return _read_table(source)
         raise DataError(f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}", file=source)
-    if source.startswith((".", "/")) or source.endswith(LOCAL_SUFFIXES):
+    if source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES):
         raise DataError("file not found", file=source)
-    import datasets
-
-    ds = datasets.load_dataset(source, config, split=split)
-    return [Record(f"{source}:{split}", i, dict(r)) for i, r in enumerate(ds, start=1)]
+    return _read_hub(source, split, config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rows -> chat messages
+# Row formats -> chat messages
+
+
+def _is_hh(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip(" ").startswith(("\n\nHuman:", "Human:"))
 
 
 def detect_format(row: dict, kind: str = "sft") -> str:
+    """The row format from the columns; `kind="preference"` checks for a chosen/rejected pair."""
     keys = set(row)
+    pair = {"chosen", "rejected"} <= keys
     if kind == "preference":
+        if not pair:
+            raise DataError(f"a preference row needs 'chosen' and 'rejected' columns, got {sorted(keys)}")
         return "preference"
     if "messages" in keys:
         return "messages"
+    if pair:
+        return "hh" if _is_hh(row["chosen"]) and row.get("prompt") is None else "preference"
     if "conversations" in keys:
         return "sharegpt"
-    if "instruction" in keys and "output" in keys:
+    if {"instruction", "output"} <= keys:
         return "alpaca"
-    if "prompt" in keys and "completion" in keys:
+    if {"prompt", "completion"} <= keys:
         return "prompt_completion"
-    if "question" in keys and "answer" in keys:
+    if {"question", "answer"} <= keys:
         return "gsm8k"
-    if "chosen" in keys and isinstance(row["chosen"], str) and "\n\nHuman:" in row["chosen"]:
-        return "hh"
-    if "text" in keys and isinstance(row["text"], str) and "\n\nHuman:" in row["text"]:
-        return "hh"
     if "text" in keys:
-        return "text"
+        return "hh" if _is_hh(row["text"]) else "text"
     raise DataError(f"cannot tell the format from the columns {sorted(keys)}; set dataset_format")
 
 
-def _text(record: Record, value: Any, fld: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise record.error(f"expected a string, got {type(value).__name__}", fld)
-    if not allow_empty and not value.strip():
-        raise record.error("empty text", fld)
-    return value
-
-
-def _field(record: Record, name: str):
-    if name not in record.data or record.data[name] is None:
+def _field(record: Record, name: str) -> Any:
+    if record.data.get(name) is None:
         raise record.error("missing field", name)
     return record.data[name]
 
 
-def _check_messages(record: Record, messages, fld: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
+def _turn(record: Record, role: str, value: Any, fld: str) -> dict:
+    """One message; assistant text must be non-empty (`EmptyResponseError`), any text must be a string."""
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", fld)
+    if role == "assistant" and not value.strip():
+        raise record.error("empty assistant turn", fld, EmptyResponseError)
+    return {"role": role, "content": value}
+
+
+def _messages(record: Record, value: Any, fld: str) -> list[dict]:
+    """A list of {"role", "content"} messages; roles strictly system/user/assistant."""
+    if not isinstance(value, list) or not value:
         raise record.error("expected a non-empty list of messages", fld)
     out = []
-    for i, m in enumerate(messages):
+    for i, m in enumerate(value):
+        at = f"{fld}[{i}]"
         if not isinstance(m, dict):
-            raise record.error("a message must be an object with role and content", f"{fld}[{i}]")
-        if "role" not in m:
-            raise record.error("missing field", f"{fld}[{i}].role")
-        if "content" not in m:
-            raise record.error("missing field", f"{fld}[{i}].content")
-        role = m["role"]
-        if role not in ROLES:
-            raise record.error(f"unknown role {role!r} (expected system/user/assistant)", f"{fld}[{i}].role")
-        content = _text(record, m["content"], f"{fld}[{i}].content", allow_empty=role != "assistant")
-        out.append({"role": role, "content": content})
+            raise record.error("expected an object with 'role' and 'content'", at)
+        for key in ("role", "content"):
+            if key not in m:
+                raise record.error("missing field", f"{at}.{key}")
+        if m["role"] not in ROLES:
+            raise record.error(f"unknown role {m['role']!r} (expected system/user/assistant)", f"{at}.role")
+        out.append(_turn(record, m["role"], m["content"], f"{at}.content"))
     return out
 
 
-def _sharegpt(record: Record, turns, fld: str) -> list[dict]:
-    if not isinstance(turns, list) or not turns:
+def _sharegpt_turn(record: Record, turn: Any, at: str) -> dict:
+    if not isinstance(turn, dict):
+        raise record.error("expected an object with 'from' and 'value'", at)
+    for key in ("from", "value"):
+        if key not in turn:
+            raise record.error("missing field", f"{at}.{key}")
+    role = SHAREGPT_ROLES.get(turn["from"])
+    if role is None:
+        raise record.error(f"unknown role {turn['from']!r} (expected {'/'.join(SHAREGPT_ROLES)})", f"{at}.from")
+    return _turn(record, role, turn["value"], f"{at}.value")
+
+
+def _sharegpt(record: Record, value: Any, fld: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
         raise record.error("expected a non-empty list of turns", fld)
-    out = []
-    for i, t in enumerate(turns):
-        if not isinstance(t, dict) or "from" not in t or "value" not in t:
-            raise record.error("a turn must be an object with 'from' and 'value'", f"{fld}[{i}]")
-        role = SHAREGPT_ROLES.get(t["from"])
-        if role is None:
-            raise record.error(f"unknown role {t['from']!r} (expected human/gpt/system)", f"{fld}[{i}].from")
-        out.append({"role": role, "content": _text(record, t["value"], f"{fld}[{i}].value",
-                                                   allow_empty=role != "assistant")})
-    return out
+    return [_sharegpt_turn(record, t, f"{fld}[{i}]") for i, t in enumerate(value)]
 
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant): ?")
 
 
-def parse_hh(record: Record, text: str, fld: str) -> list[dict]:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' dialogue text -> messages."""
-    text = _text(record, text, fld)
-    if not text.startswith("\n\n"):
-        text = "\n\n" + text
-    parts = _HH_TURN.split(text)
+def parse_hh(record: Record, text: Any, fld: str) -> list[dict]:
+    """HH-RLHF dialogue text '\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages (contents stripped)."""
+    if not isinstance(text, str):
+        raise record.error(f"expected a string, got {type(text).__name__}", fld)
+    parts = _HH_MARKER.split("\n\n" + text.lstrip(" \n"))
     if parts[0].strip() or len(parts) < 3:
         raise record.error("not an HH-RLHF dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')", fld)
-    out = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        out.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
-    return out
+    speakers, contents = parts[1::2], parts[2::2]
+    return [_turn(record, "user" if s == "Human" else "assistant", c.strip(), fld) for s, c in zip(speakers, contents)]
 
 
-def _check_conversation(record: Record, messages: list[dict], fld: str) -> list[dict]:
-    if not any(m["role"] == "assistant" for m in messages):
-        raise record.error("no assistant turn", fld)
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise record.error("empty assistant turn", f"{fld}[{i}].content")
-    if messages[-1]["role"] != "assistant":
-        raise record.error("the conversation must end with an assistant turn", fld)
-    return messages
+def _alpaca(record: Record) -> list[dict]:
+    d = record.data
+    instruction = _turn(record, "user", _field(record, "instruction"), "instruction")["content"]
+    extra = d.get("input") or ""
+    if not isinstance(extra, str):
+        raise record.error(f"expected a string, got {type(extra).__name__}", "input")
+    msgs = [_turn(record, "system", d["system"], "system")] if d.get("system") else []
+    history = d.get("history") or []
+    if not isinstance(history, list):
+        raise record.error("expected a list of [user, assistant] pairs", "history")
+    for i, pair in enumerate(history):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise record.error("expected a [user, assistant] pair", f"history[{i}]")
+        msgs += [_turn(record, "user", pair[0], f"history[{i}][0]"),
+                 _turn(record, "assistant", pair[1], f"history[{i}][1]")]
+    user = instruction + ("\n\n" + extra if extra.strip() else "")
+    return msgs + [{"role": "user", "content": user}, _turn(record, "assistant", _field(record, "output"), "output")]
+
+
+def _prompt_completion(record: Record) -> list[dict]:
+    p, c = _field(record, "prompt"), _field(record, "completion")
+    prompt = _messages(record, p, "prompt") if isinstance(p, list) else [_turn(record, "user", p, "prompt")]
+    completion = (_messages(record, c, "completion") if isinstance(c, list)
+                  else [_turn(record, "assistant", c, "completion")])
+    return prompt + completion
+
+
+def _conversation(record: Record, fmt: str) -> tuple[list[dict], str]:
+    """The messages of a row in chat format `fmt`, and the field they came from (for errors)."""
+    if fmt == "messages":
+        return _messages(record, _field(record, "messages"), "messages"), "messages"
+    if fmt == "sharegpt":
+        return _sharegpt(record, _field(record, "conversations"), "conversations"), "conversations"
+    if fmt == "alpaca":
+        return _alpaca(record), "output"
+    if fmt == "prompt_completion":
+        return _prompt_completion(record), "completion"
+    if fmt == "hh":
+        key = "chosen" if "chosen" in record.data else "text"
+        return parse_hh(record, _field(record, key), key), key
+    if fmt == "gsm8k":
+        return [_turn(record, "user", _field(record, "question"), "question"),
+                _turn(record, "assistant", _field(record, "answer"), "answer")], "answer"
+    if fmt == "preference":
+        pair = to_preference(record)
+        return pair["prompt"] + pair["chosen"], "chosen"
+    if fmt == "text":
+        raise record.error("a 'text' row is plain text, not a conversation (build_sft_datasets trains on it whole)")
+    raise record.error(f"unknown format {fmt!r} (choose from {', '.join(SFT_FORMATS)}, preference)")
 
 
 def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and messages and messages[0]["role"] != "system":
+    if system_prompt and messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}] + messages
     return messages
 
 
+def _row_format(record: Record, fmt: str, kind: str = "sft") -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return detect_format(record.data, kind)
+    except DataError as err:
+        raise record.error(err.reason) from None
+
+
 def to_messages(record: Record, fmt: str = "auto", system_prompt: str | None = None) -> list[dict]:
-    """An SFT row as a conversation that ends with an assistant turn."""
-    d = record.data
-    fmt = detect_format(d) if fmt == "auto" else fmt
-    if fmt == "messages":
-        msgs, fld = _check_messages(record, _field(record, "messages"), "messages"), "messages"
-    elif fmt == "sharegpt":
-        msgs, fld = _sharegpt(record, _field(record, "conversations"), "conversations"), "conversations"
-    elif fmt == "alpaca":
-        instruction = _text(record, _field(record, "instruction"), "instruction")
-        extra = d.get("input") or ""
-        user = instruction + ("\n\n" + _text(record, extra, "input") if extra.strip() else "")
-        msgs = []
-        if d.get("system"):
-            msgs.append({"role": "system", "content": _text(record, d["system"], "system")})
-        for i, pair in enumerate(d.get("history") or []):
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise record.error("expected [user, assistant] pairs", f"history[{i}]")
-            msgs += [{"role": "user", "content": _text(record, pair[0], f"history[{i}][0]")},
-                     {"role": "assistant", "content": _text(record, pair[1], f"history[{i}][1]")}]
-        msgs += [{"role": "user", "content": user},
-                 {"role": "assistant", "content": _text(record, _field(record, "output"), "output")}]
-        fld = "output"
-    elif fmt == "prompt_completion":
-        p, c = _field(record, "prompt"), _field(record, "completion")
-        prompt = _check_messages(record, p, "prompt") if isinstance(p, list) else [
-            {"role": "user", "content": _text(record, p, "prompt")}]
-        completion = _check_messages(record, c, "completion") if isinstance(c, list) else [
-            {"role": "assistant", "content": _text(record, c, "completion")}]
-        msgs, fld = prompt + completion, "completion"
-    elif fmt == "hh":
-        key = "chosen" if "chosen" in d else "text"
-        msgs, fld = parse_hh(record, _field(record, key), key), key
-    elif fmt == "gsm8k":
-        msgs = [{"role": "user", "content": _text(record, _field(record, "question"), "question")},
-                {"role": "assistant", "content": _text(record, _field(record, "answer"), "answer")}]
-        fld = "answer"
-    else:
-        raise DataError(f"format {fmt!r} is not a chat format (choose from {', '.join(SFT_FORMATS[:-1])})",
-                        file=record.source, row=record.row)
-    return _with_system(_check_conversation(record, msgs, fld), system_prompt)
+    """A row as a conversation with at least one assistant turn, ending with one.
+
+    `fmt` is one of SFT_FORMATS except "text" (which is not a conversation and raises DataError), or
+    "preference" (the prompt followed by the chosen response), or "auto". `system_prompt` is prepended when the
+    conversation has no system message.
+    """
+    msgs, fld = _conversation(record, _row_format(record, fmt))
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise record.error("no assistant turn", fld)
+    if msgs[-1]["role"] != "assistant":
+        raise record.error(f"the conversation must end with an assistant turn, not {msgs[-1]['role']}", fld)
+    return _with_system(msgs, system_prompt)
 
 
-def _as_turns(record: Record, value, fld: str) -> list[dict]:
-    """A preference side: a string (one assistant turn), a message list, an HH dialogue, or a ShareGPT turn."""
+# ---------------------------------------------------------------------------------------------------------------
+# Preference rows -> prompt / chosen / rejected
+
+
+def _response(record: Record, value: Any, fld: str) -> list[dict]:
+    """One side of an explicit pair: a string (one assistant turn), a ShareGPT turn, or a message list."""
     if isinstance(value, str):
-        if "\n\nHuman:" in value:
-            return parse_hh(record, value, fld)
-        return [{"role": "assistant", "content": _text(record, value, fld)}]
-    if isinstance(value, dict) and "from" in value:
-        return _sharegpt(record, [value], fld)
-    return _check_messages(record, value, fld)
+        return [_turn(record, "assistant", value, fld)]
+    if isinstance(value, dict):
+        return [_sharegpt_turn(record, value, fld)]
+    return _messages(record, value, fld)
 
 
-def _split_common_prefix(record: Record, chosen: list[dict], rejected: list[dict]):
+def _dialogue(record: Record, value: Any, fld: str) -> list[dict]:
+    """One side of an implicit-prompt pair: HH dialogue text or a full message list."""
+    return parse_hh(record, value, fld) if isinstance(value, str) else _messages(record, value, fld)
+
+
+_HH_OPEN_ASSISTANT = re.compile(r"\n\nAssistant:\s*$")
+
+
+def _explicit_prompt(record: Record, value: Any) -> list[dict]:
+    """A prompt string (one user turn), HH dialogue text (a trailing open 'Assistant:' dropped), or messages."""
+    if isinstance(value, list):
+        return _messages(record, value, "prompt")
+    if _is_hh(value):
+        return parse_hh(record, _HH_OPEN_ASSISTANT.sub("", value), "prompt")
+    return [_turn(record, "user", value, "prompt")]
+
+
+def _drop_prefix(prefix: list[dict], side: list[dict]) -> list[dict]:
+    """UltraFeedback-style sides repeat the prompt before the answer: keep the answer only."""
+    return side[len(prefix):] if side[: len(prefix)] == prefix else side
+
+
+def _split_common_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
+    """Implicit prompt: the longest run of equal leading turns, leaving at least one turn on each side."""
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
-    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
-    if not prompt:
-        raise record.error("chosen and rejected share no prompt turns", "chosen")
-    return prompt, c, r
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _pair_parts(record: Record) -> tuple[list[dict], list[dict], list[dict]]:
+    d = record.data
+    chosen, rejected = _field(record, "chosen"), _field(record, "rejected")
+    if d.get("conversations") is not None:  # LLaMA-Factory ShareGPT pairs
+        prompt = _sharegpt(record, d["conversations"], "conversations")
+        return prompt, _response(record, chosen, "chosen"), _response(record, rejected, "rejected")
+    if d.get("prompt") is not None:
+        prompt = _explicit_prompt(record, d["prompt"])
+        return (prompt, _drop_prefix(prompt, _response(record, chosen, "chosen")),
+                _drop_prefix(prompt, _response(record, rejected, "rejected")))
+    return _split_common_prefix(_dialogue(record, chosen, "chosen"), _dialogue(record, rejected, "rejected"))
 
 
 def to_preference(record: Record, system_prompt: str | None = None) -> dict:
-    """A preference row as {"prompt": messages, "chosen": [assistant turn(s)], "rejected": [...]}."""
-    d = record.data
-    chosen = _as_turns(record, _field(record, "chosen"), "chosen")
-    rejected = _as_turns(record, _field(record, "rejected"), "rejected")
-    if "conversations" in d:
-        prompt = _sharegpt(record, d["conversations"], "conversations")
-    elif "prompt" in d and d["prompt"] is not None:
-        p = d["prompt"]
-        prompt = _check_messages(record, p, "prompt") if isinstance(p, list) else (
-            parse_hh(record, p, "prompt") if "\n\nHuman:" in p else [{"role": "user", "content": _text(record, p, "prompt")}])
-        # message lists that repeat the prompt before the answer (UltraFeedback style): keep the answer only
-        if chosen[: len(prompt)] == prompt:
-            chosen = chosen[len(prompt):]
-        if rejected[: len(prompt)] == prompt:
-            rejected = rejected[len(prompt):]
-    else:  # implicit prompt: the shared prefix of the two dialogues
-        prompt, chosen, rejected = _split_common_prefix(record, chosen, rejected)
+    """A preference row as {"prompt": messages ending with a user turn, "chosen": [...], "rejected": [...]}.
+
+    The prompt is explicit (`prompt`: a string or messages; chosen/rejected message lists that repeat it have it
+    stripped), ShareGPT (`conversations` with `chosen`/`rejected` turns), or implicit: the turns that the chosen and
+    rejected dialogues (HH-RLHF text or message lists) share, the rest being the two responses.
+    """
+    prompt, chosen, rejected = _pair_parts(record)
+    if not prompt:
+        raise record.error("no prompt: chosen and rejected share no leading turns and there is no 'prompt'", "prompt")
+    if prompt[-1]["role"] != "user":
+        raise record.error(f"the prompt must end with a user turn, not {prompt[-1]['role']}", "prompt")
     for name, side in (("chosen", chosen), ("rejected", rejected)):
-        if not side or side[-1]["role"] != "assistant":
-            raise record.error("must end with an assistant turn", name)
-        if not side[-1]["content"].strip():
-            raise record.error("empty assistant turn", name)
-    if prompt[-1]["role"] == "assistant":
-        raise record.error("the prompt must end with a user turn", "prompt")
+        if side[-1]["role"] != "assistant":
+            raise record.error(f"must end with an assistant turn, not {side[-1]['role']}", name)
     return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
 
 
@@ -349,79 +433,116 @@ def to_preference(record: Record, system_prompt: str | None = None) -> dict:
 # Chat template and tokenization
 
 
-def ensure_chat_template(tokenizer, chat_template: str | None = None) -> str:
-    """Set the tokenizer's template (its own, `default`, a file or a Jinja string); return the template's sha256."""
+def _template_text(tokenizer, chat_template: str | None) -> str:
+    if chat_template is None:
+        if tokenizer.chat_template:
+            return tokenizer.chat_template
+        logger.info("the tokenizer has no chat template: using align's default (align.data.DEFAULT_CHAT_TEMPLATE)")
+        return DEFAULT_CHAT_TEMPLATE
     if chat_template == "default":
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    elif chat_template:
-        if os.path.isfile(chat_template):
-            with open(chat_template) as fh:
-                chat_template = fh.read()
-        tokenizer.chat_template = chat_template
-    elif not tokenizer.chat_template:
-        logger.info("the tokenizer has no chat template: using align's default (data.DEFAULT_CHAT_TEMPLATE)")
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        return DEFAULT_CHAT_TEMPLATE
+    if os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as fh:
+            return fh.read()
+    if chat_template.endswith(TEMPLATE_FILE_SUFFIXES):
+        raise FileNotFoundError(f"chat_template file not found: {chat_template}")
+    if "{{" not in chat_template and "{%" not in chat_template:
+        raise ValueError(f"chat_template {chat_template[:80]!r} is neither a file, 'default', nor a Jinja template")
+    return chat_template
+
+
+def ensure_chat_template(tokenizer, chat_template: str | None = None) -> str:
+    """Set `tokenizer.chat_template` and a pad token; return the template's sha256 (hex) for lineage.
+
+    chat_template: None keeps the tokenizer's own (DEFAULT_CHAT_TEMPLATE when it has none); "default" forces
+    DEFAULT_CHAT_TEMPLATE; a path to a .jinja/.txt file is read; anything else is used as a Jinja template.
+    """
+    tokenizer.chat_template = _template_text(tokenizer, chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+    template = tokenizer.chat_template
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of each assistant turn (with its end-of-turn marker)."""
-    text = _render(tokenizer, messages)
+    """The rendered conversation and the character span of each assistant turn, its end-of-turn marker included.
+
+    Turn i spans from render(messages[:i], add_generation_prompt=True) to render(messages[:i+1]).
+    """
+    text = render(tokenizer, messages)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        upto = _render(tokenizer, messages[: i + 1])
-        if not text.startswith(upto) or not upto.startswith(before):
+        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = render(tokenizer, messages[: i + 1])
+        if not (upto.startswith(before) and text.startswith(upto)):
             raise ValueError(
-                "the chat template is not prefix-consistent (rendering a conversation's first turns does not give "
-                "a prefix of the whole), so assistant tokens cannot be located; use `chat_template: default` or a "
-                "template without history-dependent rewriting"
+                "the chat template is not prefix-consistent: rendering the first turns of a conversation does not "
+                f"give a prefix of the whole (at message {i}), so assistant tokens cannot be located. Use "
+                "`chat_template: default` or a template that does not rewrite earlier turns."
             )
         spans.append((len(before), len(upto)))
     return text, spans
 
 
 def tokenize_conversation(messages: list[dict], tokenizer, *, assistant_only_loss: bool = True) -> dict:
-    """Token ids and labels: labels are -100 outside assistant turns (all tokens when `assistant_only_loss` is off)."""
+    """{"input_ids", "labels"}: labels are the ids on assistant turns (end-of-turn included), -100 elsewhere.
+
+    A token is an assistant token when its characters lie inside an assistant span. With `assistant_only_loss`
+    off, every token is a label.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenize_conversation needs a fast tokenizer (character offsets of tokens)")
     text, spans = assistant_spans(messages, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
+    ids = list(enc["input_ids"])
     if not assistant_only_loss:
         return {"input_ids": ids, "labels": list(ids)}
     labels = [-100] * len(ids)
+    span = 0
     for k, (start, end) in enumerate(enc["offset_mapping"]):
-        if any(s <= start and end <= e and end > start for s, e in spans):
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        if span < len(spans) and spans[span][0] <= start and end <= spans[span][1] and end > start:
             labels[k] = ids[k]
     return {"input_ids": ids, "labels": labels}
 
 
 def check_template_ends_turns_with_eos(tokenizer) -> None:
-    """Every assistant turn must end with the EOS token in the targets, or a tuned model will not stop."""
-    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+    """Raise ValueError unless the EOS token is among each assistant turn's target tokens.
+
+    A model tuned on targets without EOS never learns to stop. Run once before building datasets.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set `eos_token` to the token that ends an assistant turn")
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"},
+             {"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
     text, spans = assistant_spans(probe, tokenizer)
-    s, e = spans[-1]
-    if tokenizer.eos_token not in text[s:e]:
-        raise ValueError(
-            f"the chat template does not end an assistant turn with the EOS token {tokenizer.eos_token!r} "
-            f"(an assistant turn renders as {text[s:e]!r}). Set `eos_token` to the template's end-of-turn token "
-            "(e.g. <|eot_id|>, <end_of_turn>, <|end|>), or use `chat_template: default`."
-        )
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    for s, e in spans:
+        turn = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if s <= a and b <= e and b > a]
+        if tokenizer.eos_token_id not in turn:
+            raise ValueError(
+                f"the chat template does not end an assistant turn with the EOS token {tokenizer.eos_token!r} "
+                f"(a turn renders as {text[s:e]!r}). Set `eos_token` to the template's end-of-turn token "
+                "(e.g. <|eot_id|>, <end_of_turn>, <|end|>), or use `chat_template: default`."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Splits, counts and datasets
+# Reports and splits
 
 
 @dataclass
 class DataReport:
+    """What happened to the rows: total = kept + sum(filtered); kept = train + eval."""
+
     source: str
     total: int = 0
     kept: int = 0
@@ -436,111 +557,139 @@ class DataReport:
         return asdict(self)
 
     def summary(self) -> str:
-        dropped = ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items())) or "none"
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items())) or "none"
         return (f"{self.source}: {self.total} rows, kept {self.kept} (train {self.train}, eval {self.eval}); "
-                f"filtered: {dropped}")
+                f"dropped: {dropped}")
 
 
-def split_train_eval(items: list, eval_split_size: float, seed: int) -> tuple[list, list]:
-    """Deterministic split: a fraction (<1) or a count (>=1) of rows held out, chosen by a seeded shuffle."""
-    if not eval_split_size:
-        return list(items), []
-    n_eval = int(round(len(items) * eval_split_size)) if eval_split_size < 1 else int(eval_split_size)
-    n_eval = max(1, min(n_eval, len(items) - 1))
-    order = list(range(len(items)))
+def split_train_eval(records: list, eval_split_size: float, seed: int) -> tuple[list, list]:
+    """Hold out a fraction (<1) or a count (>=1) of rows, chosen by a shuffle seeded with `seed`; 0 holds none.
+
+    Both parts keep the input order. A fraction holds out at least one row and leaves at least one for training.
+    """
+    if eval_split_size < 0:
+        raise ValueError(f"eval_split_size must be >= 0, got {eval_split_size}")
+    if eval_split_size == 0 or len(records) < 2:
+        return list(records), []
+    if eval_split_size < 1:
+        n_eval = min(max(round(len(records) * eval_split_size), 1), len(records) - 1)
+    else:
+        n_eval = int(eval_split_size)
+        if n_eval >= len(records):
+            raise DataError(f"eval_split_size {n_eval} leaves no training rows out of {len(records)}")
+    order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
-def _records(data_args) -> tuple[list[Record], list[Record] | None]:
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _cap(records: list, limit: int | None, reason: str, report: DataReport) -> list:
+    if limit is not None and len(records) > limit:
+        report.filtered[reason] = len(records) - limit
+        return records[:limit]
+    return records
+
+
+def _split_records(data_args, report: DataReport, seed: int) -> tuple[list[Record], list[Record]]:
+    """Training and eval records: a separate eval source or a seeded split, then the max_*_samples caps."""
     if not data_args.dataset_name:
         raise DataError("no dataset: set dataset_name (a local file or directory, or a hub dataset)")
     train = read_records(data_args.dataset_name, data_args.dataset_train_split, data_args.dataset_config)
-    evals = None
     if data_args.eval_dataset_name:
         evals = read_records(data_args.eval_dataset_name, data_args.dataset_test_split, data_args.dataset_config)
-    return train, evals
-
-
-def _split(data_args, report: DataReport, train: list, evals: list | None, seed: int):
-    if evals is None:
+    else:
         train, evals = split_train_eval(train, data_args.eval_split_size, seed)
-    if data_args.max_train_samples:
-        train = train[: data_args.max_train_samples]
-    if data_args.max_eval_samples:
-        evals = evals[: data_args.max_eval_samples]
-    if not train:
-        raise DataError(f"no training rows left after filtering ({report.summary()})")
-    report.train, report.eval = len(train), len(evals)
-    logger.info("data: %s", report.summary())
+    report.total = len(train) + len(evals)
+    train = _cap(train, data_args.max_train_samples, "max_train_samples", report)
+    evals = _cap(evals, data_args.max_eval_samples, "max_eval_samples", report)
     return train, evals
+
+
+def _convert(records: list[Record], example, report: DataReport) -> list[dict]:
+    """example(record) -> a row, or the reason it is dropped; rows with an empty response count as `empty`."""
+    rows = []
+    for rec in records:
+        try:
+            out = example(rec)
+        except EmptyResponseError:
+            out = "empty"
+        if isinstance(out, str):
+            report.drop(out)
+        else:
+            rows.append(out)
+    return rows
+
+
+def _build(data_args, example, seed: int):
+    import datasets
+
+    source = data_args.dataset_name + (f" + {data_args.eval_dataset_name}" if data_args.eval_dataset_name else "")
+    report = DataReport(source=source)
+    train_recs, eval_recs = _split_records(data_args, report, seed)
+    train, evals = _convert(train_recs, example, report), _convert(eval_recs, example, report)
+    report.train, report.eval = len(train), len(evals)
+    report.kept = report.train + report.eval
+    if not train:
+        raise DataError(f"no training rows left ({report.summary()})", file=data_args.dataset_name)
+    (logger.warning if report.filtered else logger.info)("data: %s", report.summary())
+    return datasets.Dataset.from_list(train), (datasets.Dataset.from_list(evals) if evals else None), report
+
+
+def _tokenize_text(record: Record, tokenizer) -> dict:
+    text = _turn(record, "assistant", _field(record, "text"), "text")["content"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
 
 
 def build_sft_datasets(data_args, tokenizer, *, max_length: int | None, assistant_only_loss: bool = True,
                        seed: int = 42):
-    """Tokenized SFT datasets (`input_ids`, `labels`) and the report of what was kept and filtered."""
-    import datasets
+    """(train, eval or None, DataReport): datasets of `input_ids` and `labels` (assistant tokens, or whole text).
 
-    check_template_ends_turns_with_eos(tokenizer)
-    train_recs, eval_recs = _records(data_args)
-    report = DataReport(source=data_args.dataset_name)
+    Call `ensure_chat_template` first. Rows over `max_length` tokens are dropped as `too_long`, rows without a
+    trainable token as `no_assistant_tokens`, rows with an empty response as `empty`; malformed rows raise.
+    """
+    fmt = data_args.dataset_format
+    if fmt != "text":
+        check_template_ends_turns_with_eos(tokenizer)
 
-    def convert(records):
-        rows = []
-        for rec in records:
-            report.total += 1
-            if data_args.dataset_format == "text" or (data_args.dataset_format == "auto" and detect_format(rec.data) == "text"):
-                ids = tokenizer(_text(rec, _field(rec, "text"), "text"), add_special_tokens=False)["input_ids"]
-                ids = ids + [tokenizer.eos_token_id]
-                row = {"input_ids": ids, "labels": list(ids)}
-            else:
-                msgs = to_messages(rec, data_args.dataset_format, data_args.system_prompt)
-                row = tokenize_conversation(msgs, tokenizer, assistant_only_loss=assistant_only_loss)
-            if max_length and len(row["input_ids"]) > max_length:
-                report.drop("too_long")
-            elif all(x == -100 for x in row["labels"]):
-                report.drop("no_assistant_tokens")
-            else:
-                rows.append(row)
-        report.kept += len(rows)
-        return rows
+    def example(rec: Record):
+        if _row_format(rec, fmt) == "text":
+            row = _tokenize_text(rec, tokenizer)
+        else:
+            msgs = to_messages(rec, fmt, data_args.system_prompt)
+            row = tokenize_conversation(msgs, tokenizer, assistant_only_loss=assistant_only_loss)
+        if max_length and len(row["input_ids"]) > max_length:
+            return "too_long"
+        if all(label == -100 for label in row["labels"]):
+            return "no_assistant_tokens"
+        return row
 
-    train = convert(train_recs)
-    evals = convert(eval_recs) if eval_recs is not None else None
-    train, evals = _split(data_args, report, train, evals, seed)
-    to_ds = datasets.Dataset.from_list
-    return to_ds(train), (to_ds(evals) if evals else None), report
+    return _build(data_args, example, seed)
 
 
 def build_preference_datasets(data_args, tokenizer, *, max_length: int | None, seed: int = 42):
-    """Preference datasets in TRL's conversational form (`prompt`, `chosen`, `rejected` message lists)."""
-    import datasets
+    """(train, eval or None, DataReport): TRL's conversational `prompt`, `chosen`, `rejected` message lists.
 
+    Call `ensure_chat_template` first. Pairs whose responses are equal are dropped as `chosen_equals_rejected`;
+    pairs whose prompt plus longer response renders to more than `max_length` tokens as `too_long`; pairs with an
+    empty response as `empty`. Malformed rows raise.
+    """
     check_template_ends_turns_with_eos(tokenizer)
-    train_recs, eval_recs = _records(data_args)
-    report = DataReport(source=data_args.dataset_name)
 
-    def length(msgs):
-        return len(tokenizer(_render(tokenizer, msgs), add_special_tokens=False)["input_ids"])
+    def n_tokens(messages):
+        return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
 
-    def convert(records):
-        rows = []
-        for rec in records:
-            report.total += 1
-            pair = to_preference(rec, data_args.system_prompt)
-            if pair["chosen"] == pair["rejected"]:
-                report.drop("chosen_equals_rejected")
-            elif max_length and max(length(pair["prompt"] + pair["chosen"]),
-                                    length(pair["prompt"] + pair["rejected"])) > max_length:
-                report.drop("too_long")
-            else:
-                rows.append(pair)
-        report.kept += len(rows)
-        return rows
+    def example(rec: Record):
+        _row_format(rec, data_args.dataset_format, kind="preference")
+        pair = to_preference(rec, data_args.system_prompt)
+        if pair["chosen"] == pair["rejected"]:
+            return "chosen_equals_rejected"
+        if max_length and max(n_tokens(pair["prompt"] + pair[side]) for side in ("chosen", "rejected")) > max_length:
+            return "too_long"
+        return pair
 
-    train = convert(train_recs)
-    evals = convert(eval_recs) if eval_recs is not None else None
-    train, evals = _split(data_args, report, train, evals, seed)
-    to_ds = datasets.Dataset.from_list
-    return to_ds(train), (to_ds(evals) if evals else None), report
+    return _build(data_args, example, seed)

@@ -80,8 +80,8 @@ def main(argv=None):
         metrics.update(eval_metrics)
 
     # 6. Save the policy adapter only (not TRL's "ref" copy), the tokenizer, trainer state and run.json.
-    stacking.drop_reference_adapter(trainer.model)
     training.save_final(trainer, train_args.output_dir)
+    stacking.remove_saved_reference(train_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         lineage = manifest.base_model_lineage(model_args)

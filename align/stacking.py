@@ -127,7 +127,11 @@ def check_reference(model, reference: str) -> None:
                 raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter")
 
 
-def drop_reference_adapter(model) -> None:
-    """Remove TRL's frozen "ref" copy before saving, so the output holds the policy adapter only."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")
+def remove_saved_reference(output_dir: str) -> None:
+    """PEFT saves every adapter of a model; the frozen reference ("ref", a copy of the parent adapter, which is
+    already on disk) is not part of this stage's output, so its folder is removed after saving."""
+    import shutil
+
+    ref = os.path.join(output_dir, "ref")
+    if os.path.isfile(os.path.join(ref, "adapter_config.json")):
+        shutil.rmtree(ref)

@@ -66,3 +66,23 @@ def chat_jsonl(tmp_path_factory):
 
 def have_shared() -> bool:
     return os.path.isdir(os.path.join(SHARED, "data"))
+
+
+def synthetic_preference_rows(n=48, seed=0):
+    """Preference rows with a learnable rule: the chosen answer opens with "Sure:", the rejected one with "No:"."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.sample(WORDS, 4)
+        rows.append({"prompt": "Reverse: " + " ".join(words), "chosen": "Sure: " + " ".join(reversed(words)),
+                     "rejected": "No: " + " ".join(words)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def preference_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
+    with open(path, "w") as fh:
+        for row in synthetic_preference_rows():
+            fh.write(json.dumps(row) + "\n")
+    return str(path)

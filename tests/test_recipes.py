@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from align import config, sft
+from align import config, dpo, sft
 
 from .conftest import REPO
 from .test_sft import sft_argv
@@ -14,7 +14,8 @@ from .test_sft import sft_argv
 FAMILY_ARCH = {"smollm2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2.5": "qwen2",
                "gemma2": "gemma2", "phi3": "phi3"}
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*.yaml")))
-STAGES = {"sft": sft.main}
+STAGES = {"sft": sft.main, "dpo": dpo.main}
+PREFERENCE_STAGES = {"dpo", "rm"}
 
 
 def test_every_family_has_a_tiny_architecture():
@@ -24,7 +25,7 @@ def test_every_family_has_a_tiny_architecture():
 
 @pytest.mark.parametrize("recipe", [p for p in RECIPES if "/accelerate/" not in p],
                          ids=lambda p: os.path.relpath(p, os.path.join(REPO, "recipes")))
-def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, tmp_path):
+def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, preference_jsonl, tmp_path):
     family = os.path.basename(os.path.dirname(recipe))
     stage = os.path.basename(recipe).split("_")[0]
     values = config.load_yaml(recipe)
@@ -34,7 +35,7 @@ def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, tmp_path)
     # end-of-turn token, which the shared test tokenizer (ChatML) spells <|im_end|>; and bf16 autocast, which on
     # CPU breaks bitsandbytes' 4-bit layers with biases (Qwen2) and is not what a GPU run does anyway
     argv = ["--config", recipe, "--model_name_or_path", tiny_model_factory(FAMILY_ARCH[family]),
-            "--dataset_name", chat_jsonl, "--output_dir", out, "--max_steps", "2", "--save_strategy", "no",
+            "--dataset_name", preference_jsonl if stage in PREFERENCE_STAGES else chat_jsonl, "--output_dir", out, "--max_steps", "2", "--save_strategy", "no",
             "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--max_length", "128", "--bf16", "false"]
     if "eos_token" in values:

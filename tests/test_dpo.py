@@ -1,0 +1,103 @@
+"""DPO stage on tiny random models: the SFT adapter is the reference, on one shared base."""
+
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align import dpo, sft, stacking
+
+from .test_sft import base_state, sft_argv
+
+
+def dpo_argv(model, data, out, **overrides):
+    args = dict(beta="0.1", max_length="128", learning_rate="5e-3", max_steps="12", eval_split_size="8")
+    args.update(overrides)
+    return sft_argv(model, data, out, **args)
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tiny_llama, chat_jsonl, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft") / "sft")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, out, max_steps=10))
+    return out
+
+
+def first_logged(trainer, key):
+    return next(h[key] for h in trainer.state.log_history if key in h)
+
+
+def test_dpo_from_sft_adapter(tiny_llama, sft_adapter, preference_jsonl, tmp_path):
+    sft_weights = load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))
+    out = str(tmp_path / "dpo")
+    trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, sft_adapter=sft_adapter))
+    run = trainer.state.log_history
+
+    # step 0: policy == reference (the SFT adapter), so the sigmoid loss is exactly log 2 and rewards are 0.
+    # With the bare base as reference the SFT-trained policy would differ from it and the loss would not be log 2.
+    assert first_logged(trainer, "loss") == pytest.approx(math.log(2), abs=1e-4)
+    assert abs(first_logged(trainer, "rewards/chosen")) < 1e-4
+    import json
+    manifest = json.load(open(os.path.join(out, "run.json")))
+    m = manifest["metrics"]
+    assert m["before_eval_rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert m["before_eval_loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+    # after training the margin and the reward accuracy rise, on held-out pairs too
+    assert m["eval_rewards/margins"] > 0.5
+    assert m["eval_rewards/accuracies"] >= 0.9
+    train_eval = trainer.evaluate(trainer.train_dataset, metric_key_prefix="train_pairs")
+    assert train_eval["eval_rewards/accuracies"] >= 0.9 and train_eval["eval_rewards/margins"] > 0.5
+
+    # the reference adapter never moved and equals the SFT adapter on disk; the SFT files are untouched
+    seen_ref = {n: p for n, p in trainer.model.named_parameters() if ".ref." in n}
+    assert len(seen_ref) == len(sft_weights), "no reference adapter was used"
+    for name, p in seen_ref.items():
+        assert not p.requires_grad
+        assert torch.equal(p, sft_weights[name.replace(".ref.", ".")]), name
+    assert all(torch.equal(v, load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))[k])
+               for k, v in sft_weights.items())
+
+    # base weights unchanged, one copy of the base in memory, no reference model
+    base = base_state(tiny_llama)
+    model = trainer.model
+    base_params = {n.replace(".base_layer", ""): p for n, p in model.get_base_model().state_dict().items()
+                   if "lora_" not in n}
+    for k, v in base.items():
+        assert torch.equal(base_params[k], v), k
+    assert trainer.ref_model is None
+    loaded = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)  # every weight of the model
+    assert loaded == sum(v.numel() for v in base.values())
+
+    # lineage: the parent SFT adapter and the reference used; the saved adapter names the right base
+    assert manifest["lineage"]["reference"] == "sft_adapter"
+    assert manifest["lineage"]["parent_adapter"]["path"] == os.path.abspath(sft_adapter)
+    assert stacking.adapter_base(out) == os.path.abspath(tiny_llama) or stacking.adapter_base(out) == tiny_llama
+    saved = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert saved.keys() == sft_weights.keys()  # the policy only, not TRL's "ref" copy
+    assert not os.path.isdir(os.path.join(out, "ref"))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_dpo_loss_types_fall(loss_type, tiny_llama, preference_jsonl, tmp_path):
+    extra = {"label_smoothing": "0.1"} if loss_type == "robust" else {}
+    trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / loss_type), loss_type=loss_type,
+                                eval_split_size="0", **extra))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] * 0.9, losses
+
+
+def test_dpo_qlora_runs(tiny_llama, preference_jsonl, tmp_path):
+    out = str(tmp_path / "qlora")
+    trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, load_in_4bit="true", dtype="bfloat16",
+                                max_steps="4", eval_split_size="0"))
+    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_dpo_refuses_an_adapter_for_another_base(tiny_model_factory, sft_adapter, preference_jsonl, tmp_path):
+    with pytest.raises(stacking.AdapterError, match="was trained on"):
+        dpo.main(dpo_argv(tiny_model_factory("qwen2"), preference_jsonl, str(tmp_path / "x"), sft_adapter=sft_adapter))

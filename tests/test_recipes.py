@@ -37,7 +37,8 @@ def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, preferenc
     argv = ["--config", recipe, "--model_name_or_path", tiny_model_factory(FAMILY_ARCH[family]),
             "--dataset_name", preference_jsonl if stage in PREFERENCE_STAGES else chat_jsonl, "--output_dir", out, "--max_steps", "2", "--save_strategy", "no",
             "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "2",
-            "--gradient_accumulation_steps", "1", "--max_length", "128", "--bf16", "false"]
+            "--gradient_accumulation_steps", "1", "--max_length", "128", "--bf16", "false",
+            "--eval_split_size", "0.1"]
     if "eos_token" in values:
         argv += ["--eos_token", "<|im_end|>"]
     STAGES[stage](argv)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 from transformers import TrainingArguments
-from trl import DPOConfig, ModelConfig, ScriptArguments, SFTConfig, TrlParser
+from trl import DPOConfig, ModelConfig, RewardConfig, ScriptArguments, SFTConfig, TrlParser
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,7 @@ class SFTArguments(SFTConfig):
     )
 
 
+RewardArguments = RewardConfig  # TRL's keys: max_length, center_rewards_coefficient, ...
 DPOArguments = DPOConfig  # TRL's keys as they are: beta, loss_type, label_smoothing, precompute_ref_log_probs, ...
 
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from align import config, dpo, sft
+from align import config, dpo, rm, sft
 
 from .conftest import REPO
 from .test_sft import sft_argv
@@ -14,7 +14,7 @@ from .test_sft import sft_argv
 FAMILY_ARCH = {"smollm2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2.5": "qwen2",
                "gemma2": "gemma2", "phi3": "phi3"}
 RECIPES = sorted(glob.glob(os.path.join(REPO, "recipes", "*", "*.yaml")))
-STAGES = {"sft": sft.main, "dpo": dpo.main}
+STAGES = {"sft": sft.main, "dpo": dpo.main, "rm": rm.main}
 PREFERENCE_STAGES = {"dpo", "rm"}
 
 
@@ -39,6 +39,8 @@ def test_recipe_runs_two_steps(recipe, tiny_model_factory, chat_jsonl, preferenc
             "--eval_strategy", "no", "--report_to", "none", "--per_device_train_batch_size", "2",
             "--gradient_accumulation_steps", "1", "--max_length", "128", "--bf16", "false",
             "--eval_split_size", "0.1"]
+    if "eval_dataset_name" in values:
+        argv += ["--eval_dataset_name", preference_jsonl if stage in PREFERENCE_STAGES else chat_jsonl]
     if "eos_token" in values:
         argv += ["--eos_token", "<|im_end|>"]
     STAGES[stage](argv)

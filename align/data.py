@@ -1,28 +1,28 @@
 """One path from any supported data file to chat messages (SFT) or preference pairs (DPO, reward model).
 
-    read_records(source)            local .jsonl/.json/.json.gz/.jsonl.gz/.parquet/.csv, a directory, or a hub name
-    to_messages(record)             messages | sharegpt | alpaca | prompt_completion | hh | gsm8k  -> chat messages
+    read_records(source)            .jsonl/.json/.json.gz/.jsonl.gz/.parquet/.csv, a directory, or a hub name
+    to_messages(record)             any SFT row format (below)  -> chat messages
     to_preference(record)           explicit or implicit prompt, ShareGPT pairs  -> prompt / chosen / rejected
     ensure_chat_template(tok)       the tokenizer's template, a file, a Jinja string, or DEFAULT_CHAT_TEMPLATE
-    tokenize_conversation(...)      chat template -> input_ids, labels on assistant tokens (end-of-turn included)
+    tokenize_conversation(...)      chat template -> input_ids, labels on assistant tokens (with end of turn)
     build_sft_datasets(...)         all of the above, split and filtered with counts -> datasets.Dataset
     build_preference_datasets(...)  the same for pairs -> TRL's conversational prompt/chosen/rejected columns
 
 Row formats (`dataset_format: auto` picks one per row from its columns, see `detect_format`):
 
     messages           {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-    sharegpt           {"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value": str}, ...]}
+    sharegpt           {"conversations": [{"from": "human"|"user"|"gpt"|"assistant"|"system", "value"}, ...]}
     alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}
     prompt_completion  {"prompt", "completion"}: strings, or message lists
     hh                 {"chosen" or "text": "\\n\\nHuman: ...\\n\\nAssistant: ..."}  (HH-RLHF dialogue text)
     gsm8k              {"question", "answer"}
     text               {"text"}: plain text, trained on whole (not a conversation; only `build_sft_datasets`)
-    preference         {"prompt"?, "chosen", "rejected"} or {"conversations", "chosen", "rejected"}; for SFT the
-                       prompt followed by the chosen response
+    preference         {"prompt"?, "chosen", "rejected"} or {"conversations", "chosen", "rejected"};
+                       for SFT, the prompt followed by the chosen response
 
-Malformed rows raise `DataError` naming file, row (from 1) and field. Rows dropped on purpose are counted in a
-`DataReport` (logged, and written into run.json): too long, chosen equal to rejected, nothing to train on, and an
-empty response (`EmptyResponseError`; real sets have a few, e.g. Alpaca's empty outputs).
+Malformed rows raise `DataError` naming file, row (from 1) and field. Rows dropped on purpose are counted in
+a `DataReport` (logged, and written into run.json): too long, chosen equal to rejected, nothing to train on,
+and an empty response (`EmptyResponseError`; real sets have a few, e.g. Alpaca's empty outputs).
 """
 
 from __future__ import annotations
@@ -41,13 +41,20 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "hh", "gsm8k", "text")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
 TEMPLATE_FILE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".txt")
 
-# The documented default for tokenizers without a chat template (base models): Zephyr-like plain-text role markers,
-# so no new tokens need embeddings, and every turn closed by the tokenizer's EOS token so a tuned model stops.
+# The documented default for tokenizers without a chat template (base models): Zephyr-like plain-text role
+# markers, so no new tokens need embeddings, and every turn closed by the tokenizer's EOS token so a tuned
+# model learns to stop.
 #   <|system|>\n{content}{eos}\n   <|user|>\n{content}{eos}\n   <|assistant|>\n{content}{eos}\n
 # Generation prompt: "<|assistant|>\n".
 DEFAULT_CHAT_TEMPLATE = (
@@ -58,14 +65,16 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Errors and records
 
 
 class DataError(ValueError):
     """A row or file that cannot be used, named by file, row (from 1) and field."""
 
-    def __init__(self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, file: str | None = None, row: int | None = None, field: str | None = None
+    ):
         self.file, self.row, self.field, self.reason = file, row, field, message
         where = [file, f"row {row}" if row is not None else None, f"field '{field}'" if field else None]
         where = ", ".join(w for w in where if w)
@@ -88,7 +97,7 @@ class Record:
         return cls(message, file=self.source, row=self.row, field=field)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reading files
 
 
@@ -111,7 +120,9 @@ def _read_jsonl(path: str) -> list[Record]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"not valid JSON: {err.msg} (column {err.colno})", file=path, row=line_no) from None
+                raise DataError(
+                    f"not valid JSON: {err.msg} (column {err.colno})", file=path, row=line_no
+                ) from None
             records.append(_row(path, line_no, obj))
     return records
 
@@ -124,11 +135,15 @@ def _read_json(path: str) -> list[Record]:
     except json.JSONDecodeError as err:
         if text.lstrip().startswith("{") and "\n{" in text:  # JSON lines saved as .json
             return _read_jsonl(path)
-        raise DataError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=path) from None
+        raise DataError(
+            f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})", file=path
+        ) from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError("a JSON file must hold a list of rows, or an object holding exactly one list", file=path)
+            raise DataError(
+                "a JSON file must hold a list of rows, or an object holding exactly one list", file=path
+            )
         obj = lists[0]
     if not isinstance(obj, list):
         raise DataError("a JSON file must hold a list of rows", file=path)
@@ -158,6 +173,7 @@ def read_records(source: str, split: str = "train", config: str | None = None) -
 
     `split` and `config` apply to hub datasets only (`datasets.load_dataset(source, config, split=split)`).
     """
+    source = os.path.expanduser(source)
     if os.path.isdir(source):
         files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(LOCAL_SUFFIXES))
         if not files:
@@ -171,12 +187,12 @@ def read_records(source: str, split: str = "train", config: str | None = None) -
         if source.endswith((".parquet", ".csv")):
             return _read_table(source)
         raise DataError(f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}", file=source)
-    if source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES):
+    if source.startswith((".", "/")) or source.endswith(LOCAL_SUFFIXES):
         raise DataError("file not found", file=source)
     return _read_hub(source, split, config)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Row formats -> chat messages
 
 
@@ -250,7 +266,9 @@ def _sharegpt_turn(record: Record, turn: Any, at: str) -> dict:
             raise record.error("missing field", f"{at}.{key}")
     role = SHAREGPT_ROLES.get(turn["from"])
     if role is None:
-        raise record.error(f"unknown role {turn['from']!r} (expected {'/'.join(SHAREGPT_ROLES)})", f"{at}.from")
+        raise record.error(
+            f"unknown role {turn['from']!r} (expected {'/'.join(SHAREGPT_ROLES)})", f"{at}.from"
+        )
     return _turn(record, role, turn["value"], f"{at}.value")
 
 
@@ -271,7 +289,10 @@ def parse_hh(record: Record, text: Any, fld: str) -> list[dict]:
     if parts[0].strip() or len(parts) < 3:
         raise record.error("not an HH-RLHF dialogue ('\\n\\nHuman: ...\\n\\nAssistant: ...')", fld)
     speakers, contents = parts[1::2], parts[2::2]
-    return [_turn(record, "user" if s == "Human" else "assistant", c.strip(), fld) for s, c in zip(speakers, contents)]
+    return [
+        _turn(record, "user" if s == "Human" else "assistant", c.strip(), fld)
+        for s, c in zip(speakers, contents)
+    ]
 
 
 def _alpaca(record: Record) -> list[dict]:
@@ -287,17 +308,25 @@ def _alpaca(record: Record) -> list[dict]:
     for i, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise record.error("expected a [user, assistant] pair", f"history[{i}]")
-        msgs += [_turn(record, "user", pair[0], f"history[{i}][0]"),
-                 _turn(record, "assistant", pair[1], f"history[{i}][1]")]
+        msgs += [
+            _turn(record, "user", pair[0], f"history[{i}][0]"),
+            _turn(record, "assistant", pair[1], f"history[{i}][1]"),
+        ]
     user = instruction + ("\n\n" + extra if extra.strip() else "")
-    return msgs + [{"role": "user", "content": user}, _turn(record, "assistant", _field(record, "output"), "output")]
+    return msgs + [
+        {"role": "user", "content": user},
+        _turn(record, "assistant", _field(record, "output"), "output"),
+    ]
 
 
 def _prompt_completion(record: Record) -> list[dict]:
     p, c = _field(record, "prompt"), _field(record, "completion")
     prompt = _messages(record, p, "prompt") if isinstance(p, list) else [_turn(record, "user", p, "prompt")]
-    completion = (_messages(record, c, "completion") if isinstance(c, list)
-                  else [_turn(record, "assistant", c, "completion")])
+    completion = (
+        _messages(record, c, "completion")
+        if isinstance(c, list)
+        else [_turn(record, "assistant", c, "completion")]
+    )
     return prompt + completion
 
 
@@ -315,13 +344,17 @@ def _conversation(record: Record, fmt: str) -> tuple[list[dict], str]:
         key = "chosen" if "chosen" in record.data else "text"
         return parse_hh(record, _field(record, key), key), key
     if fmt == "gsm8k":
-        return [_turn(record, "user", _field(record, "question"), "question"),
-                _turn(record, "assistant", _field(record, "answer"), "answer")], "answer"
+        return [
+            _turn(record, "user", _field(record, "question"), "question"),
+            _turn(record, "assistant", _field(record, "answer"), "answer"),
+        ], "answer"
     if fmt == "preference":
         pair = to_preference(record)
         return pair["prompt"] + pair["chosen"], "chosen"
     if fmt == "text":
-        raise record.error("a 'text' row is plain text, not a conversation (build_sft_datasets trains on it whole)")
+        raise record.error(
+            "a 'text' row is plain text, not a conversation (build_sft_datasets trains on it whole)"
+        )
     raise record.error(f"unknown format {fmt!r} (choose from {', '.join(SFT_FORMATS)}, preference)")
 
 
@@ -344,8 +377,8 @@ def to_messages(record: Record, fmt: str = "auto", system_prompt: str | None = N
     """A row as a conversation with at least one assistant turn, ending with one.
 
     `fmt` is one of SFT_FORMATS except "text" (which is not a conversation and raises DataError), or
-    "preference" (the prompt followed by the chosen response), or "auto". `system_prompt` is prepended when the
-    conversation has no system message.
+    "preference" (the prompt followed by the chosen response), or "auto". `system_prompt` is prepended when
+    the conversation has no system message.
     """
     msgs, fld = _conversation(record, _row_format(record, fmt))
     if not any(m["role"] == "assistant" for m in msgs):
@@ -355,7 +388,7 @@ def to_messages(record: Record, fmt: str = "auto", system_prompt: str | None = N
     return _with_system(msgs, system_prompt)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Preference rows -> prompt / chosen / rejected
 
 
@@ -377,7 +410,7 @@ _HH_OPEN_ASSISTANT = re.compile(r"\n\nAssistant:\s*$")
 
 
 def _explicit_prompt(record: Record, value: Any) -> list[dict]:
-    """A prompt string (one user turn), HH dialogue text (a trailing open 'Assistant:' dropped), or messages."""
+    """A prompt string (one user turn), HH dialogue text (a trailing open 'Assistant:' dropped), messages."""
     if isinstance(value, list):
         return _messages(record, value, "prompt")
     if _is_hh(value):
@@ -387,7 +420,9 @@ def _explicit_prompt(record: Record, value: Any) -> list[dict]:
 
 def _drop_prefix(prefix: list[dict], side: list[dict]) -> list[dict]:
     """UltraFeedback-style sides repeat the prompt before the answer: keep the answer only."""
-    return side[len(prefix):] if side[: len(prefix)] == prefix else side
+    if len(side) > len(prefix) and side[: len(prefix)] == prefix:
+        return side[len(prefix) :]
+    return side
 
 
 def _split_common_prefix(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list]:
@@ -406,21 +441,26 @@ def _pair_parts(record: Record) -> tuple[list[dict], list[dict], list[dict]]:
         return prompt, _response(record, chosen, "chosen"), _response(record, rejected, "rejected")
     if d.get("prompt") is not None:
         prompt = _explicit_prompt(record, d["prompt"])
-        return (prompt, _drop_prefix(prompt, _response(record, chosen, "chosen")),
-                _drop_prefix(prompt, _response(record, rejected, "rejected")))
+        return (
+            prompt,
+            _drop_prefix(prompt, _response(record, chosen, "chosen")),
+            _drop_prefix(prompt, _response(record, rejected, "rejected")),
+        )
     return _split_common_prefix(_dialogue(record, chosen, "chosen"), _dialogue(record, rejected, "rejected"))
 
 
 def to_preference(record: Record, system_prompt: str | None = None) -> dict:
     """A preference row as {"prompt": messages ending with a user turn, "chosen": [...], "rejected": [...]}.
 
-    The prompt is explicit (`prompt`: a string or messages; chosen/rejected message lists that repeat it have it
-    stripped), ShareGPT (`conversations` with `chosen`/`rejected` turns), or implicit: the turns that the chosen and
-    rejected dialogues (HH-RLHF text or message lists) share, the rest being the two responses.
+    The prompt is explicit (`prompt`: a string or messages; chosen/rejected message lists that repeat it have
+    it stripped), ShareGPT (`conversations` with `chosen`/`rejected` turns), or implicit: the turns that the
+    chosen and rejected dialogues (HH-RLHF text or message lists) share, the rest being the two responses.
     """
     prompt, chosen, rejected = _pair_parts(record)
     if not prompt:
-        raise record.error("no prompt: chosen and rejected share no leading turns and there is no 'prompt'", "prompt")
+        raise record.error(
+            "no prompt: chosen and rejected share no leading turns and there is no 'prompt'", "prompt"
+        )
     if prompt[-1]["role"] != "user":
         raise record.error(f"the prompt must end with a user turn, not {prompt[-1]['role']}", "prompt")
     for name, side in (("chosen", chosen), ("rejected", rejected)):
@@ -429,7 +469,7 @@ def to_preference(record: Record, system_prompt: str | None = None) -> dict:
     return {"prompt": _with_system(prompt, system_prompt), "chosen": chosen, "rejected": rejected}
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Chat template and tokenization
 
 
@@ -437,7 +477,9 @@ def _template_text(tokenizer, chat_template: str | None) -> str:
     if chat_template is None:
         if tokenizer.chat_template:
             return tokenizer.chat_template
-        logger.info("the tokenizer has no chat template: using align's default (align.data.DEFAULT_CHAT_TEMPLATE)")
+        logger.info(
+            "the tokenizer has no chat template: using align's default (align.data.DEFAULT_CHAT_TEMPLATE)"
+        )
         return DEFAULT_CHAT_TEMPLATE
     if chat_template == "default":
         return DEFAULT_CHAT_TEMPLATE
@@ -447,7 +489,9 @@ def _template_text(tokenizer, chat_template: str | None) -> str:
     if chat_template.endswith(TEMPLATE_FILE_SUFFIXES):
         raise FileNotFoundError(f"chat_template file not found: {chat_template}")
     if "{{" not in chat_template and "{%" not in chat_template:
-        raise ValueError(f"chat_template {chat_template[:80]!r} is neither a file, 'default', nor a Jinja template")
+        raise ValueError(
+            f"chat_template {chat_template[:80]!r} is neither a file, 'default', nor a Jinja template"
+        )
     return chat_template
 
 
@@ -466,11 +510,13 @@ def ensure_chat_template(tokenizer, chat_template: str | None = None) -> str:
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of each assistant turn, its end-of-turn marker included.
+    """The rendered conversation and the character span of each assistant turn, end-of-turn marker included.
 
     Turn i spans from render(messages[:i], add_generation_prompt=True) to render(messages[:i+1]).
     """
@@ -483,19 +529,33 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[in
         upto = render(tokenizer, messages[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
             raise ValueError(
-                "the chat template is not prefix-consistent: rendering the first turns of a conversation does not "
-                f"give a prefix of the whole (at message {i}), so assistant tokens cannot be located. Use "
-                "`chat_template: default` or a template that does not rewrite earlier turns."
+                "the chat template is not prefix-consistent: rendering the first turns of a conversation "
+                f"does not give a prefix of the whole (at message {i}), so assistant tokens cannot be "
+                "located. Use `chat_template: default` or a template that does not rewrite earlier turns."
             )
         spans.append((len(before), len(upto)))
     return text, spans
 
 
+def _turn_of_tokens(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """For each token, the index of the assistant span it overlaps, or -1.
+
+    Overlap rather than containment, as TRL's assistant masks do: a token that BPE merged across the boundary
+    (the generation prompt's newline with a reply's leading newlines) still carries the reply's text.
+    """
+    turns, span = [], 0
+    for start, end in offsets:
+        while span < len(spans) and start >= spans[span][1]:
+            span += 1
+        inside = span < len(spans) and end > start and end > spans[span][0]
+        turns.append(span if inside else -1)
+    return turns
+
+
 def tokenize_conversation(messages: list[dict], tokenizer, *, assistant_only_loss: bool = True) -> dict:
     """{"input_ids", "labels"}: labels are the ids on assistant turns (end-of-turn included), -100 elsewhere.
 
-    A token is an assistant token when its characters lie inside an assistant span. With `assistant_only_loss`
-    off, every token is a label.
+    With `assistant_only_loss` off, every token is a label.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_conversation needs a fast tokenizer (character offsets of tokens)")
@@ -504,14 +564,8 @@ def tokenize_conversation(messages: list[dict], tokenizer, *, assistant_only_los
     ids = list(enc["input_ids"])
     if not assistant_only_loss:
         return {"input_ids": ids, "labels": list(ids)}
-    labels = [-100] * len(ids)
-    span = 0
-    for k, (start, end) in enumerate(enc["offset_mapping"]):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        if span < len(spans) and spans[span][0] <= start and end <= spans[span][1] and end > start:
-            labels[k] = ids[k]
-    return {"input_ids": ids, "labels": labels}
+    turns = _turn_of_tokens(enc["offset_mapping"], spans)
+    return {"input_ids": ids, "labels": [i if t >= 0 else -100 for i, t in zip(ids, turns)]}
 
 
 def check_template_ends_turns_with_eos(tokenizer) -> None:
@@ -520,22 +574,28 @@ def check_template_ends_turns_with_eos(tokenizer) -> None:
     A model tuned on targets without EOS never learns to stop. Run once before building datasets.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set `eos_token` to the token that ends an assistant turn")
-    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"},
-             {"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+        raise ValueError(
+            "the tokenizer has no eos_token; set `eos_token` to the token that ends an assistant turn"
+        )
+    probe = [
+        {"role": "user", "content": "ping"},
+        {"role": "assistant", "content": "pong"},
+        {"role": "user", "content": "ping"},
+        {"role": "assistant", "content": "pong"},
+    ]
     text, spans = assistant_spans(probe, tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    for s, e in spans:
-        turn = [t for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if s <= a and b <= e and b > a]
-        if tokenizer.eos_token_id not in turn:
+    turns = _turn_of_tokens(enc["offset_mapping"], spans)
+    for k, (s, e) in enumerate(spans):
+        if not any(t == k and i == tokenizer.eos_token_id for i, t in zip(enc["input_ids"], turns)):
             raise ValueError(
-                f"the chat template does not end an assistant turn with the EOS token {tokenizer.eos_token!r} "
-                f"(a turn renders as {text[s:e]!r}). Set `eos_token` to the template's end-of-turn token "
-                "(e.g. <|eot_id|>, <end_of_turn>, <|end|>), or use `chat_template: default`."
+                f"the chat template does not end an assistant turn with the EOS token {tokenizer.eos_token!r}"
+                f" (a turn renders as {text[s:e]!r}). Set `eos_token` to the template's end-of-turn token"
+                " (e.g. <|eot_id|>, <end_of_turn>, <|end|>), or use `chat_template: default`."
             )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Reports and splits
 
 
@@ -558,14 +618,16 @@ class DataReport:
 
     def summary(self) -> str:
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.filtered.items())) or "none"
-        return (f"{self.source}: {self.total} rows, kept {self.kept} (train {self.train}, eval {self.eval}); "
-                f"dropped: {dropped}")
+        return (
+            f"{self.source}: {self.total} rows, kept {self.kept} (train {self.train}, eval {self.eval}); "
+            f"dropped: {dropped}"
+        )
 
 
 def split_train_eval(records: list, eval_split_size: float, seed: int) -> tuple[list, list]:
-    """Hold out a fraction (<1) or a count (>=1) of rows, chosen by a shuffle seeded with `seed`; 0 holds none.
+    """Hold out a fraction (<1) or a count (>=1) of rows, chosen by a shuffle seeded with `seed`; 0: none.
 
-    Both parts keep the input order. A fraction holds out at least one row and leaves at least one for training.
+    Both parts keep the input order. A fraction holds out at least one row and leaves one for training.
     """
     if eval_split_size < 0:
         raise ValueError(f"eval_split_size must be >= 0, got {eval_split_size}")
@@ -580,10 +642,13 @@ def split_train_eval(records: list, eval_split_size: float, seed: int) -> tuple[
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+    return (
+        [r for i, r in enumerate(records) if i not in held],
+        [r for i, r in enumerate(records) if i in held],
+    )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Datasets
 
 
@@ -600,7 +665,9 @@ def _split_records(data_args, report: DataReport, seed: int) -> tuple[list[Recor
         raise DataError("no dataset: set dataset_name (a local file or directory, or a hub dataset)")
     train = read_records(data_args.dataset_name, data_args.dataset_train_split, data_args.dataset_config)
     if data_args.eval_dataset_name:
-        evals = read_records(data_args.eval_dataset_name, data_args.dataset_test_split, data_args.dataset_config)
+        evals = read_records(
+            data_args.eval_dataset_name, data_args.dataset_test_split, data_args.dataset_config
+        )
     else:
         train, evals = split_train_eval(train, data_args.eval_split_size, seed)
     report.total = len(train) + len(evals)
@@ -627,7 +694,9 @@ def _convert(records: list[Record], example, report: DataReport) -> list[dict]:
 def _build(data_args, example, seed: int):
     import datasets
 
-    source = data_args.dataset_name + (f" + {data_args.eval_dataset_name}" if data_args.eval_dataset_name else "")
+    source = data_args.dataset_name + (
+        f" + {data_args.eval_dataset_name}" if data_args.eval_dataset_name else ""
+    )
     report = DataReport(source=source)
     train_recs, eval_recs = _split_records(data_args, report, seed)
     train, evals = _convert(train_recs, example, report), _convert(eval_recs, example, report)
@@ -645,9 +714,10 @@ def _tokenize_text(record: Record, tokenizer) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def build_sft_datasets(data_args, tokenizer, *, max_length: int | None, assistant_only_loss: bool = True,
-                       seed: int = 42):
-    """(train, eval or None, DataReport): datasets of `input_ids` and `labels` (assistant tokens, or whole text).
+def build_sft_datasets(
+    data_args, tokenizer, *, max_length: int | None, assistant_only_loss: bool = True, seed: int = 42
+):
+    """(train, eval or None, DataReport): datasets of `input_ids` and `labels` (assistant tokens, or all).
 
     Call `ensure_chat_template` first. Rows over `max_length` tokens are dropped as `too_long`, rows without a
     trainable token as `no_assistant_tokens`, rows with an empty response as `empty`; malformed rows raise.
@@ -674,9 +744,9 @@ def build_sft_datasets(data_args, tokenizer, *, max_length: int | None, assistan
 def build_preference_datasets(data_args, tokenizer, *, max_length: int | None, seed: int = 42):
     """(train, eval or None, DataReport): TRL's conversational `prompt`, `chosen`, `rejected` message lists.
 
-    Call `ensure_chat_template` first. Pairs whose responses are equal are dropped as `chosen_equals_rejected`;
-    pairs whose prompt plus longer response renders to more than `max_length` tokens as `too_long`; pairs with an
-    empty response as `empty`. Malformed rows raise.
+    Call `ensure_chat_template` first. Pairs whose responses are equal are dropped as
+    `chosen_equals_rejected`; pairs whose prompt plus longer response renders to more than `max_length` tokens
+    as `too_long`; pairs with an empty response as `empty`. Malformed rows raise.
     """
     check_template_ends_turns_with_eos(tokenizer)
 
@@ -688,7 +758,10 @@ def build_preference_datasets(data_args, tokenizer, *, max_length: int | None, s
         pair = to_preference(rec, data_args.system_prompt)
         if pair["chosen"] == pair["rejected"]:
             return "chosen_equals_rejected"
-        if max_length and max(n_tokens(pair["prompt"] + pair[side]) for side in ("chosen", "rejected")) > max_length:
+        if (
+            max_length
+            and max(n_tokens(pair["prompt"] + pair[side]) for side in ("chosen", "rejected")) > max_length
+        ):
             return "too_long"
         return pair
 

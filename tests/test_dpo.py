@@ -101,3 +101,19 @@ def test_dpo_qlora_runs(tiny_llama, preference_jsonl, tmp_path):
 def test_dpo_refuses_an_adapter_for_another_base(tiny_model_factory, sft_adapter, preference_jsonl, tmp_path):
     with pytest.raises(stacking.AdapterError, match="was trained on"):
         dpo.main(dpo_argv(tiny_model_factory("qwen2"), preference_jsonl, str(tmp_path / "x"), sft_adapter=sft_adapter))
+
+
+def test_dpo_merged_sft_and_precomputed_reference(tiny_llama, sft_adapter, preference_jsonl, tmp_path):
+    """Both options keep the SFT policy as the reference: the step-0 loss is log 2 either way."""
+    import json
+
+    merged = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / "merged"), sft_adapter=sft_adapter,
+                               merge_sft_adapter="true", max_steps="3", eval_split_size="0"))
+    assert first_logged(merged, "loss") == pytest.approx(math.log(2), abs=1e-4)
+    run = json.load(open(tmp_path / "merged" / "run.json"))
+    assert run["lineage"]["reference"] == "merged_sft"
+
+    pre = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / "pre"), sft_adapter=sft_adapter,
+                            precompute_ref_log_probs="true", max_steps="3", eval_split_size="0"))
+    assert first_logged(pre, "loss") == pytest.approx(math.log(2), abs=1e-4)
+    assert "ref_chosen_logps" in pre.train_dataset.column_names

@@ -61,7 +61,8 @@ def standalone_model(model, dtype: torch.dtype | None = None):
     left = [n for n, t in list(fresh.named_parameters()) + list(fresh.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"standalone copy is missing weights: {', '.join(left[:5])}")
-    fresh.generation_config = copy.deepcopy(model.generation_config)
+    if getattr(model, "generation_config", None) is not None:  # generative heads only
+        fresh.generation_config = copy.deepcopy(model.generation_config)
     fresh.eval()
     return fresh
 

@@ -1,15 +1,23 @@
 """Base model and tokenizer loading (bf16 / fp32 / 4-bit NF4 / 8-bit; local dirs, hub names, GGUF files) and the
-LoRA configuration of each model family."""
+LoRA configuration of each model family.
+
+    model_args = ModelArguments(model_name_or_path=..., load_in_4bit=True, use_peft=True)
+    tokenizer = load_tokenizer(model_args)
+    model = load_model(model_args)                  # frozen base, ready for an adapter
+    peft_model = get_peft_model(model, lora_config(model_args, model))
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 import transformers
 from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
+from trl import get_quantization_config
 
 from align.paths import SMOLLM2_DIR
 
@@ -22,50 +30,92 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "qwen2": _ATTN_MLP,
     "gemma2": _ATTN_MLP,
     "gemma": _ATTN_MLP,
-    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # fused projections
 }
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output head
+
+# Parameter-name pieces that mark adapter weights (LoRA A/B, DoRA magnitudes, trainable copies of whole modules).
+_ADAPTER_MARKERS = ("lora_", "modules_to_save.")
+_DTYPES = ("bfloat16", "float16", "float32")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def torch_dtype(name: str | None) -> torch.dtype | str:
+def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | str:
+    """"auto"/None -> "auto"; "bfloat16" / torch.bfloat16 -> torch.bfloat16."""
     if name in (None, "auto"):
         return "auto"
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use auto, {', '.join(_DTYPES)}")
     return getattr(torch, name)
 
 
+def compute_dtype(model_args) -> torch.dtype:
+    """Compute dtype of 4-bit layers: `bnb_4bit_compute_dtype`, else `dtype`; bfloat16 when that is float32/auto
+    (4-bit matmuls in fp32 are slow and gain nothing over bf16 on the rounded weights)."""
+    name = model_args.bnb_4bit_compute_dtype or model_args.dtype
+    if model_args.bnb_4bit_compute_dtype is None and name in (None, "auto", "float32"):
+        name = "bfloat16"
+    return torch_dtype(name)
+
+
 def quantization_config(model_args) -> BitsAndBytesConfig | None:
-    """4-bit NF4 (QLoRA, optional double quantization) or 8-bit, from the recipe's `load_in_*` keys."""
-    if model_args.load_in_4bit:
-        compute = model_args.bnb_4bit_compute_dtype or model_args.dtype
-        if compute in (None, "auto", "float32"):
-            compute = "bfloat16"
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
-            bnb_4bit_compute_dtype=torch_dtype(compute),
-            bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage,
-        )
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    """bitsandbytes settings from the recipe's `load_in_*` keys, or None for an unquantized base.
+
+    4-bit: `bnb_4bit_quant_type` (nf4 by default), double quantization from `use_bnb_nested_quant`, compute dtype
+    from `compute_dtype`, storage dtype from `bnb_4bit_quant_storage` (a float storage such as bfloat16 is what
+    FSDP / ZeRO-3 QLoRA shard). 8-bit: LLM.int8(). This is TRL's `get_quantization_config` with the compute dtype
+    fixed (TRL passes `dtype` through, which breaks for "auto").
+    """
+    if model_args.load_in_4bit and model_args.load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit are exclusive: choose one")
+    quant = get_quantization_config(_with_dtype(model_args, "bfloat16")) if model_args.load_in_4bit else (
+        get_quantization_config(model_args))
+    if quant is not None and model_args.load_in_4bit:
+        quant.bnb_4bit_compute_dtype = compute_dtype(model_args)
+    return quant
 
 
-def _check_local(path: str | None) -> None:
-    """A path that names a local directory must exist (a hub name is left to transformers)."""
-    if path is None:
-        raise ValueError("model_name_or_path is not set")
-    if path.startswith((".", "/", "~")) and not os.path.exists(path):
-        hint = ""
-        if os.path.abspath(path) == os.path.abspath(SMOLLM2_DIR) or "SmolLM2" in path:
-            hint = " Run `make smollm2` to convert SmolLM2-135M-Instruct."
-        raise FileNotFoundError(f"model directory {path} does not exist.{hint}")
+def _with_dtype(model_args, dtype: str):
+    """A shallow copy of `model_args` with another `dtype` (TRL's helper reads the compute dtype from it)."""
+    import copy
+
+    args = copy.copy(model_args)
+    args.dtype = dtype
+    return args
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name`, whose first part is not a local directory (so `runs/x` is a path, not a repo)."""
+    if not _HUB_ID.match(name) or name.startswith("."):
+        return False
+    return not os.path.isdir(name.split("/")[0]) if "/" in name else True
+
+
+def check_model_path(path: str | None, what: str = "model") -> None:
+    """Raise FileNotFoundError for a local path that does not exist; hub names are left to transformers.
+
+    The SmolLM2 cache path gets a hint: it is created by `make smollm2` (`python -m align.convert smollm2`).
+    """
+    if not path:
+        raise ValueError(f"{what}_name_or_path is not set")
+    if os.path.exists(os.path.expanduser(path)) or _looks_like_hub_id(path):
+        return
+    hint = ""
+    if os.path.abspath(os.path.expanduser(path)) == os.path.abspath(SMOLLM2_DIR) or "SmolLM2" in os.path.basename(
+        os.path.normpath(path)
+    ):
+        hint = " Run `make smollm2` (python -m align.convert smollm2) to convert SmolLM2-135M-Instruct there."
+    raise FileNotFoundError(f"{what} directory {path} does not exist.{hint}")
 
 
 def load_tokenizer(model_args):
-    """Tokenizer of the model (or `tokenizer_name_or_path`), with a pad token and right padding."""
+    """Tokenizer of the model (or of `tokenizer_name_or_path`), with a pad token (EOS when missing) and right
+    padding (training and log-prob scoring; generation code switches to left padding itself)."""
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    _check_local(name)
-    kwargs = dict(revision=model_args.model_revision, trust_remote_code=getattr(model_args, "trust_remote_code", False))
+    check_model_path(name, "tokenizer" if model_args.tokenizer_name_or_path else "model")
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": getattr(model_args, "trust_remote_code", False)}
     if model_args.gguf_file and name == model_args.model_name_or_path:
         kwargs["gguf_file"] = model_args.gguf_file
     tok = transformers.AutoTokenizer.from_pretrained(name, **kwargs)
@@ -75,64 +125,105 @@ def load_tokenizer(model_args):
     return tok
 
 
-def _device_map():
-    if not torch.cuda.is_available():
-        return None
-    from accelerate import PartialState
+def kbit_device_map() -> dict[str, int | str] | None:
+    """Quantized weights must sit on this process's accelerator: `{"": local_process_index}`; None on CPU."""
+    if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        from accelerate import PartialState
 
-    return {"": PartialState().local_process_index}
+        return {"": PartialState().local_process_index}
+    return None
+
+
+def _auto_class(task: str):
+    if task == "causal_lm":
+        return transformers.AutoModelForCausalLM
+    if task == "seq_cls":
+        return transformers.AutoModelForSequenceClassification
+    raise ValueError(f"unknown task {task!r}: causal_lm or seq_cls")
 
 
 def load_model(model_args, *, task: str = "causal_lm", num_labels: int = 1, training: bool = True):
-    """The base model, frozen-ready: causal LM or sequence classification (`task="seq_cls"`, a score head)."""
-    _check_local(model_args.model_name_or_path)
+    """The base model: causal LM, or sequence classification (`task="seq_cls"`: a `num_labels` score head).
+
+    Dtype from `model_args.dtype`; bitsandbytes 4-/8-bit when `load_in_4bit`/`load_in_8bit` (placed on the local
+    accelerator; on CPU no device map); `gguf_file` dequantizes a GGUF on load.
+
+    A quantized base loaded for training goes through `prepare_for_kbit_training`: frozen, with the small
+    non-quantized weights (norms, embeddings, head) in fp32. Gradient checkpointing is not switched on here: the
+    trainer config's `gradient_checkpointing` key owns it (TRL adds the input-grad hook it needs).
+    """
+    check_model_path(model_args.model_name_or_path)
     quant = quantization_config(model_args)
-    kwargs = dict(
-        revision=model_args.model_revision,
-        trust_remote_code=getattr(model_args, "trust_remote_code", False),
-        dtype=torch_dtype(model_args.dtype),
-    )
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": getattr(model_args, "trust_remote_code", False),
+        "dtype": torch_dtype(model_args.dtype),
+    }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.gguf_file:
         kwargs["gguf_file"] = model_args.gguf_file
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = _device_map()
+        device_map = kbit_device_map()
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+    auto = _auto_class(task)
     if task == "seq_cls":
-        auto = transformers.AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
-    elif task == "causal_lm":
-        auto = transformers.AutoModelForCausalLM
-    else:
-        raise ValueError(f"unknown task {task!r}: causal_lm or seq_cls")
     model = auto.from_pretrained(model_args.model_name_or_path, **kwargs)
     if task == "seq_cls" and model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    if quant is not None and training:
-        # casts norms to fp32 and freezes the base; checkpointing is the trainer's job (gradient_checkpointing key)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        _keep_cpu_4bit_trainable(model)
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if quant is not None:
+        keep_cpu_4bit_unpacked(model)
+        if training:
+            model = prepare_for_kbit_training(model, quant)
     return model
 
 
-def _keep_cpu_4bit_trainable(model) -> None:
-    """bitsandbytes repacks 4-bit weights for CPU inference on the first eval-mode forward; a training step after
-    that (eval during training) then fails on layers with a bias. Keep the training layout on CPU."""
+def prepare_for_kbit_training(model, quant: BitsAndBytesConfig):
+    """PEFT's `prepare_model_for_kbit_training` without gradient checkpointing (the trainer's job), guarded.
+
+    PEFT freezes every weight and casts the fp16/bf16 weights that are not 4-bit (norms, embeddings, head) to
+    fp32: stabler training at the cost of fp32 copies of the embedding and head. That cast breaks sharded QLoRA
+    (FSDP / ZeRO-3 with a float `bnb_4bit_quant_storage`), where every weight must keep one dtype to be flattened
+    into shards, so with a float storage dtype the base is only frozen. The 4-bit weights themselves are never
+    cast (PEFT skips `Params4bit`), and LoRA layers run in the input dtype, so the fp32 norms do not leak fp32
+    into the quantized matmuls (bitsandbytes casts inputs to the compute dtype).
+    """
+    storage = getattr(quant, "bnb_4bit_quant_storage", None) if quant.load_in_4bit else None
+    if isinstance(storage, torch.dtype) and storage.is_floating_point:
+        model.requires_grad_(False)
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def keep_cpu_4bit_unpacked(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into a CPU GEMM layout on its first
+    eval-mode forward without grad. A training step after that (eval during training) fails on layers with a bias,
+    the repacked kernel rounds differently from the training path, and dequantizing a repacked weight is wrong.
+    Keep the portable layout, the one training uses, everywhere."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(model_args, model) -> LoraConfig | None:
-    """The recipe's LoRA settings, with the family's default target modules; None when `use_peft` is false."""
+    """The recipe's LoRA settings, with the family's default target modules; None when `use_peft` is false.
+
+    Targets: `lora_target_modules` when set (a list, or "all-linear"), else `DEFAULT_TARGET_MODULES` for the
+    model type, else "all-linear". A sequence-classification adapter also trains (and saves) the `score` head.
+    """
     if not model_args.use_peft:
         return None
     targets = model_args.lora_target_modules
+    if isinstance(targets, (list, tuple)) and len(targets) == 1 and targets[0] == ALL_LINEAR:
+        targets = ALL_LINEAR
     if not targets:
-        targets = DEFAULT_TARGET_MODULES.get(model.config.model_type, "all-linear")
+        targets = DEFAULT_TARGET_MODULES.get(getattr(model.config, "model_type", None), ALL_LINEAR)
     kwargs = {}
-    if model_args.lora_target_parameters:
+    if getattr(model_args, "lora_target_parameters", None):
         kwargs["target_parameters"] = model_args.lora_target_parameters
     modules_to_save = model_args.lora_modules_to_save
     if model_args.lora_task_type == "SEQ_CLS":
@@ -142,7 +233,7 @@ def lora_config(model_args, model) -> LoraConfig | None:
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=targets,
+        target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
         bias=model_args.lora_bias,
         modules_to_save=modules_to_save,
         use_rslora=model_args.use_rslora,
@@ -152,6 +243,25 @@ def lora_config(model_args, model) -> LoraConfig | None:
 
 
 def count_parameters(model) -> dict[str, int]:
+    """{"total": all parameters, "trainable": those with requires_grad}. A 4-bit weight counts its packed
+    storage elements (two 4-bit values per uint8), as `model.parameters()` reports it."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"total": total, "trainable": trainable}
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for adapter weights: LoRA A/B, DoRA magnitudes, trainable `modules_to_save` copies."""
+    return any(marker in name for marker in _ADAPTER_MARKERS)
+
+
+def base_parameters_snapshot(model) -> dict[str, torch.Tensor]:
+    """Detached CPU clones of every non-adapter parameter (4-bit weights as their packed storage), by name.
+
+    Compare two snapshots with `torch.equal` to check that training left the frozen base untouched.
+    """
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if not is_adapter_parameter(name)
+    }

@@ -22,10 +22,32 @@ $(VENV)/.installed: pyproject.toml
 smollm2: install
 	$(BIN)/python -m align.convert smollm2
 
-# The main job: the staged pipeline on SmolLM2 and the real data shipped in data/.
+# The main job: SFT (LoRA) -> DPO (LoRA, reference = the SFT adapter) -> evaluation of base vs SFT vs DPO, on
+# SmolLM2-135M-Instruct and the real data shipped in data/. Sized for 2 CPU cores; `make demo DEMO=full` runs the
+# recipes at full size (a GPU run).
+DEMO ?= cpu
+DEMO_OUT ?= outputs/demo
+ifeq ($(DEMO),full)
+DEMO_SFT :=
+DEMO_DPO :=
+DEMO_EVAL := --suite recipes/eval/general_full.yaml --preference_limit 200
+else
+DEMO_SFT := --max_steps 24 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_length 256 \
+	--eval_split_size 16 --eval_strategy no --save_steps 8 --bf16 false --dtype float32 --learning_rate 3e-4
+DEMO_DPO := --max_steps 12 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --max_length 256 \
+	--eval_split_size 24 --eval_strategy no --save_steps 4 --bf16 false --dtype float32 --learning_rate 1e-4
+DEMO_EVAL := --limit 20 --preference_limit 24
+endif
+
 demo: smollm2
 	$(BIN)/accelerate launch --num_processes 1 align/sft.py --config recipes/smollm2/sft_lora.yaml \
-		--output_dir outputs/demo/sft --max_steps 60 --bf16 false --dtype float32 --max_length 512
+		--output_dir $(DEMO_OUT)/sft --report_to tensorboard $(DEMO_SFT)
+	$(BIN)/accelerate launch --num_processes 1 align/dpo.py --config recipes/smollm2/dpo_lora.yaml \
+		--sft_adapter $(DEMO_OUT)/sft --output_dir $(DEMO_OUT)/dpo --report_to tensorboard $(DEMO_DPO)
+	$(BIN)/python align/evaluate.py --models base=.cache/models/SmolLM2-135M-Instruct sft=$(DEMO_OUT)/sft \
+		dpo=$(DEMO_OUT)/dpo --preference_data $(DEMO_OUT)/dpo/heldout_pairs.jsonl \
+		--output_dir $(DEMO_OUT)/report $(DEMO_EVAL)
+	@echo "report: $(DEMO_OUT)/report/report.md and $(DEMO_OUT)/report/report.html"
 
 # pytest exits 5 when it collects nothing: that is a failure here too.
 test: install

@@ -81,6 +81,8 @@ def main(argv=None):
 
     # 6. Save the policy adapter only (not TRL's "ref" copy), the tokenizer, trainer state and run.json.
     training.save_final(trainer, train_args.output_dir)
+    if trainer.is_world_process_zero():
+        training.save_heldout_pairs(eval_ds, train_args.output_dir)
     stacking.remove_saved_reference(train_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():

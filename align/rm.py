@@ -77,6 +77,8 @@ def main(argv=None):
 
     # 6. Save adapter + score head, tokenizer, trainer state, run.json.
     training.save_final(trainer, train_args.output_dir)
+    if trainer.is_world_process_zero():
+        training.save_heldout_pairs(eval_ds, train_args.output_dir)
     trainer.save_state()
     if trainer.is_world_process_zero():
         lineage = manifest.base_model_lineage(model_args)

@@ -103,6 +103,23 @@ def last_logged(trainer, prefix: str = "", keys: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def save_heldout_pairs(eval_ds, output_dir: str) -> str | None:
+    """Write the held-out preference pairs (prompt/chosen/rejected messages) next to the adapter, so evaluation
+    scores exactly the pairs training never saw (`align/evaluate.py --preference_data DIR/heldout_pairs.jsonl`)."""
+    if eval_ds is None:
+        return None
+    import json
+
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "heldout_pairs.jsonl")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        for row in eval_ds:
+            fh.write(json.dumps({k: row[k] for k in ("prompt", "chosen", "rejected")}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
 def mark_base_frozen(model) -> None:
     """Assert that with an adapter only adapter (and modules_to_save) weights train; fail loudly otherwise."""
     from peft import PeftModel

@@ -78,6 +78,8 @@ def test_dpo_from_sft_adapter(tiny_llama, sft_adapter, preference_jsonl, tmp_pat
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))
     assert saved.keys() == sft_weights.keys()  # the policy only, not TRL's "ref" copy
     assert not os.path.isdir(os.path.join(out, "ref"))
+    heldout = [json.loads(line) for line in open(os.path.join(out, "heldout_pairs.jsonl"))]
+    assert len(heldout) == 8 and heldout[0]["chosen"][0]["role"] == "assistant"
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])

@@ -156,3 +156,22 @@ def test_nonfinite_loss_stops_the_run(tiny_llama, chat_jsonl, tmp_path, monkeypa
     monkeypatch.setattr(modeling, "load_model", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"training loss is nan at step 3"):
         sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "nan"), eval_split_size=0))
+
+
+def test_sft_qlora_adapter_merges_into_a_standalone_model(tiny_llama, chat_jsonl, tmp_path):
+    """QLoRA from the SFT script, then merge into bf16 weights: the merged model reproduces the 4-bit adapter
+    model's logits within the stated tolerance (5e-2 relative for bf16 storage; 1e-3 for the fp32 merge)."""
+    from align.adapters import merge_adapter
+
+    out = str(tmp_path / "qlora")
+    trainer = sft.main(sft_argv(tiny_llama, chat_jsonl, out, load_in_4bit="true", use_bnb_nested_quant="true",
+                                dtype="bfloat16", max_steps=6))
+    assert any("Linear4bit" in type(m).__name__ for m in trainer.model.modules())
+    run = json.load(open(os.path.join(out, "run.json")))
+    assert run["lineage"]["quantization"]["load_in_4bit"] and run["lineage"]["quantization"]["double_quant"]
+    report = merge_adapter(out, str(tmp_path / "merged"), dtype=torch.bfloat16)
+    assert report.ok and report.base_quantized
+    assert report.merge_max_rel_diff < 1e-3
+    assert report.max_rel_diff < 5e-2
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -20,12 +20,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import time
-
-from transformers import set_seed
 from trl import DPOTrainer
 
-from align import config, data, manifest, modeling, stacking, training
+from align import config, data, modeling, stacking, training
 
 
 class AlignDPOTrainer(training.NonFiniteLossGuard, DPOTrainer):
@@ -33,16 +30,11 @@ class AlignDPOTrainer(training.NonFiniteLossGuard, DPOTrainer):
 
 
 def main(argv=None):
-    started = time.time()
-    # 1. Recipe.
-    model_args, data_args, train_args, run_args = config.parse_recipe(
-        (config.ModelArguments, config.DataArguments, config.DPOArguments, config.RunArguments), argv
+    # 1. Recipe, logging, seed, resume point. The SFT run fixes the base and the chat template.
+    (model_args, data_args, train_args, run_args), run = training.begin(
+        "dpo", (config.ModelArguments, config.DataArguments, config.DPOArguments, config.RunArguments), argv
     )
-    training.setup_logging(train_args)
-    set_seed(train_args.seed)
-    checkpoint = training.find_resume_checkpoint(train_args, run_args.resume)
-    resolved = config.to_dict(model_args, data_args, train_args, run_args)
-    if run_args.sft_adapter:  # the SFT run fixes the base and the chat template
+    if run_args.sft_adapter:
         stacking.check_same_base(run_args.sft_adapter, model_args)
         model_args.tokenizer_name_or_path = model_args.tokenizer_name_or_path or run_args.sft_adapter
 
@@ -66,34 +58,18 @@ def main(argv=None):
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
     stacking.check_reference(trainer.model, reference)
 
-    # 5. Train, with held-out reward accuracy before and after.
-    metrics = {}
-    if eval_ds is not None and checkpoint is None:
-        metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
-    train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    training.write_results(trainer, "train", train_metrics)
-    metrics.update(train_metrics)
-    metrics.update(training.last_logged(trainer, prefix="train_", keys=("rewards/", "logps/", "loss")))
-    if eval_ds is not None:
-        eval_metrics = trainer.evaluate()
-        training.write_results(trainer, "eval", eval_metrics)
-        metrics.update(eval_metrics)
+    # 5. Train, with held-out reward accuracy and margin before and after.
+    metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,
+                                          logged_keys=("rewards/", "logps/", "loss"))
 
-    # 6. Save the policy adapter only (not TRL's "ref" copy), the tokenizer, trainer state and run.json.
-    training.save_final(trainer, train_args.output_dir)
+    # 6. Save the policy adapter (not TRL's "ref" copy), the held-out pairs, trainer state and run.json.
+    training.finish(trainer, run, model_args, report=report, metrics=metrics, lineage=dict(
+        chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
+        reference=reference, adapter=True,
+    ))
+    stacking.remove_saved_reference(train_args.output_dir)
     if trainer.is_world_process_zero():
         training.save_heldout_pairs(eval_ds, train_args.output_dir)
-    stacking.remove_saved_reference(train_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        lineage = manifest.base_model_lineage(model_args)
-        lineage.update(chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
-                       reference=reference, adapter=True)
-        path = manifest.write_run(
-            train_args.output_dir, stage="dpo", config=resolved, seed=train_args.seed, data=report.as_dict(),
-            metrics=metrics, lineage=lineage, started=started,
-        )
-        print(f"dpo: wrote {train_args.output_dir} (run manifest {path}; reference: {reference})")
     return trainer
 
 

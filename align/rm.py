@@ -16,12 +16,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import time
-
-from transformers import set_seed
 from trl import RewardTrainer
 
-from align import config, data, manifest, modeling, stacking, training
+from align import config, data, modeling, stacking, training
 
 
 class AlignRewardTrainer(training.NonFiniteLossGuard, RewardTrainer):
@@ -29,19 +26,14 @@ class AlignRewardTrainer(training.NonFiniteLossGuard, RewardTrainer):
 
 
 def main(argv=None):
-    started = time.time()
-    # 1. Recipe. The adapter is a sequence-classification adapter whatever the recipe says.
-    model_args, data_args, train_args, run_args = config.parse_recipe(
-        (config.ModelArguments, config.DataArguments, config.RewardArguments, config.RunArguments), argv
+    # 1. Recipe, logging, seed, resume point. The adapter is a sequence-classification adapter.
+    (model_args, data_args, train_args, run_args), run = training.begin(
+        "rm", (config.ModelArguments, config.DataArguments, config.RewardArguments, config.RunArguments), argv
     )
-    model_args.lora_task_type = "SEQ_CLS"
+    model_args.lora_task_type = run.resolved["ModelArguments"]["lora_task_type"] = "SEQ_CLS"
     if run_args.sft_adapter:
         raise config.ConfigError("rm.py trains a reward adapter on the base; sft_adapter is not used here (merge the "
                                  "SFT adapter with align/merge.py and use the merged model as model_name_or_path)")
-    training.setup_logging(train_args)
-    set_seed(train_args.seed)
-    checkpoint = training.find_resume_checkpoint(train_args, run_args.resume)
-    resolved = config.to_dict(model_args, data_args, train_args, run_args)
 
     # 2. Tokenizer and preference pairs.
     tokenizer = modeling.load_tokenizer(model_args)
@@ -63,32 +55,15 @@ def main(argv=None):
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
 
     # 5. Train, with held-out pairwise accuracy before and after.
-    metrics = {}
-    if eval_ds is not None and checkpoint is None:
-        metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
-    train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    training.write_results(trainer, "train", train_metrics)
-    metrics.update(train_metrics)
-    metrics.update(training.last_logged(trainer, prefix="train_", keys=("accuracy", "margin", "loss")))
-    if eval_ds is not None:
-        eval_metrics = trainer.evaluate()
-        training.write_results(trainer, "eval", eval_metrics)
-        metrics.update(eval_metrics)
+    metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,
+                                          logged_keys=("accuracy", "margin", "loss"))
 
-    # 6. Save adapter + score head, tokenizer, trainer state, run.json.
-    training.save_final(trainer, train_args.output_dir)
+    # 6. Save adapter + score head, held-out pairs, trainer state, run.json.
+    training.finish(trainer, run, model_args, report=report, metrics=metrics, lineage=dict(
+        chat_template_sha256=template_sha, parent_adapter=None, adapter=True, head="score",
+    ))
     if trainer.is_world_process_zero():
         training.save_heldout_pairs(eval_ds, train_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        lineage = manifest.base_model_lineage(model_args)
-        lineage.update(chat_template_sha256=template_sha, parent_adapter=None, adapter=True, head="score")
-        path = manifest.write_run(
-            train_args.output_dir, stage="rm", config=resolved, seed=train_args.seed, data=report.as_dict(),
-            metrics=metrics, lineage=lineage, started=started,
-        )
-        print(f"rm: wrote {train_args.output_dir} (run manifest {path}; eval accuracy "
-              f"{metrics.get('eval_accuracy', float('nan')):.3f})")
     return trainer
 
 

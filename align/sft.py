@@ -14,12 +14,9 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-import time
-
-from transformers import set_seed
 from trl import SFTTrainer
 
-from align import config, data, manifest, modeling, stacking, training
+from align import config, data, modeling, stacking, training
 
 
 class AlignSFTTrainer(training.NonFiniteLossGuard, SFTTrainer):
@@ -27,15 +24,10 @@ class AlignSFTTrainer(training.NonFiniteLossGuard, SFTTrainer):
 
 
 def main(argv=None):
-    started = time.time()
-    # 1. Recipe: model / data / trainer / run settings, YAML plus command-line overrides.
-    model_args, data_args, train_args, run_args = config.parse_recipe(
-        (config.ModelArguments, config.DataArguments, config.SFTArguments, config.RunArguments), argv
+    # 1. Recipe (YAML + overrides), logging, seed, resume point.
+    (model_args, data_args, train_args, run_args), run = training.begin(
+        "sft", (config.ModelArguments, config.DataArguments, config.SFTArguments, config.RunArguments), argv
     )
-    training.setup_logging(train_args)
-    set_seed(train_args.seed)
-    checkpoint = training.find_resume_checkpoint(train_args, run_args.resume)
-    resolved = config.to_dict(model_args, data_args, train_args, run_args)
 
     # 2. Tokenizer and data: any supported format -> chat messages -> token ids with assistant-only labels.
     tokenizer = modeling.load_tokenizer(model_args)
@@ -59,31 +51,14 @@ def main(argv=None):
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
 
-    # 5. Train (resuming from the last checkpoint when there is one), then evaluate.
-    metrics = {}
-    if eval_ds is not None and checkpoint is None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    train_metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    training.write_results(trainer, "train", train_metrics)
-    metrics.update(train_metrics)
-    if eval_ds is not None:
-        eval_metrics = trainer.evaluate()
-        training.write_results(trainer, "eval", eval_metrics)
-        metrics.update(eval_metrics)
+    # 5. Train (resuming from the last checkpoint when there is one), eval loss before and after.
+    metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None)
 
     # 6. Save: adapter (or full model) + tokenizer with its chat template, trainer state, run.json.
-    training.save_final(trainer, train_args.output_dir)
-    trainer.save_state()
-    if trainer.is_world_process_zero():
-        lineage = manifest.base_model_lineage(model_args)
-        lineage.update(chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
-                       adapter=model_args.use_peft)
-        path = manifest.write_run(
-            train_args.output_dir, stage="sft",
-            config=resolved, seed=train_args.seed,
-            data=report.as_dict(), metrics=metrics, lineage=lineage, started=started,
-        )
-        print(f"sft: wrote {train_args.output_dir} (run manifest {path})")
+    training.finish(trainer, run, model_args, report=report, metrics=metrics, lineage=dict(
+        chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
+        adapter=model_args.use_peft,
+    ))
     return trainer
 
 

@@ -8,9 +8,14 @@ import math
 import os
 import shutil
 import sys
+import time
+from dataclasses import dataclass
 
 import transformers
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+
+from align import config, manifest
 
 logger = logging.getLogger("align")
 
@@ -132,3 +137,60 @@ def mark_base_frozen(model) -> None:
     ]
     if bad:
         raise RuntimeError(f"base weights would train with an adapter: {bad[:5]}")
+
+
+@dataclass
+class StageRun:
+    """What a stage knows about its run before the model exists: name, start time, resume point, config."""
+
+    name: str
+    started: float
+    checkpoint: str | None
+    resolved: dict
+    train_args: TrainingArguments
+
+
+def begin(name: str, classes, argv=None):
+    """Parse the recipe, set up logging and the seed, find the checkpoint to resume from.
+
+    Returns the parsed dataclasses (in the order of `classes`) and a `StageRun`."""
+    started = time.time()
+    parsed = config.parse_recipe(classes, argv)
+    train_args = next(p for p in parsed if isinstance(p, TrainingArguments))
+    run_args = next(p for p in parsed if isinstance(p, config.RunArguments))
+    setup_logging(train_args)
+    set_seed(train_args.seed)
+    checkpoint = find_resume_checkpoint(train_args, run_args.resume)
+    return parsed, StageRun(name, started, checkpoint, config.to_dict(*parsed), train_args)
+
+
+def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tuple[str, ...] = ("loss",)) -> dict:
+    """Held-out metrics before training (`before_*`, fresh runs only), training (resuming when a checkpoint
+    exists), the last logged training metrics (`train_*`), held-out metrics after. Writes the result files."""
+    metrics = {}
+    if has_eval and run.checkpoint is None:
+        metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
+    train_metrics = trainer.train(resume_from_checkpoint=run.checkpoint).metrics
+    write_results(trainer, "train", train_metrics)
+    metrics.update(train_metrics)
+    metrics.update(last_logged(trainer, prefix="train_", keys=logged_keys))
+    if has_eval:
+        eval_metrics = trainer.evaluate()
+        write_results(trainer, "eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage: dict) -> None:
+    """Save the adapter (or model) and tokenizer atomically, the trainer state, and run.json with lineage."""
+    out = run.train_args.output_dir
+    save_final(trainer, out)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        full_lineage = manifest.base_model_lineage(model_args)
+        full_lineage.update(lineage)
+        path = manifest.write_run(
+            out, stage=run.name, config=run.resolved, seed=run.train_args.seed, data=report.as_dict(),
+            metrics=metrics, lineage=full_lineage, started=run.started,
+        )
+        print(f"{run.name}: wrote {out} (run manifest {path})")

@@ -130,6 +130,11 @@ def kbit_device_map() -> dict[str, int | str] | None:
     if torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()):
         from accelerate import PartialState
 
+        from align.launch import distributed_engine
+
+        if distributed_engine() == "deepspeed_zero3":
+            return None  # transformers refuses any device_map under ZeRO-3; bitsandbytes places the weights
+
         return {"": PartialState().local_process_index}
     return None
 

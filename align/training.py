@@ -15,7 +15,7 @@ import transformers
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from align import config, manifest
+from align import config, launch, manifest
 
 logger = logging.getLogger("align")
 
@@ -76,20 +76,21 @@ def save_final(trainer, output_dir: str) -> None:
     """Save the model (adapter or full weights) and tokenizer so no reader sees half-written files.
 
     Everything is written into a temporary directory first and then moved into `output_dir` file by file with
-    `os.replace`, which is atomic per file.
+    `os.replace`, which is atomic per file. Every rank calls `save_model` (collective under ZeRO-3/FSDP).
     """
-    if not trainer.is_world_process_zero():
-        trainer.save_model(os.path.join(output_dir, ".final-tmp"))  # collective under ZeRO-3/FSDP
-        return
+    launch.prepare_final_save(trainer)  # FSDP: gather a FULL_STATE_DICT, else the Trainer writes no weights
     tmp = os.path.join(output_dir, ".final-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(tmp)
-    for name in os.listdir(tmp):
-        src, dst = os.path.join(tmp, name), os.path.join(output_dir, name)
-        if os.path.isdir(src):
-            shutil.rmtree(dst, ignore_errors=True)
-        os.replace(src, dst)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        for name in os.listdir(tmp):
+            src, dst = os.path.join(tmp, name), os.path.join(output_dir, name)
+            if os.path.isdir(src):
+                shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
 
 
 def write_results(trainer, split: str, metrics: dict) -> None:
@@ -158,6 +159,9 @@ def begin(name: str, classes, argv=None):
     parsed = config.parse_recipe(classes, argv)
     train_args = next(p for p in parsed if isinstance(p, TrainingArguments))
     run_args = next(p for p in parsed if isinstance(p, config.RunArguments))
+    model_args = next(p for p in parsed if isinstance(p, config.ModelArguments))
+    # refuse launch combinations known to break (ZeRO-3/FSDP with quantization, checkpointing settings, ...)
+    launch.check_launch(model_args, train_args, adapter=bool(model_args.use_peft or run_args.sft_adapter))
     setup_logging(train_args)
     set_seed(train_args.seed)
     checkpoint = find_resume_checkpoint(train_args, run_args.resume)
@@ -167,6 +171,7 @@ def begin(name: str, classes, argv=None):
 def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tuple[str, ...] = ("loss",)) -> dict:
     """Held-out metrics before training (`before_*`, fresh runs only), training (resuming when a checkpoint
     exists), the last logged training metrics (`train_*`), held-out metrics after. Writes the result files."""
+    launch.prepare_trainer(trainer)  # ZeRO-3: adapter weights in the base dtype (TRL #6089)
     metrics = {}
     if has_eval and run.checkpoint is None:
         metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
@@ -187,6 +192,8 @@ def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage
     save_final(trainer, out)
     trainer.save_state()
     if trainer.is_world_process_zero():
+        if lineage.get("adapter"):
+            launch.check_saved_adapter(out)  # peers have shipped empty adapters from sharded saves
         full_lineage = manifest.base_model_lineage(model_args)
         full_lineage.update(lineage)
         path = manifest.write_run(

@@ -105,6 +105,12 @@ class RunArguments:
     resume: bool = field(
         default=True, metadata={"help": "Resume from the last `checkpoint-N` in `output_dir` when there is one."}
     )
+    speedups: str = field(
+        default="auto",
+        metadata={"help": "Speed and memory options (align/speed.py): `auto` (padding_free, shared_prompt, compile, "
+                  "kbit_bf16 on a CUDA GPU; none on a CPU), `none`, or a comma list of auto, padding_free (SFT), "
+                  "shared_prompt (DPO), compile, lean, liger, kbit_bf16. Each keeps the loss."},
+    )
 
 
 @dataclass

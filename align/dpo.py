@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from trl import DPOTrainer
 
-from align import config, data, modeling, stacking, training
+from align import config, data, modeling, speed, stacking, training
 
 
 class AlignDPOTrainer(training.NonFiniteLossGuard, DPOTrainer):
@@ -46,7 +46,9 @@ def main(argv=None):
     )
 
     # 3. One frozen base; the policy adapter on it; the reference is an adapter switch, not a second model.
-    model = modeling.load_model(model_args, training=True)
+    # Speedups (align/speed.py): one shared-prompt row per pair, compiled layers, bf16 4-bit layout.
+    speedups = speed.resolve(run_args.speedups, "dpo", model_args)
+    model = speed.prepare_model(modeling.load_model(model_args, training=True), speedups)
     model, reference = stacking.policy_for_preference_training(model, model_args, run_args)
     training.mark_base_frozen(model)
 
@@ -57,6 +59,7 @@ def main(argv=None):
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
     stacking.check_reference(trainer.model, reference)
+    speed.finish(trainer, speedups)
 
     # 5. Train, with held-out reward accuracy and margin before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,
@@ -67,8 +70,8 @@ def main(argv=None):
         chat_template_sha256=template_sha, parent_adapter=stacking.parent_lineage(run_args.sft_adapter),
         reference=reference, adapter=True,
     ))
-    stacking.remove_saved_reference(train_args.output_dir)
     if trainer.is_world_process_zero():
+        stacking.remove_saved_reference(train_args.output_dir)
         training.save_heldout_pairs(eval_ds, train_args.output_dir)
     return trainer
 

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from trl import SFTTrainer
 
-from align import config, data, modeling, stacking, training
+from align import config, data, modeling, speed, stacking, training
 
 
 class AlignSFTTrainer(training.NonFiniteLossGuard, SFTTrainer):
@@ -41,7 +41,10 @@ def main(argv=None):
     train_args.assistant_only_loss = False  # labels are built above; TRL must not rebuild them from a template
 
     # 3. Model: frozen base (bf16 / fp32 / 4-bit / 8-bit) with a LoRA adapter, or all weights for a full fine-tune.
-    model = modeling.load_model(model_args, training=True)
+    # Speedups (align/speed.py): padding-free batches, compiled layers, bf16 4-bit layout; the loss is unchanged.
+    speedups = speed.resolve(run_args.speedups, "sft", model_args)
+    speed.prepare_args(train_args, speedups, "sft")
+    model = speed.prepare_model(modeling.load_model(model_args, training=True), speedups)
     model = stacking.attach_trainable_adapter(model, model_args, parent=run_args.sft_adapter)
     training.mark_base_frozen(model)
 
@@ -50,6 +53,7 @@ def main(argv=None):
         model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
+    speed.finish(trainer, speedups)
 
     # 5. Train (resuming from the last checkpoint when there is one), eval loss before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None)

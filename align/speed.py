@@ -1,0 +1,344 @@
+"""Speed and memory options of the training stages (`--speedups`), on top of TRL's trainers.
+
+    options = speed.resolve(run_args.speedups, stage="sft", model_args=model_args)
+    model = speed.prepare_model(model, options)            # before the adapter: Liger kernels, bf16 4-bit layout
+    speed.prepare_args(train_args, options, stage="sft")   # trainer keys: padding-free batches
+    trainer = SFTTrainer(...)
+    speed.finish(trainer, options)                         # segment attention, shared-prompt pairs, compiled layers
+
+Options (a comma-separated list, `auto`, or `none`):
+
+- `padding_free` (SFT): a batch is one row of its samples back to back, no pad tokens (TRL's padding-free
+  collator: position ids restart at each sample). Attention stays inside each sample: `segment attention` runs
+  causal SDPA (the flash kernel) per sample, so no (tokens x tokens) mask is built and no token sees another sample.
+- `shared_prompt` (DPO): chosen and rejected share their prompt, so each pair is one row
+  `prompt | chosen | rejected` with the rejected tokens attending to the prompt and to themselves, not to the chosen
+  ones. The prompt goes through the model once instead of twice, for the policy and for the reference forward; the
+  per-token log-probabilities are put back where TRL's loss expects them, so every DPO loss type works unchanged.
+- `compile`: `torch.compile` of each decoder layer (one compiled graph shared by all layers): fused norms, RoPE,
+  SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
+- `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
+  recomputes the rest in the backward, matmuls included (`activation_memory_budget=0.5`): less memory, some speed.
+- `liger`: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (what TRL's `use_liger_kernel` applies). GPU only.
+- `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
+  which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
+
+`auto` is `padding_free,shared_prompt,compile,kbit_bf16` on a CUDA GPU and nothing on a CPU (`auto,lean` adds
+to it); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
+(or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
+flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
+padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures
+speed, memory and the losses against stock TRL + PEFT.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("align")
+
+OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "kbit_bf16")
+ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
+_STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
+_DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
+
+
+def resolve(spec: str | None, stage: str, model_args=None) -> tuple[str, ...]:
+    """The options that apply: `spec` is `none` or a comma-separated list of `OPTIONS` and `auto`."""
+    names = []
+    for name in (n.strip() for n in (spec or "none").split(",")):
+        if name == "auto":
+            names += [n for n in AUTO_CUDA if torch.cuda.is_available() and n not in names]
+        elif name in OPTIONS and name not in names:
+            names.append(name)
+        elif name not in ("none", "") and name not in OPTIONS:
+            raise ValueError(f"unknown speedup {name!r}: choose from {', '.join(OPTIONS)}, or auto / none")
+    kept = []
+    for name in names:
+        if _STAGE_ONLY.get(name, stage) != stage:
+            continue
+        if name == "kbit_bf16" and model_args is not None and not model_args.load_in_4bit:
+            continue
+        if name == "lean" and "compile" not in names:
+            logger.info("speedups: lean works through compile; left out")
+            continue
+        if name == "liger" and not torch.cuda.is_available():
+            logger.info("speedups: liger needs a CUDA GPU; left out")
+            continue
+        kept.append(name)
+    return tuple(kept)
+
+
+def prepare_model(model, options) -> torch.nn.Module:
+    """Options that change the base model itself; call before the adapter is attached."""
+    if "kbit_bf16" in options and getattr(model, "is_loaded_in_4bit", False):
+        for p in model.parameters():  # the fp32 copies PEFT's k-bit preparation made; 4-bit weights are uint8
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    if "liger" in options:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    return model
+
+
+def prepare_args(train_args, options, stage: str) -> None:
+    """Trainer keys the options need. Padding-free batches: TRL's collator; align's data is already cut to
+    `max_length` (longer rows are dropped), and TRL refuses `max_length` with padding-free without packing."""
+    if stage == "sft" and "padding_free" in options:
+        train_args.padding_free = True
+        train_args.max_length = None
+
+
+def finish(trainer, options) -> None:
+    """Options that act on the trainer's model after TRL has set it up (TRL installs its fused LM head in
+    `__init__`; the wrappers here sit around that head)."""
+    model = _causal_lm(trainer.model)
+    segments = [o for o in ("padding_free", "shared_prompt") if o in options]
+    if "shared_prompt" in segments and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
+                                        or getattr(trainer, "precompute_ref_logps", False)):
+        # a sharded LM head needs TRL's gather; precomputed reference log-probs came from the paired rows, and the
+        # policy must be scored the same way for the step-0 loss to stay exactly log 2
+        logger.info("speedups: shared_prompt left out (sharded LM head or precomputed reference log-probs)")
+        segments.remove("shared_prompt")
+    if segments and model.config._attn_implementation not in ("sdpa", "eager", ATTENTION):
+        # flash attention packs by itself (TRL passes cu_seq_lens); it has no shared-prompt layout
+        logger.info("speedups: %s attention kept; shared_prompt left out", model.config._attn_implementation)
+        segments = []
+    elif segments and not supports_segment_attention(model.config):
+        # padding-free batches still train correctly: transformers builds the packed block-diagonal mask
+        logger.info("speedups: segment attention left out (sliding window, softcap or MoE); shared_prompt off")
+        segments = []
+    if segments:
+        use_segment_attention(model)
+        if "padding_free" in segments:
+            _wrap_forward(model, _packed_sample_forward)
+        if "shared_prompt" in segments:
+            outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
+            _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
+    if "compile" in options:
+        compile_layers(model, memory_budget=0.5 if "lean" in options else None)
+    trainer.align_speedups = tuple(options)
+
+
+# --- segment attention: causal attention inside segments of one packed row -------------------------------------
+
+_layout: list | None = None  # [(q_start, q_end, [(kv_start, kv_end), ...]), ...] of the current packed row
+_layout_len: int = -1
+
+
+def set_layout(segments: list | None, length: int = -1) -> None:
+    """Set the segments of the packed row that the next forward (and its backward recompute) attends within.
+
+    The layout stays set after the forward on purpose: gradient checkpointing recomputes attention in the backward.
+    The next forward of a wrapped model replaces it; a call with another sequence length ignores it."""
+    global _layout, _layout_len
+    _layout, _layout_len = segments, length
+
+
+@torch.compiler.disable
+def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for `ATTENTION`: query/key/value (1, heads, tokens, dim) of one packed row. Each segment's queries
+    attend causally (lower-right aligned) to the concatenation of its key ranges: a sample to itself, a rejected
+    completion to its prompt and itself. Without a layout for this length: transformers' SDPA attention.
+
+    Samples run as SDPA's causal flash kernel (GQA without repeating the keys; equal-length samples in one batched
+    call); a rejected completion runs lower-right causal flash on its prompt+own keys, repeated to the query heads
+    (the lower-right path has no GQA)."""
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if _layout is None or query.shape[2] != _layout_len or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    gqa = heads != kv_heads
+    seg_lens = {q1 - q0 for q0, q1, _ in _layout}
+    if len(seg_lens) == 1 and all(len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in _layout):
+        n, length = len(_layout), seg_lens.pop()  # equal samples: one batched causal call
+        split = lambda x: x[0].unflatten(1, (n, length)).transpose(0, 1)
+        out = F.scaled_dot_product_attention(split(query), split(key), split(value), dropout_p=dropout,
+                                             is_causal=True, scale=scaling, enable_gqa=gqa)
+        return out.permute(0, 2, 1, 3).reshape(1, n * length, heads, dim), None
+    outs = []
+    for q0, q1, kv in _layout:
+        q = query[:, :, q0:q1]
+        if len(kv) == 1 and kv[0] == (q0, q1):
+            outs.append(F.scaled_dot_product_attention(q, key[:, :, q0:q1], value[:, :, q0:q1], dropout_p=dropout,
+                                                       is_causal=True, scale=scaling, enable_gqa=gqa))
+            continue
+        k = repeat_kv(torch.cat([key[:, :, a:b] for a, b in kv], dim=2), heads // kv_heads)
+        v = repeat_kv(torch.cat([value[:, :, a:b] for a, b in kv], dim=2), heads // kv_heads)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q1 - q0, k.shape[2]),
+                                                   dropout_p=dropout, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _segment_mask(*args, **kwargs):
+    """Mask function for `ATTENTION`: no mask while a layout is set (segment attention needs none), else SDPA's."""
+    from transformers.masking_utils import sdpa_mask
+
+    if _layout is not None and kwargs.get("q_length", -2) == _layout_len:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def supports_segment_attention(config) -> bool:
+    """Plain causal self-attention only: no sliding window in use, no attention softcap, no MoE routing."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "use_sliding_window", True) and getattr(text, "sliding_window", None) is not None:
+        return False
+    if getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None):
+        return False
+    return getattr(text, "logit_scale", None) in (None, 1.0) and not hasattr(text, "num_experts_per_tok")
+
+
+def use_segment_attention(model) -> None:
+    """Register `ATTENTION` with transformers and switch `model` to it (SDPA whenever no layout is set)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION, segment_attention)
+    AttentionMaskInterface.register(ATTENTION, _segment_mask)
+    model.set_attn_implementation(ATTENTION)
+
+
+def _causal_lm(model):
+    """The transformers model under PEFT / accelerate wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _wrap_forward(model, packed_forward) -> None:
+    """Put `packed_forward(inner, model, kwargs)` in front of the model's (TRL fused-head) forward; it returns None
+    when a batch does not fit it, and the inner forward runs as before."""
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        if not args and kwargs.get("fused_lm_head"):
+            out = packed_forward(inner, model, kwargs)
+            if out is not None:
+                return out
+        set_layout(None)
+        return inner(*args, **kwargs)
+
+    model.forward = forward
+
+
+def _packed_sample_forward(inner, model, kwargs):
+    """Padding-free SFT batch (one row, position ids restarting at 0, no attention mask): attend per sample."""
+    pos = kwargs.get("position_ids")
+    if pos is None or kwargs.get("attention_mask") is not None or pos.shape[0] != 1:
+        return None
+    starts = (pos[0] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
+    set_layout([(a, b, [(a, b)]) for a, b in itertools.pairwise(starts) if b > a], pos.shape[1])
+    return inner(**kwargs)
+
+
+# --- DPO: one row per pair, prompt shared ---------------------------------------------------------------------
+
+def pair_layout(input_ids, attention_mask, labels):
+    """Plan the shared-prompt row of a DPO batch `[chosen_1..chosen_B, rejected_1..rejected_B]` (right-padded).
+
+    Returns (packed_ids, position_ids, segments, hidden_index) or None when the batch is not such pairs (odd size,
+    a prompt that differs between chosen and rejected, a row without completion tokens, left padding).
+    `hidden_index[r, t]` is the packed position whose hidden state predicts token t+1 of original row r.
+    """
+    n, length = input_ids.shape
+    if n % 2 or attention_mask is None or labels is None:
+        return None
+    b, dev = n // 2, input_ids.device
+    trained = labels != -100
+    lens = attention_mask.sum(1)
+    prompt = trained.int().argmax(1)
+    ar = torch.arange(length, device=dev)
+    in_prompt = ar[None] < prompt[:b, None]
+    ok = torch.stack([
+        trained.any(1).all(),
+        (prompt[:b] == prompt[b:]).all(),
+        ((input_ids[:b] == input_ids[b:]) | ~in_prompt).all(),
+        (attention_mask.bool() == (ar[None] < lens[:, None])).all(),
+    ]).all()
+    stats = torch.stack([lens, prompt]).tolist()
+    if not bool(ok):
+        return None
+    lens_l, prompt_l = stats
+    ids_parts, pos_parts, segments, offsets = [], [], [], []
+    o = 0
+    for i in range(b):
+        p, lc, lr = prompt_l[i], lens_l[i], lens_l[b + i]
+        ids_parts += [input_ids[i, :lc], input_ids[b + i, p:lr]]
+        pos_parts += [torch.arange(lc), torch.arange(p, lr)]
+        segments.append((o, o + lc, [(o, o + lc)]))
+        if lr > p:
+            segments.append((o + lc, o + lc + lr - p, [(o, o + p), (o + lc, o + lc + lr - p)]))
+        offsets.append(o)
+        o += lc + lr - p
+    t = ar[:-1][None]
+    off = torch.tensor(offsets, device=dev)[:, None]
+    p_t, lc_t = prompt[:b, None], lens[:b, None]
+    chosen_idx = off + t
+    rejected_idx = torch.where(t == p_t - 1, off + p_t - 1, off + lc_t + t - p_t)
+    hidden_index = torch.cat([chosen_idx, rejected_idx]).clamp(0, o - 1)
+    return torch.cat(ids_parts), torch.cat(pos_parts).to(dev), segments, hidden_index
+
+
+def _shared_prompt_forward(inner, model, kwargs, outputs=_DPO_OUTPUTS):
+    """TRL DPO fused-head call on a pair batch: one shared-prompt row through the backbone, per-token outputs in
+    TRL's (2B, L-1) layout."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+
+    input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
+    if input_ids is None or labels is None or kwargs.get("shift_labels") is not None:
+        return None
+    plan = pair_layout(input_ids, kwargs.get("attention_mask"), labels)
+    if plan is None:
+        return None
+    packed, pos, segments, hidden_index = plan
+    set_layout(segments, packed.shape[0])
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False).last_hidden_state[0]
+    shifted = labels[:, 1:]
+    mask = shifted != -100
+    head = model.get_output_embeddings()
+    per_token = ChunkedLogProbFunction.apply(
+        hidden[hidden_index[mask]], head.weight, head.bias, shifted[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+        1.0, outputs,
+    )
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+        None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token
+    )
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
+    )
+
+
+# --- compile -------------------------------------------------------------------------------------------------
+
+def compile_layers(model, memory_budget: float | None = None) -> None:
+    """`torch.compile` each decoder layer in place. With `inline_inbuilt_nn_modules` (torch >= 2.5) the layers share
+    one compiled graph; shapes that vary between batches are compiled as dynamic after the first change.
+    `memory_budget` (0-1): the fraction of the activations the partitioner may save (the rest is recomputed)."""
+    import torch._functorch.config as functorch
+    import torch._inductor.config as inductor
+
+    if memory_budget is not None:
+        functorch.activation_memory_budget = memory_budget
+
+    # Round to bf16 where eager rounds: the policy (training graph) and the reference (no-grad graph, adapter off)
+    # then give the same log-probabilities at step 0, as in eager mode, instead of differing by fusion choices.
+    inductor.emulate_precision_casts = True
+    backbone = getattr(model, model.base_model_prefix)
+    for layer in backbone.layers:
+        layer.compile()

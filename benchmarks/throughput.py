@@ -1,0 +1,484 @@
+"""Training throughput and peak memory: stock TRL + PEFT against align's fast path, side by side, same GPU.
+
+    python benchmarks/throughput.py --cases sft_lora,sft_qlora,dpo_lora --shapes 1b --steps 10 --warmup 3 \
+        --out benchmarks/results
+    python benchmarks/throughput.py --runs 1b:sft_lora,1b:sft_qlora,1b:dpo_lora,8b:sft_qlora --out benchmarks/results
+    python benchmarks/throughput.py --shapes tiny --cases sft_lora,dpo_lora --steps 2 --warmup 1 --out /tmp/x  # CPU
+
+Every (shape, case, path) runs in its own process (this script with `--worker`), so one path's allocations, compiled
+code or monkey patches never reach the other. A worker builds a random-initialised model of the shape's config on
+the device (no download; QLoRA quantizes its linear layers to NF4 with double quantization), random tokens, and runs
+`warmup + steps` optimizer steps through the real trainer:
+
+- `stock`: TRL's `SFTTrainer` / `DPOTrainer` given the model and a PEFT `LoraConfig`, TRL's defaults otherwise.
+  DPO's reference is the base with the adapter disabled. `stock_liger`: the same with TRL's `use_liger_kernel`.
+- `align`: the model and adapter set up by align's own functions (k-bit preparation, `attach_trainable_adapter`)
+  and align's trainer classes with `--align_options` (default `auto`, see align/speed.py); `align_<name>`: the
+  same with the options of `--align_variants name=opts;...` (ablations).
+
+Both paths get the same data in the same order, LoRA r=16 alpha=32 dropout 0 on every linear layer, bf16, the same
+optimizer, learning rate and gradient checkpointing setting (off unless `--gradient_checkpointing`). Measured over
+the timed steps: tokens/s (SFT: the batch's tokens, no padding counted; DPO: prompt+chosen plus prompt+rejected
+tokens of each pair, i.e. what a stock step pushes through the policy), step time, peak GPU memory
+(`max_memory_allocated` and `max_memory_reserved` from the start of training, weights included), and the loss of
+every step (compared between the paths). Writes `<out>/throughput_<gpu>.json` (merged with earlier runs there) and
+`<out>/throughput_<gpu>.md` with the align/stock ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                max_position_embeddings=131072, rms_norm_eps=1e-5)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                max_position_embeddings=131072, rms_norm_eps=1e-5)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024)
+# per shape: model config, SFT batch x length, DPO pairs per batch and prompt / completion lengths
+SHAPES = {
+    "tiny": dict(config=TINY, batch=2, seq=64, pairs=2, prompt=32, completion=32),
+    "1b": dict(config=LLAMA_1B, batch=4, seq=2048, pairs=4, prompt=1024, completion=1024),
+    "8b": dict(config=LLAMA_8B, batch=2, seq=2048, pairs=2, prompt=1024, completion=1024),
+}
+CASES = ("sft_lora", "sft_qlora", "dpo_lora", "dpo_qlora")
+GOALS = {"speedup": 2.0, "sft_memory": 0.6, "dpo_memory_vs_sft": 1.1}
+
+
+# --- worker: one path of one case, in its own process ---------------------------------------------------------
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over `t0 .. t{V-1}`: a text of N words is exactly N tokens (t0 pads, t1 ends)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t2"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+
+
+def lengths(rng, n: int, longest: int, real: bool, median: float) -> list[int]:
+    """`n` lengths: all `longest`, or (real) log-normal around `median`, clipped to [16, longest]."""
+    if not real:
+        return [longest] * n
+    return [int(min(longest, max(16, rng.lognormvariate(math.log(median), 0.8)))) for _ in range(n)]
+
+
+def make_data(spec: dict, vocab: int):
+    """Random-token rows: SFT `input_ids`; DPO `prompt/chosen/rejected` texts of the word tokenizer."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(spec["seed"])
+    shape, rows = spec["shape_cfg"], spec["rows"]
+    words = lambda n: [f"t{rng.randrange(3, vocab)}" for _ in range(n)]
+    if spec["case"].startswith("sft"):
+        lens = lengths(rng, rows, shape["seq"], spec["data"] == "real", shape["seq"] / 3)
+        return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab) for _ in range(n)]} for n in lens])
+    p_lens = lengths(rng, rows, shape["prompt"], spec["data"] == "real", shape["prompt"] / 3)
+    out = []
+    for p in p_lens:
+        c, r = lengths(rng, 2, shape["completion"], spec["data"] == "real", shape["completion"] / 3)
+        out.append({"prompt": " ".join(words(p)) + " ", "chosen": " ".join(words(c - 1) + ["t1"]),
+                    "rejected": " ".join(words(r - 1) + ["t1"])})
+    return Dataset.from_list(out)
+
+
+def quantize_nf4(model, compute_dtype):
+    """Replace the decoder's linear layers with bitsandbytes NF4 layers (double quantization), as loading with
+    `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)` does."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = model.get_decoder().layers
+    for layer in layers:
+        for name, lin in list(layer.named_modules()):
+            if type(lin) is not torch.nn.Linear:
+                continue
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                                    device="meta")
+            new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                           quant_type="nf4").to(lin.weight.device)
+            if lin.bias is not None:
+                new.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+            parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+    model.is_loaded_in_4bit = True
+    return model
+
+
+def build_model(spec: dict, device):
+    import torch
+    import transformers
+
+    torch.manual_seed(spec["seed"])
+    cfg = transformers.LlamaConfig(**spec["shape_cfg"]["config"], pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with device:
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    if spec["case"].endswith("qlora"):
+        quantize_nf4(model, torch.bfloat16)
+    return model
+
+
+def lora_kwargs(spec):
+    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def trainer_args(spec: dict, out: str, cuda: bool):
+    from align import config
+
+    dpo = spec["case"].startswith("dpo")
+    shape = spec["shape_cfg"]
+    common = dict(
+        output_dir=out, max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=shape[
+            "pairs" if dpo else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
+        bf16=cuda, use_cpu=not cuda, gradient_checkpointing=spec["gradient_checkpointing"], seed=spec["seed"],
+        data_seed=spec["seed"], disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no",
+        use_liger_kernel=spec["path"] == "stock_liger",
+    )
+    if dpo:
+        return config.DPOArguments(max_length=shape["prompt"] + shape["completion"], beta=0.1, **common)
+    cls = config.SFTConfig if spec["path"].startswith("stock") else config.SFTArguments
+    return cls(max_length=shape["seq"], assistant_only_loss=False, **common)
+
+
+class Meter:
+    """Trainer callback: synchronized step times, peak memory from the start of training, tokens per step (counted
+    by a wrapper around the trainer's collator: one batch per step, no gradient accumulation)."""
+
+    def __init__(self, torch, cuda):
+        self.torch, self.cuda = torch, cuda
+        self.begin, self.end, self.batch_tokens = [], [], []
+
+    def count(self, collate, dpo: bool):
+        def counted(examples):
+            if dpo:
+                n = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+            else:
+                n = sum(len(e["input_ids"]) for e in examples)
+            self.batch_tokens.append(n)
+            return collate(examples)
+
+        return counted
+
+    def _sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                if meter.cuda:
+                    meter.torch.cuda.empty_cache()
+                    meter.torch.cuda.reset_peak_memory_stats()
+                meter.start = meter._sync()
+
+            def on_step_begin(self, args, state, control, **kw):
+                meter.begin.append(meter._sync())
+
+            def on_step_end(self, args, state, control, **kw):
+                meter.end.append(meter._sync())
+
+        return _CB()
+
+
+def worker(spec: dict) -> dict:
+    import torch
+    import transformers
+    import trl
+
+    sys.path.insert(0, REPO)
+    from align import speed
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    t0 = time.perf_counter()
+    shape = spec["shape_cfg"]
+    tok = word_tokenizer(shape["config"]["vocab_size"])
+    data = make_data(spec, shape["config"]["vocab_size"])
+    model = build_model(spec, device)
+    build_s = time.perf_counter() - t0
+    dpo = spec["case"].startswith("dpo")
+    out = tempfile.mkdtemp(prefix="throughput-")
+    args = trainer_args(spec, out, cuda)
+    options = ()
+    if spec["path"].startswith("stock"):
+        from peft import LoraConfig
+
+        cls = trl.DPOTrainer if dpo else trl.SFTTrainer
+        kwargs = dict(ref_model=None) if dpo else {}
+        torch.manual_seed(spec["seed"])  # the LoRA A initialisation, the same on both paths
+        trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok,
+                      peft_config=LoraConfig(**lora_kwargs(spec)), **kwargs)
+    else:
+        from align import config, modeling, stacking, training
+
+        model_args = config.ModelArguments(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                                           lora_target_modules=["all-linear"],
+                                           load_in_4bit=spec["case"].endswith("qlora"))
+        options = speed.resolve(spec["align_options"], stage="dpo" if dpo else "sft", model_args=model_args)
+        if model_args.load_in_4bit:  # what align's load_model does after loading a 4-bit base
+            model = modeling.prepare_for_kbit_training(model, modeling.quantization_config(model_args))
+        model = speed.prepare_model(model, options)
+        torch.manual_seed(spec["seed"])
+        model = stacking.attach_trainable_adapter(model, model_args)
+        training.mark_base_frozen(model)
+        speed.prepare_args(args, options, stage="dpo" if dpo else "sft")
+        if dpo:
+            from align.dpo import AlignDPOTrainer as cls
+
+            trainer = cls(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok)
+        else:
+            from align.sft import AlignSFTTrainer as cls
+
+            trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
+        speed.finish(trainer, options)
+    meter = Meter(torch, cuda)
+    trainer.data_collator = meter.count(trainer.data_collator, dpo)
+    trainer.add_callback(meter.callback())
+    setup_s = time.perf_counter() - t0
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    w, n = spec["warmup"], spec["steps"]
+    step_s = [e - b for b, e in zip(meter.begin, meter.end)]
+    tokens = meter.batch_tokens[: w + n]
+    timed_tokens = sum(tokens[w:])
+    timed_s = meter.end[-1] - meter.end[w - 1] if w > 0 else meter.end[-1] - meter.start
+    gib = 1024**3
+    return dict(
+        path=spec["path"], options=list(options) if spec["path"].startswith("align") else (
+            ["use_liger_kernel"] if spec["path"] == "stock_liger" else []),
+        tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:]) / max(1, len(step_s[w:])),
+        tokens_per_step=tokens, step_s=step_s, losses=losses,
+        peak_allocated_gib=torch.cuda.max_memory_allocated() / gib if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / gib if cuda else None,
+        build_s=build_s, setup_s=setup_s, warmup_s=(meter.end[w - 1] - meter.start) if w > 0 else 0.0,
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+        versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
+                      peft=__import__("peft").__version__),
+    )
+
+
+# --- driver ---------------------------------------------------------------------------------------------------
+
+def run_worker(spec: dict, timeout: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        result_path = fh.name
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1",
+               PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec), "--result", result_path]
+    started = time.time()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, check=False)
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        with open(result_path) as fh:
+            result = json.load(fh) if os.path.getsize(result_path) else {"error": f"exit {proc.returncode}: {tail}"}
+        if proc.returncode and "error" not in result:
+            result["error"] = f"exit {proc.returncode}: {tail}"
+    except subprocess.TimeoutExpired:
+        result = {"error": f"timed out after {timeout} s"}
+    finally:
+        os.unlink(result_path)
+    result.update(shape=spec["shape"], case=spec["case"], wall_s=round(time.time() - started, 1),
+                  data=spec["data"], path=spec["path"])
+    return result
+
+
+def key(r):
+    return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}"
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """One row per (shape, case, data, path other than stock): ratios to stock and the largest loss difference."""
+    by = {key(r): r for r in runs}
+    rows = []
+    for r in sorted(runs, key=lambda r: (r["shape"], r["case"], r.get("data", "fixed"), r["path"])):
+        if r["path"] == "stock":
+            continue
+        data = r.get("data", "fixed")
+        stock = by.get(f"{r['shape']}:{r['case']}:stock:{data}")
+        row = dict(shape=r["shape"], case=r["case"], data=data, path=r["path"], options=r.get("options"),
+                   stock=_summary(stock), other=_summary(r))
+        if stock and "error" not in stock and "error" not in r:
+            row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
+            if r.get("peak_allocated_gib"):
+                row["memory_ratio"] = r["peak_allocated_gib"] / stock["peak_allocated_gib"]
+            n = min(len(r["losses"]), len(stock["losses"]))
+            row["loss_max_abs_diff"] = max((abs(a - b) for a, b in zip(r["losses"][:n], stock["losses"][:n])),
+                                           default=None)
+        if r["case"].startswith("dpo"):  # against the SFT step of the same shape on the same path
+            sft = by.get(f"{r['shape']}:sft_{r['case'][4:]}:{r['path']}:{data}")
+            if sft and "error" not in sft and "error" not in r and sft.get("peak_allocated_gib"):
+                row["dpo_memory_vs_sft"] = r["peak_allocated_gib"] / sft["peak_allocated_gib"]
+        rows.append(row)
+    return rows
+
+
+def _summary(r):
+    if r is None:
+        return None
+    if "error" in r:
+        return {"error": r["error"][-500:]}
+    return {k: r.get(k) for k in ("tokens_per_s", "step_s_mean", "peak_allocated_gib", "peak_reserved_gib")}
+
+
+def _f(x, fmt):
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"# Throughput: align vs stock TRL + PEFT ({meta['device']})", "",
+        (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 dropout 0 on all linear layers, bf16, random "
+         "weights and tokens, sdpa attention. Tokens/s over the timed steps (DPO: prompt+chosen and prompt+rejected "
+         "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "
+         f"training. Goals: tokens/s >= {GOALS['speedup']}x stock; SFT peak <= {GOALS['sft_memory']}x stock; DPO "
+         f"peak <= {GOALS['dpo_memory_vs_sft']}x the SFT peak of the same shape and path."), "",
+        ("| shape | case | data | path | stock tok/s | tok/s | speedup | stock peak GiB | peak GiB | memory ratio "
+         "| DPO/SFT memory | max abs loss diff | options |"),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in result["comparisons"]:
+        s, a = row["stock"] or {"error": "not run"}, row["other"] or {}
+        tps = lambda d: "error" if "error" in d else _f(d.get("tokens_per_s"), ",.0f")
+        peak = lambda d: "error" if "error" in d else (
+            f"{_f(d.get('peak_allocated_gib'), '.1f')} ({_f(d.get('peak_reserved_gib'), '.1f')})")
+        lines.append(
+            f"| {row['shape']} | {row['case']} | {row['data']} | {row['path']} | {tps(s)} | {tps(a)} "
+            f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
+            f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('loss_max_abs_diff'), '.1e')} "
+            f"| {','.join(row.get('options') or []) or 'none'} |")
+    errors = [r for r in result["runs"] if "error" in r]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- {key(r)}: {r['error'][-300:]!r}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_tag(device: str) -> str:
+    d = device.lower()
+    for name in ("h200", "h100", "a100", "l40s", "a10g", "l4", "4090", "3090", "mi300"):
+        if name in d:
+            return name
+    return "cpu" if d == "cpu" else "".join(c if c.isalnum() else "_" for c in d)[:24]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="sft_lora,sft_qlora,dpo_lora", help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--shapes", default="1b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--runs", default=None, help="explicit shape:case list, instead of cases x shapes")
+    ap.add_argument("--paths", default="stock,align", help="stock, stock_liger, align, align_<name> (see variants)")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    ap.add_argument("--align_options", default="auto", help="align/speed.py options: auto, none or a comma list")
+    ap.add_argument("--align_variants", default="", help="`name=opt,opt;name2=...`: paths align_<name> (ablations)")
+    ap.add_argument("--data", choices=("fixed", "real"), default="fixed",
+                    help="fixed: every row the shape's full length; real: log-normal lengths, so batches carry padding")
+    ap.add_argument("--batch", type=int, help="SFT rows per batch (default: the shape's)")
+    ap.add_argument("--pairs", type=int, help="DPO pairs per batch (default: the shape's)")
+    ap.add_argument("--seq", type=int, help="SFT row length; DPO prompt and completion are half of it each")
+    ap.add_argument("--lr", type=float, default=2e-4, help="SFT learning rate")
+    ap.add_argument("--dpo_lr", type=float, default=5e-6, help="DPO learning rate (higher makes the DPO loss jump "
+                    "around on random data, and the loss comparison meaningless)")
+    ap.add_argument("--gradient_checkpointing", action="store_true", help="on for both paths (default off)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--merge", nargs="*", default=[], help="result JSONs of earlier runs to merge into --out")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        try:
+            result = worker(json.loads(args.worker))
+        except Exception:  # noqa: BLE001  (the driver reports it and carries on with the other runs)
+            result = {"error": traceback.format_exc()[-4000:]}
+        with open(args.result, "w") as fh:
+            json.dump(result, fh)
+        return 0
+
+    variants = dict(v.split("=", 1) for v in args.align_variants.split(";") if v.strip())
+    paths = args.paths.split(",") + [f"align_{name}" for name in variants if f"align_{name}" not in args.paths]
+    unknown = [p for p in paths if p not in ("stock", "stock_liger", "align") and p[len("align_"):] not in variants]
+    if unknown:
+        raise SystemExit(f"unknown paths {unknown}: stock, stock_liger, align, or align_<name> of --align_variants")
+    pairs = ([tuple(x.split(":")) for x in args.runs.split(",")] if args.runs else
+             [(s, c) for s in args.shapes.split(",") for c in args.cases.split(",")] if not args.merge else [])
+    runs = []
+    for shape, case in pairs:
+        if shape not in SHAPES or case not in CASES:
+            raise SystemExit(f"unknown shape or case {shape}:{case}; shapes {list(SHAPES)}, cases {list(CASES)}")
+        shape_cfg = dict(SHAPES[shape])
+        for k in ("batch", "pairs"):
+            if getattr(args, k):
+                shape_cfg[k] = getattr(args, k)
+        if args.seq:
+            shape_cfg.update(seq=args.seq, prompt=args.seq // 2, completion=args.seq - args.seq // 2)
+        rows_per_step = shape_cfg["pairs" if case.startswith("dpo") else "batch"]
+        for path in paths:
+            options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
+            spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
+                        rows=rows_per_step * (args.steps + args.warmup), align_options=options, data=args.data,
+                        lr=args.dpo_lr if case.startswith("dpo") else args.lr,
+                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+            print(f"[throughput] {shape} {case} {path} ...", flush=True)
+            r = run_worker(spec, args.timeout)
+            msg = r["error"].strip().splitlines()[-1] if "error" in r else (
+                f"{r['tokens_per_s']:,.0f} tok/s, peak {_f(r.get('peak_allocated_gib'), '.1f')} GiB, "
+                f"losses {[round(x, 4) for x in r['losses'][:4]]}")
+            print(f"[throughput] {shape} {case} {path}: {msg} ({r['wall_s']} s)", flush=True)
+            runs.append(r)
+
+    if args.merge and not runs:
+        with open(args.merge[0]) as fh:
+            runs_meta = json.load(fh)["meta"]
+        device, versions = runs_meta["device"], runs_meta.get("versions")
+    else:
+        device = next((r["device"] for r in runs if "device" in r), "unknown")
+        versions = next((r["versions"] for r in runs if "versions" in r), None)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"throughput_{gpu_tag(device)}")
+    merged = {}
+    for earlier in ([base + ".json"] if os.path.isfile(base + ".json") else []) + args.merge:
+        with open(earlier) as fh:
+            merged.update({key(r): r for r in json.load(fh).get("runs", [])})
+    merged.update({key(r): r for r in runs})
+    all_runs = list(merged.values())
+    result = dict(meta=dict(device=device, versions=versions,
+                            argv=sys.argv[1:], goals=GOALS, time=time.strftime("%Y-%m-%d %H:%M:%S")),
+                  comparisons=compare(all_runs), runs=all_runs)
+    with open(base + ".json", "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(base + ".md", "w") as fh:
+        fh.write(markdown(result))
+    print(markdown(result))
+    print(f"[throughput] wrote {base}.json and {base}.md")
+    return 1 if any("error" in r for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

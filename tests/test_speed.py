@@ -1,0 +1,209 @@
+"""align/speed.py on a tiny random Llama (fp32, CPU): every speedup gives the loss of the plain path, and the
+throughput benchmark runs both paths and writes its JSON. Timing is never asserted here (benchmarks/README.md)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import add_fused_lm_head
+
+from align import speed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 300
+
+
+@pytest.fixture(autouse=True)
+def _plain_attention_afterwards():
+    yield
+    speed.set_layout(None)
+
+
+def tiny_lora_model(outputs=("log_probs",)):
+    """Tiny Llama with TRL's fused LM head and a LoRA adapter whose B is not zero (so the adapter matters)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    add_fused_lm_head(model, outputs=outputs)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model, peft_model
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a, b, tol=1e-5):
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=tol, rtol=tol, msg=k)
+
+
+def test_resolve():
+    assert speed.resolve("none", "sft") == ()
+    assert speed.resolve("padding_free,shared_prompt,compile", "sft") == ("padding_free", "compile")
+    assert speed.resolve("padding_free,shared_prompt,compile", "dpo") == ("shared_prompt", "compile")
+    assert speed.resolve("lean", "sft") == ()  # lean works through compile
+    if not torch.cuda.is_available():
+        assert speed.resolve("auto", "sft") == ()  # CPU: nothing by default
+    with pytest.raises(ValueError, match="unknown speedup 'fast'"):
+        speed.resolve("compile,fast", "sft")
+
+
+@pytest.mark.parametrize("lengths", [(7, 12, 3, 9), (8, 8, 8)])  # ragged; equal (one batched attention call)
+def test_padding_free_batch_gives_the_padded_loss(lengths):
+    """One packed row with segment attention == the padded batch: loss and adapter gradients to 1e-5."""
+    model, peft_model = tiny_lora_model()
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+    for e in examples:
+        e["labels"] = [-100, -100] + e["input_ids"][2:]  # a prompt part without loss
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert packed["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed
+
+    want = peft_model(**padded, fused_lm_head=True).loss
+    want.backward()
+    want, want_grads = want.item(), grads(peft_model)
+    peft_model.zero_grad()
+
+    speed.use_segment_attention(model)
+    speed._wrap_forward(model, speed._packed_sample_forward)
+    loss = peft_model(**packed, fused_lm_head=True).loss
+    loss.backward()
+    assert [s[:2] for s in speed._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1])) for i in range(len(lengths))]
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    assert_same_grads(grads(peft_model), want_grads)
+
+
+def pair_batch(prompts=(5, 3), chosen=(4, 6), rejected=(2, 5), same_prompt=True):
+    """TRL's DPO batch layout: rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded, labels on the
+    completions only."""
+    g = torch.Generator().manual_seed(2)
+    rand = lambda n: torch.randint(3, VOCAB, (n,), generator=g)
+    ps = [rand(p) for p in prompts]
+    rows = [torch.cat([p, rand(c)]) for p, c in zip(ps, chosen)]
+    rows += [torch.cat([p if same_prompt else rand(len(p)), rand(r)]) for p, r in zip(ps, rejected)]
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], attention[i, :len(r)] = r, 1
+        completion[i, len(ps[i % len(ps)]):len(r)] = 1
+    return dict(input_ids=ids, attention_mask=attention, labels=ids.masked_fill(completion == 0, -100))
+
+
+def test_shared_prompt_row_gives_the_pair_log_probs():
+    """Prompt once, chosen and rejected after it in one row == TRL's two rows per pair: every per-token output of
+    the fused head and the adapter gradients to 1e-5, with the adapter on and off (policy and reference)."""
+    outputs = speed._DPO_OUTPUTS
+    model, peft_model = tiny_lora_model(outputs)
+    batch = pair_batch()
+    weights = torch.tensor([1.0, -2.0, 3.0, -4.0])[:, None]  # a loss that weighs every row differently
+
+    def run():
+        peft_model.zero_grad()
+        out = peft_model(**batch, fused_lm_head=True, use_cache=False)
+        (out.log_probs * weights).sum().backward()
+        with torch.no_grad(), peft_model.disable_adapter():
+            ref = peft_model(**batch, fused_lm_head=True, use_cache=False).log_probs
+        return out, ref, grads(peft_model)
+
+    want, want_ref, want_grads = run()
+    speed.use_segment_attention(model)
+    speed._wrap_forward(model, speed._shared_prompt_forward)
+    got, got_ref, got_grads = run()
+    # one row: prompt 5 + chosen 4 + rejected 2, then prompt 3 + chosen 6 + rejected 5 (instead of 4 rows of 11)
+    assert speed._layout_len == 25 and len(speed._layout) == 4
+    for name in outputs:
+        torch.testing.assert_close(getattr(got, name).float(), getattr(want, name).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_ref, want_ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.label_mask, want.label_mask)
+    assert_same_grads(got_grads, want_grads)
+
+
+def test_shared_prompt_leaves_other_batches_alone():
+    assert speed.pair_layout(**pair_batch(same_prompt=False)) is None  # chosen and rejected prompts differ
+    batch = pair_batch()
+    assert speed.pair_layout(batch["input_ids"][:3], batch["attention_mask"][:3], batch["labels"][:3]) is None
+    model, peft_model = tiny_lora_model(speed._DPO_OUTPUTS)
+    other = pair_batch(same_prompt=False)
+    assert speed.pair_layout(**other) is None
+    want = peft_model(**other, fused_lm_head=True).log_probs
+    speed.use_segment_attention(model)
+    speed._wrap_forward(model, speed._shared_prompt_forward)
+    torch.testing.assert_close(peft_model(**other, fused_lm_head=True).log_probs, want, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_log_probs_equal_full_logits():
+    """TRL's chunked head (used by both paths, never materializing the logits) == log_softmax of the full logits."""
+    _, peft_model = tiny_lora_model()
+    batch = pair_batch()
+    with torch.no_grad():
+        fused = peft_model(**batch, fused_lm_head=True).log_probs
+        logits = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    plain = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    torch.testing.assert_close(fused, plain.masked_fill(labels == -100, 0), atol=1e-5, rtol=1e-5)
+
+
+def test_sft_stage_with_padding_free_keeps_the_losses(tiny_llama, chat_jsonl, tmp_path):
+    from align import sft
+
+    from .test_sft import losses, sft_argv
+
+    plain = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "plain"), max_steps=3, speedups="none",
+                              eval_split_size=0))
+    fast = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "fast"), max_steps=3, speedups="padding_free",
+                             eval_split_size=0))
+    assert fast.align_speedups == ("padding_free",) and fast.args.padding_free
+    assert losses(fast) == pytest.approx(losses(plain), abs=1e-4)
+
+
+def test_kbit_bf16_keeps_the_4bit_base_in_bf16(tiny_llama):
+    """PEFT's k-bit preparation makes norms and embeddings fp32; `kbit_bf16` puts them back to bf16, 4-bit weights
+    untouched."""
+    from align import config, modeling
+
+    args = config.ModelArguments(model_name_or_path=tiny_llama, load_in_4bit=True, dtype="bfloat16", use_peft=True)
+    model = modeling.load_model(args, training=True)
+    packed = {n: p.clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert any(p.dtype == torch.float32 for p in model.parameters())
+    speed.prepare_model(model, speed.resolve("kbit_bf16", "sft", args))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16, torch.uint8}
+    assert all(torch.equal(p, packed[n]) for n, p in model.named_parameters() if n in packed)
+
+
+def test_throughput_benchmark_runs_both_paths(tmp_path):
+    """The documented CPU smoke run: both paths of each case in their own processes, JSON and Markdown with the
+    align/stock ratios; with the CPU-testable speedups on, the losses match stock."""
+    out = tmp_path / "results"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "throughput.py"), "--shapes", "tiny", "--cases",
+           "sft_lora,dpo_lora", "--steps", "2", "--warmup", "1", "--out", str(out),
+           "--align_options", "padding_free,shared_prompt"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "throughput_cpu.json").read_text())
+    assert {(r["case"], r["path"]) for r in result["runs"]} == {
+        (c, p) for c in ("sft_lora", "dpo_lora") for p in ("stock", "align")}
+    assert all("error" not in r and r["tokens_per_s"] > 0 and len(r["losses"]) == 3 for r in result["runs"])
+    rows = {r["case"]: r for r in result["comparisons"]}
+    assert set(rows) == {"sft_lora", "dpo_lora"}
+    for row in rows.values():
+        assert row["speedup"] > 0 and row["loss_max_abs_diff"] < 1e-4
+    assert rows["dpo_lora"]["options"] == ["shared_prompt"] and rows["sft_lora"]["options"] == ["padding_free"]
+    dpo_stock = next(r for r in result["runs"] if r["case"] == "dpo_lora" and r["path"] == "stock")
+    assert dpo_stock["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # reference = adapter off
+    assert "| tiny | sft_lora | fixed | align |" in (out / "throughput_cpu.md").read_text()

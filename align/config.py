@@ -99,6 +99,21 @@ class RunArguments:
             "SFT adapter). Not with a 4-bit base: merge with align/merge.py first and train on the merged model."
         },
     )
+    forgetting_gate: str = field(
+        default="off",
+        metadata={"help": "After saving, score the model and its base on a quick general suite and `warn` or "
+                  "`fail` the run when the average drop exceeds forgetting_threshold.",
+                  "choices": ["off", "warn", "fail"]},
+    )
+    forgetting_threshold: float = field(
+        default=0.02, metadata={"help": "Largest allowed average general-suite drop (0.02 = 2 accuracy points)."}
+    )
+    forgetting_suite: str = field(
+        default="recipes/eval/general_quick.yaml", metadata={"help": "Suite YAML of the forgetting gate."}
+    )
+    forgetting_limit: int | None = field(
+        default=None, metadata={"help": "Rows per task for the forgetting gate (default: the suite's own)."}
+    )
     stop_on_nonfinite_loss: bool = field(
         default=True, metadata={"help": "Stop with an error when the training loss is NaN or infinite."}
     )

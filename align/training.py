@@ -149,6 +149,7 @@ class StageRun:
     checkpoint: str | None
     resolved: dict
     train_args: TrainingArguments
+    run_args: config.RunArguments
 
 
 def begin(name: str, classes, argv=None):
@@ -165,7 +166,7 @@ def begin(name: str, classes, argv=None):
     setup_logging(train_args)
     set_seed(train_args.seed)
     checkpoint = find_resume_checkpoint(train_args, run_args.resume)
-    return parsed, StageRun(name, started, checkpoint, config.to_dict(*parsed), train_args)
+    return parsed, StageRun(name, started, checkpoint, config.to_dict(*parsed), train_args, run_args)
 
 
 def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tuple[str, ...] = ("loss",)) -> dict:
@@ -201,3 +202,33 @@ def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage
             metrics=metrics, lineage=full_lineage, started=run.started,
         )
         print(f"{run.name}: wrote {out} (run manifest {path})")
+        forgetting_gate(run)
+
+
+def forgetting_gate(run: StageRun) -> dict | None:
+    """The recipe's forgetting gate: general-suite scores of the saved model against its base, recorded in
+    run.json under "forgetting"; `fail` raises `ForgettingError` (after recording) when the drop is too large."""
+    args = run.run_args
+    if args.forgetting_gate == "off":
+        return None
+    from align.eval.gate import ForgettingError, run_gate
+    from align.paths import REPO_ROOT
+
+    suite = args.forgetting_suite
+    if not os.path.isfile(suite) and os.path.isfile(os.path.join(REPO_ROOT, suite)):
+        suite = os.path.join(REPO_ROOT, suite)
+    out = run.train_args.output_dir
+    try:
+        result = run_gate(out, None, suite, args.forgetting_threshold, args.forgetting_gate,
+                          limit=args.forgetting_limit)
+    except ForgettingError as err:
+        _record_in_run(out, "forgetting", err.result)
+        raise
+    _record_in_run(out, "forgetting", result)
+    return result
+
+
+def _record_in_run(output_dir: str, key: str, value) -> None:
+    run_json = manifest.read_run(output_dir) or {}
+    run_json[key] = value
+    manifest.write_json_atomic(os.path.join(output_dir, "run.json"), run_json)

@@ -175,3 +175,21 @@ def test_sft_qlora_adapter_merges_into_a_standalone_model(tiny_llama, chat_jsonl
     assert report.max_rel_diff < 5e-2
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_forgetting_gate_records_and_fails(tiny_llama, chat_jsonl, tmp_path):
+    """The recipe's gate scores the saved adapter and its base after the run; `fail` stops on a constructed drop."""
+    from align.eval.gate import ForgettingError
+
+    out = str(tmp_path / "gate")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, out, max_steps=2, forgetting_gate="warn", forgetting_limit=3))
+    gate = json.load(open(os.path.join(out, "run.json")))["forgetting"]
+    assert gate["mode"] == "warn" and gate["threshold"] == 0.02
+    assert set(gate["base_scores"]) == set(gate["tuned_scores"]) and len(gate["base_scores"]) >= 5
+    assert gate["exceeded"] == (gate["average_drop"] > 0.02)
+
+    strict = str(tmp_path / "strict")  # a threshold of -1 counts any model as having forgotten
+    with pytest.raises(ForgettingError):
+        sft.main(sft_argv(tiny_llama, chat_jsonl, strict, max_steps=2, forgetting_gate="fail",
+                          forgetting_threshold=-1.0, forgetting_limit=3))
+    assert json.load(open(os.path.join(strict, "run.json")))["forgetting"]["exceeded"] is True

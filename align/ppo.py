@@ -31,7 +31,7 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 from transformers import set_seed
 
-from align import config, data, manifest, modeling, stacking
+from align import config, data, launch, manifest, modeling, stacking
 from align.rl import checkpoint, kl, rewards, rollout
 from align.rl import roles as roles_lib
 from align.rl import step as ppo
@@ -57,12 +57,26 @@ def parse(argv=None):
     if args.value_init == "reward" and not args.reward_adapter:
         raise config.ConfigError("value_init: reward starts the value model from --reward_adapter; without one use "
                                  "--value_init sft")
+    check_ppo_launch()
     for parent in (run_args.sft_adapter, args.reward_adapter):
         if parent:  # every adapter must sit on the base this run loads
             stacking.check_same_base(parent, model_args)
     if run_args.sft_adapter:  # the SFT run fixes the chat template and the end-of-turn token
         model_args.tokenizer_name_or_path = model_args.tokenizer_name_or_path or run_args.sft_adapter
     return model_args, data_args, args, run_args
+
+
+def check_ppo_launch(env=None) -> None:
+    """PPO runs as one process or as DDP (`recipes/accelerate/single_gpu.yaml` / `multi_gpu.yaml`); refuse the
+    DeepSpeed and FSDP configs before anything is loaded, with the reason and the fix."""
+    engine = launch.distributed_engine(None, env)
+    if engine not in ("none", "ddp"):
+        raise launch.LaunchConfigError(
+            f"ppo.py does not run under {engine}: its loop generates token by token and switches the policy, "
+            "reference, reward and value adapters on one frozen base between passes, which a sharded base "
+            "(ZeRO-3, FSDP) would gather at every token, and its own optimizer loop is not a DeepSpeed engine. "
+            "Fix: launch with recipes/accelerate/multi_gpu.yaml (DDP: each GPU holds the one shared base, with "
+            "load_in_4bit to fit a larger base) or single_gpu.yaml.")
 
 
 def setup_logging(accelerator) -> None:
@@ -181,6 +195,7 @@ def main(argv=None):
     # 8. Save the policy adapter (output_dir), the value adapter + head (output_dir/value), tokenizer, run.json.
     if accelerator.is_main_process:
         roles_lib.save_policy_and_value(roles, args.output_dir, model_args.model_name_or_path)
+        launch.check_saved_adapter(args.output_dir)  # the policy adapter holds trained, finite tensors
         for path in (args.output_dir, os.path.join(args.output_dir, "value")):  # value/ loads like a reward model
             tokenizer.save_pretrained(path)
         manifest.write_json_atomic(os.path.join(args.output_dir, "log_history.json"), state["log_history"])

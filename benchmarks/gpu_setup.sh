@@ -7,9 +7,11 @@ set -e
 C=${CARRY_DIR:-/tmp/c}
 [ -d .whl ] && mkdir -p $C && cp -r .whl $C/ 2>/dev/null || true
 [ -d .gguf ] && mkdir -p $C && cp -r .gguf $C/ 2>/dev/null || true
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/.whl/*.whl
+[ -f /tmp/site/.installed ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/.whl/*.whl
+touch /tmp/site/.installed
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-if [ ! -f .cache/models/SmolLM2-135M-Instruct/model.safetensors ]; then
+# the model only once all three parts have arrived (the first calls can run the random-weight benchmarks)
+if [ ! -f .cache/models/SmolLM2-135M-Instruct/model.safetensors ] && [ -d $C/.gguf/c ]; then
   cat $C/.gguf/a/part_* $C/.gguf/b/part_* $C/.gguf/c/part_* > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
   python3 -c "from align.convert import convert_gguf; convert_gguf('/tmp/SmolLM2-135M-Instruct.Q4_1.gguf', '.cache/models/SmolLM2-135M-Instruct')"
 fi

@@ -256,6 +256,22 @@ def test_ppo_needs_a_reward_and_a_value_start(tiny_llama, preference_jsonl, tmp_
         ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "d"), reward_fn="no_colon"))
 
 
+def test_ppo_refuses_sharded_engines_before_loading(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    from align import launch
+
+    ppo.check_ppo_launch({})  # one process
+    ppo.check_ppo_launch({"WORLD_SIZE": "2"})  # DDP
+    for env in ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+                {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+                {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}):
+        with pytest.raises(launch.LaunchConfigError, match="multi_gpu.yaml"):
+            ppo.check_ppo_launch(env)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # through main: refused before any model is loaded
+    with pytest.raises(launch.LaunchConfigError, match="does not run under fsdp"):
+        ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "o")))
+    assert not os.path.exists(tmp_path / "o" / "run.json")
+
+
 # --------------------------------------------------------------------------------------------- resume, processes
 
 

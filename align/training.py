@@ -169,14 +169,37 @@ def begin(name: str, classes, argv=None):
     return parsed, StageRun(name, started, checkpoint, config.to_dict(*parsed), train_args, run_args)
 
 
+def wraps_model_at_train(trainer) -> bool:
+    """True under DeepSpeed and FSDP: the engines that wrap the model (with its optimizer) in train()."""
+    return launch.distributed_engine(trainer.args) in ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
+
+
+def step0_eval(log_history: list[dict]) -> dict:
+    """`before_eval_*` from the evaluation logged at step 0 (`eval_on_start`)."""
+    for entry in log_history:
+        if entry.get("step") == 0 and any(k.startswith("eval_") for k in entry):
+            return {f"before_{k}": v for k, v in entry.items() if k.startswith("eval_") or k == "epoch"}
+    return {}
+
+
 def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tuple[str, ...] = ("loss",)) -> dict:
     """Held-out metrics before training (`before_*`, fresh runs only), training (resuming when a checkpoint
     exists), the last logged training metrics (`train_*`), held-out metrics after. Writes the result files."""
     launch.prepare_trainer(trainer)  # ZeRO-3: adapter weights in the base dtype (TRL #6089)
     metrics = {}
-    if has_eval and run.checkpoint is None:
+    before = has_eval and run.checkpoint is None
+    # DeepSpeed and FSDP2 wrap the model when training starts; an evaluate() before train() would prepare it on
+    # its own (ZeRO-2 refuses ZeRO inference, ZeRO-3 starts an inference engine that train() then cannot use,
+    # FSDP2 needs the optimizer in the same prepare call). Under them the "before" evaluation runs inside
+    # train(), at step 0 before the first update (`eval_on_start`), and is read back from the log history.
+    in_train = before and wraps_model_at_train(trainer)
+    if in_train:
+        trainer.args.eval_on_start = True
+    elif before:
         metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
     train_metrics = trainer.train(resume_from_checkpoint=run.checkpoint).metrics
+    if in_train:
+        metrics.update(step0_eval(trainer.state.log_history))
     write_results(trainer, "train", train_metrics)
     metrics.update(train_metrics)
     metrics.update(last_logged(trainer, prefix="train_", keys=logged_keys))

@@ -655,3 +655,21 @@ def test_two_cpu_processes_train_the_one_process_adapter(
         assert synced_diff <= ATOL, (stage, synced_diff)
         assert control_diff > 100 * ATOL, (stage, control_diff)
         assert launch.check_saved_adapter(out[f"{stage}2"])["tensors"] == 28
+
+
+def test_sharded_engines_evaluate_before_training_inside_train(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """DeepSpeed and FSDP2 refuse an evaluate() before train() (ZeRO-2: no ZeRO inference; ZeRO-3: an inference
+    engine train() cannot use; FSDP2: model without optimizer; all seen on an H100). Under them the step-0
+    evaluation runs inside train() (eval_on_start) and gives the same before_* metrics as the plain path."""
+    from align import training
+
+    sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "plain"), max_steps=2))
+    monkeypatch.setattr(training, "wraps_model_at_train", lambda trainer: True)
+    sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "sharded"), max_steps=2))
+    runs = {name: json.load(open(tmp_path / name / "run.json"))["metrics"] for name in ("plain", "sharded")}
+    assert runs["sharded"]["before_eval_loss"] == pytest.approx(runs["plain"]["before_eval_loss"], abs=1e-6)
+    assert runs["sharded"]["eval_loss"] == pytest.approx(runs["plain"]["eval_loss"], abs=1e-5)
+    history = json.load(open(tmp_path / "sharded" / "trainer_state.json"))["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e][:1] == [0]  # evaluated at step 0, inside train()
+    assert training.step0_eval([{"step": 0, "eval_loss": 1.5, "epoch": 0}, {"step": 1, "loss": 1.2}]) == {
+        "before_eval_loss": 1.5, "before_epoch": 0}

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from align import config, dpo, launch, modeling, sft
+from align.manifest import read_json
 
 from .conftest import REPO
 from .test_dpo import dpo_argv
@@ -666,10 +667,10 @@ def test_sharded_engines_evaluate_before_training_inside_train(tiny_llama, chat_
     sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "plain"), max_steps=2))
     monkeypatch.setattr(training, "wraps_model_at_train", lambda trainer: True)
     sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "sharded"), max_steps=2))
-    runs = {name: json.load(open(tmp_path / name / "run.json"))["metrics"] for name in ("plain", "sharded")}
+    runs = {name: read_json(tmp_path / name / "run.json")["metrics"] for name in ("plain", "sharded")}
     assert runs["sharded"]["before_eval_loss"] == pytest.approx(runs["plain"]["before_eval_loss"], abs=1e-6)
     assert runs["sharded"]["eval_loss"] == pytest.approx(runs["plain"]["eval_loss"], abs=1e-5)
-    history = json.load(open(tmp_path / "sharded" / "trainer_state.json"))["log_history"]
+    history = read_json(tmp_path / "sharded" / "trainer_state.json")["log_history"]
     assert [e["step"] for e in history if "eval_loss" in e][:1] == [0]  # evaluated at step 0, inside train()
     assert training.step0_eval([{"step": 0, "eval_loss": 1.5, "epoch": 0}, {"step": 1, "loss": 1.2}]) == {
         "before_eval_loss": 1.5, "before_epoch": 0}
@@ -699,9 +700,9 @@ def test_fsdp2_two_cpu_processes_train_save_and_match_one_process(tiny_llama, ch
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert launch.check_saved_adapter(two)["tensors"] > 0
-    history = json.load(open(os.path.join(two, "trainer_state.json")))["log_history"]
+    history = read_json(os.path.join(two, "trainer_state.json"))["log_history"]
     assert history[0]["step"] == 0 and "eval_loss" in history[0]  # evaluated inside train(), before step 1
-    runs = {d: json.load(open(os.path.join(d, "run.json")))["metrics"] for d in (one, two)}
+    runs = {d: read_json(os.path.join(d, "run.json"))["metrics"] for d in (one, two)}
     assert runs[two]["before_eval_loss"] == pytest.approx(runs[one]["before_eval_loss"], abs=1e-5)
     assert max_diff(one, two) < FSDP2_ATOL
 
@@ -713,7 +714,7 @@ def test_fsdp2_two_cpu_processes_train_save_and_match_one_process(tiny_llama, ch
         tiny_llama, preference_jsonl, dpo_two, per_device_train_batch_size=2, sft_adapter=one, **common)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = json.load(open(os.path.join(dpo_two, "run.json")))["metrics"]
+    metrics = read_json(os.path.join(dpo_two, "run.json"))["metrics"]
     assert metrics["before_eval_loss"] == pytest.approx(0.6931472, abs=1e-5)  # reference = policy at step 0
     assert launch.check_saved_adapter(dpo_two)["tensors"] > 0
     assert max_diff(dpo_one, dpo_two) < FSDP2_ATOL

@@ -1,0 +1,213 @@
+"""Every stage under every accelerate launch config: does it start, shard, train and save a usable adapter?
+
+    python benchmarks/launch_matrix.py --out DIR [--configs single_gpu,deepspeed_zero3,...] [--stages sft,dpo,rm]
+        [--num_processes 1] [--max_steps 8] [--parallel 6] [--model .cache/models/SmolLM2-135M-Instruct]
+
+Each (config, stage) is one `accelerate launch --config_file recipes/accelerate/<config>.yaml align/<stage>.py`
+process on the stage's SmolLM2 recipe (LoRA; the `*_qlora` configs take the QLoRA recipe with
+`--bnb_4bit_quant_storage bfloat16`, as their header says; no QLoRA reward-model recipe), `--max_steps` steps, a loss logged every step. Then,
+in this process, for each saved adapter: align.launch.check_saved_adapter (tensors present, finite, LoRA B
+trained), a load on one device with PEFT on top of a plain base (logits must differ from the base's), and the
+per-step training losses against the `single_gpu` run of the same recipe (`single_gpu_qlora` for QLoRA: same
+recipe, one plain process). Runs of a wave share the GPU, so no timings are taken here (the 2-GPU issue measures
+those). Writes DIR/launch_matrix.json and DIR/launch_matrix.md.
+"""
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+RECIPES = {"sft": "sft_{q}lora.yaml", "dpo": "dpo_{q}lora.yaml", "rm": "rm_lora.yaml"}
+
+
+def job(config: str, stage: str, args, port: int) -> dict:
+    qlora = config.endswith("_qlora")
+    launch_config = "single_gpu" if config == "single_gpu_qlora" else config
+    recipe = RECIPES[stage].format(q="q" if qlora else "")
+    out = os.path.join(args.out, f"{config}__{stage}")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           f"recipes/accelerate/{launch_config}.yaml", "--num_processes", str(args.num_processes)]
+    if launch_config != "single_gpu":
+        cmd += ["--main_process_port", str(port)]
+    cmd += [f"align/{stage}.py", "--config", f"recipes/smollm2/{recipe}", "--model_name_or_path", args.model,
+            "--output_dir", out, "--max_steps", str(args.max_steps), "--logging_steps", "1", "--eval_strategy", "no",
+            "--save_steps", str(max(args.max_steps // 2, 1)), "--report_to", "none"]
+    if qlora:
+        cmd += ["--bnb_4bit_quant_storage", "bfloat16"]
+    cmd += args.extra
+    return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd,
+            "engine": engine_of(launch_config)}
+
+
+def engine_of(launch_config: str) -> str:
+    """The engine an accelerate config asks for: NO / MULTI_GPU / DEEPSPEED zero-N / FSDP vN."""
+    import yaml
+
+    with open(os.path.join(ROOT, "recipes", "accelerate", f"{launch_config}.yaml")) as fh:
+        cfg = yaml.safe_load(fh)
+    kind = str(cfg.get("distributed_type"))
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed ZeRO-{cfg['deepspeed_config'].get('zero_stage')}"
+    if kind == "FSDP":
+        return f"FSDP{cfg['fsdp_config'].get('fsdp_version', 1)}"
+    return {"NO": "one process", "MULTI_GPU": "DDP"}.get(kind, kind)
+
+
+def run_wave(jobs: list[dict], timeout: int) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    procs = []
+    for j in jobs:
+        os.makedirs(j["output_dir"], exist_ok=True)
+        log = open(os.path.join(j["output_dir"] + ".log"), "w")
+        procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True),
+                      time.time(), log))
+        print(f"[{time.strftime('%X')}] start {j['config']} {j['stage']}", flush=True)
+    for j, p, t0, log in procs:
+        try:
+            j["returncode"] = p.wait(timeout=max(timeout - (time.time() - t0), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and the stage process it started
+            p.wait()
+            j["returncode"] = "timeout"
+        j["seconds"] = round(time.time() - t0, 1)
+        log.close()
+        print(f"[{time.strftime('%X')}] {j['config']} {j['stage']}: exit {j['returncode']} ({j['seconds']} s)",
+              flush=True)
+
+
+def root_error(text: str) -> str | None:
+    """The stage's own exception line (`[rank0]: ValueError: ...`), not the launcher's ChildFailedError."""
+    found = re.findall(r"^(?:\[rank\d+\]: )?((?:[\w.]+)(?:Error|Exception): .*)$", text, flags=re.MULTILINE)
+    found = [f for f in found if "ChildFailedError" not in f]
+    return found[-1][:400] if found else None
+
+
+def inspect(j: dict, base_logits) -> None:
+    """Adapter checks, engine seen in the log, per-step losses."""
+    import torch
+    from peft import PeftModel
+
+    from align import launch
+
+    with open(j["output_dir"] + ".log", errors="replace") as fh:
+        text = fh.read()
+    j["error"] = root_error(text) if j["returncode"] != 0 else None
+    state = os.path.join(j["output_dir"], "trainer_state.json")
+    history = []
+    if os.path.isfile(state):
+        with open(state) as fh:
+            history = json.load(fh)["log_history"]
+    j["losses"] = [e["loss"] for e in history if "loss" in e and "step" in e]
+    try:
+        j["adapter"] = launch.check_saved_adapter(j["output_dir"])
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        j["adapter"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return
+    if base_logits is None:
+        return
+    base, ids, ref = base_logits
+    try:
+        model = PeftModel.from_pretrained(base, j["output_dir"], adapter_name=j["config"] + j["stage"])
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        j["adapter"]["loads_on_one_device"] = True
+        j["adapter"]["max_logit_change_vs_base"] = float((logits - ref).abs().max())
+        model.delete_adapter(j["config"] + j["stage"])
+    except Exception as exc:  # noqa: BLE001
+        j["adapter"]["loads_on_one_device"] = f"{type(exc).__name__}: {exc}"
+
+
+def compare(jobs: list[dict], rtol: float) -> None:
+    reference = {(("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]): j for j in jobs
+                 if j["config"] in ("single_gpu", "single_gpu_qlora")}
+    for j in jobs:
+        ref = reference.get((("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]))
+        if ref is None or ref is j or not j.get("losses") or not ref.get("losses"):
+            continue
+        n = min(len(j["losses"]), len(ref["losses"]))
+        diffs = [abs(a - b) / max(abs(b), 1e-8) for a, b in zip(j["losses"][:n], ref["losses"][:n])]
+        j["loss_vs_single_gpu"] = {"reference": ref["config"], "steps": n, "max_rel_diff": max(diffs),
+                                   "within_tolerance": max(diffs) <= rtol, "rtol": rtol}
+
+
+def markdown(jobs: list[dict], meta: dict) -> str:
+    lines = [f"# Launch configs, {meta['num_processes']} process(es) on {meta['gpu']}", "",
+             f"SmolLM2-135M-Instruct, {meta['max_steps']} steps, per-step losses against the plain one-process run "
+             f"of the same recipe (relative tolerance {meta['rtol']}).", "",
+             "| config | stage | exit | engine | adapter tensors | loads on one device | max logit change | "
+             "loss vs single | max rel. diff | error |", "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | --- |"]
+    for j in jobs:
+        a = j.get("adapter") or {}
+        cmp = j.get("loss_vs_single_gpu") or {}
+        lines.append(
+            f"| {j['config']} | {j['stage']} | {j['returncode']} | {j.get('engine')} | "
+            f"{a.get('tensors', '-')} | {a.get('loads_on_one_device', '-')} | "
+            f"{a.get('max_logit_change_vs_base', float('nan')):.3g} | "
+            f"{'ok' if cmp.get('within_tolerance') else ('-' if not cmp else 'DIFFERS')} | "
+            f"{cmp.get('max_rel_diff', float('nan')):.2e} | {(j.get('error') or '').replace('|', '/')[:160]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--configs", default="single_gpu,single_gpu_qlora,multi_gpu,deepspeed_zero2,deepspeed_zero3,"
+                                        "deepspeed_zero3_qlora,fsdp,fsdp_qlora")
+    p.add_argument("--stages", default="sft,dpo,rm")
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=8)
+    p.add_argument("--parallel", type=int, default=8)
+    p.add_argument("--timeout", type=int, default=400)
+    p.add_argument("--rtol", type=float, default=0.02)
+    p.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct")
+    p.add_argument("--no_load", action="store_true", help="skip the one-device load check")
+    p.add_argument("extra", nargs="*", help="more recipe overrides for every run (after --)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    pairs = [(c, s) for c in args.configs.split(",") for s in args.stages.split(",")
+             if not (s == "rm" and c.endswith("_qlora"))]  # no QLoRA reward-model recipe
+    jobs = [job(c, s, args, 29600 + i) for i, (c, s) in enumerate(pairs)]
+    for start in range(0, len(jobs), args.parallel):
+        run_wave(jobs[start:start + args.parallel], args.timeout)
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    base_logits = None
+    if not args.no_load:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
+        ids = AutoTokenizer.from_pretrained(args.model)("The capital of France is", return_tensors="pt").input_ids
+        ids = ids.to(device)
+        with torch.no_grad():
+            base_logits = (base, ids, base(ids).logits.float())
+    for j in jobs:
+        inspect(j, base_logits)
+    compare(jobs, args.rtol)
+    meta = {"gpu": gpu, "num_processes": args.num_processes, "max_steps": args.max_steps, "rtol": args.rtol,
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for j in jobs:
+        j["cmd"] = " ".join(j["cmd"][1:])
+    with open(os.path.join(args.out, "launch_matrix.json"), "w") as fh:
+        json.dump({"meta": meta, "runs": jobs}, fh, indent=2)
+    md = markdown(jobs, meta)
+    with open(os.path.join(args.out, "launch_matrix.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+    ok = all(j["returncode"] == 0 and "error" not in (j.get("adapter") or {"error": 1}) for j in jobs)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,7 +195,9 @@ def main(argv=None):
     # 8. Save the policy adapter (output_dir), the value adapter + head (output_dir/value), tokenizer, run.json.
     if accelerator.is_main_process:
         roles_lib.save_policy_and_value(roles, args.output_dir, model_args.model_name_or_path)
-        launch.check_saved_adapter(args.output_dir)  # the policy adapter holds trained, finite tensors
+        # the policy adapter holds finite tensors (not `trained`: a fresh adapter whose policy gradient was zero
+        # in a short run, all advantages zero, keeps LoRA B at zero)
+        launch.check_saved_adapter(args.output_dir, trained=False)
         for path in (args.output_dir, os.path.join(args.output_dir, "value")):  # value/ loads like a reward model
             tokenizer.save_pretrained(path)
         manifest.write_json_atomic(os.path.join(args.output_dir, "log_history.json"), state["log_history"])

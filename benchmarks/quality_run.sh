@@ -23,6 +23,8 @@ STAGE_ARGS=${STAGE_ARGS:-}
 PPO_ARGS=${PPO_ARGS:---max_steps 24 --save_steps 24 --per_device_train_batch_size 32 --mini_batch_size 16 --max_new_tokens 64 --eval_split_size 64}
 EVAL_ARGS=${EVAL_ARGS:-}
 PY=${PYTHON:-python3}
+# several processes share the machine's cores: without a cap each starts one thread per core
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ($(nproc) + 3) / 4 ))}
 mkdir -p "$OUT/logs"
 status=0
 
@@ -65,15 +67,24 @@ for phase in $PHASES; do
     finish ;;
   eval)
     echo "[$(date +%T)] start eval"
-    models="base=$MODEL"
+    models=""
     for m in sft_lora sft_qlora sft_full dpo_lora dpo_qlora ppo; do
-      [ -f "$OUT/$m/run.json" ] && models="$models $m=$OUT/$m"
+      [ -f "$OUT/$m/run.json" ] && models="$models ${m/sft_full/full}=$OUT/$m"
     done
-    models=${models/sft_full=/full=}
-    $PY align/evaluate.py --models $models --suite recipes/eval/general_full.yaml \
-      --preference_data "$OUT/dpo_lora/heldout_pairs.jsonl" --preference_limit 200 \
-      --reward_model "$OUT/rm" --win_rate_limit 64 --dtype bfloat16 --batch_size 32 \
-      --output_dir "$OUT/report" $EVAL_ARGS 2>&1 | tee "$OUT/logs/eval.log"
+    common=(--suite recipes/eval/general_full.yaml --preference_data "$OUT/dpo_lora/heldout_pairs.jsonl"
+            --preference_limit 200 --reward_model "$OUT/rm" --win_rate_limit 64 --dtype bfloat16 --batch_size 32)
+    # The base first, then one process per tuned model side by side (generation is overhead-bound: one process
+    # leaves the GPU idle), each filling the shared result cache; the last call reads every result from the
+    # cache and writes the report.
+    $PY align/evaluate.py --models base=$MODEL "${common[@]}" --output_dir "$OUT/report_parts/base" $EVAL_ARGS \
+      > "$OUT/logs/eval_base.log" 2>&1 || status=1
+    for pair in $models; do
+      $PY align/evaluate.py --models base=$MODEL $pair "${common[@]}" --output_dir "$OUT/report_parts/${pair%%=*}" \
+        $EVAL_ARGS > "$OUT/logs/eval_${pair%%=*}.log" 2>&1 &
+    done
+    wait
+    $PY align/evaluate.py --models base=$MODEL $models "${common[@]}" --output_dir "$OUT/report" $EVAL_ARGS 2>&1 \
+      | tee "$OUT/logs/eval.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     echo "[$(date +%T)] eval done" ;;
   *) echo "unknown phase $phase"; exit 2 ;;

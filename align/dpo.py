@@ -58,6 +58,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
+    stacking.match_reference_to_policy(trainer.model, reference)  # TRL casts a QLoRA policy to bf16, not "ref"
     stacking.check_reference(trainer.model, reference)
     speed.finish(trainer, speedups)
 

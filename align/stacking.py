@@ -113,6 +113,28 @@ def policy_for_preference_training(model, model_args, run_args):
     return attach_trainable_adapter(model, model_args), "base"
 
 
+def match_reference_to_policy(model, reference: str) -> int:
+    """Give TRL's frozen "ref" adapter the dtype of the trainable policy it was copied from. Returns the number
+    of tensors changed.
+
+    TRL copies the SFT adapter into "ref" and then, for a quantized base, casts the trainable adapter to bf16
+    (QLoRA paper recipe) but not the copy: the reference kept fp32 weights while the policy computed with their
+    bf16 rounding, so policy and reference differed at step 0 (CPU, fp32 compute: DPO loss 0.6925 instead of
+    log 2 = 0.6931, margins 1.3e-3). The reference must be the policy's starting point exactly.
+    """
+    if reference != "sft_adapter":
+        return 0
+    params = dict(model.named_parameters())
+    changed = 0
+    for name, p in params.items():
+        if ".ref." in name:
+            policy = params.get(name.replace(".ref.", ".default."))
+            if policy is not None and p.dtype != policy.dtype:
+                p.data = policy.data.detach().clone()
+                changed += 1
+    return changed
+
+
 def check_reference(model, reference: str) -> None:
     """Fail before training if the reference is not what `policy_for_preference_training` promised."""
     if reference != "sft_adapter":
@@ -123,8 +145,9 @@ def check_reference(model, reference: str) -> None:
     for name, p in params.items():
         if ".ref." in name:
             policy = params[name.replace(".ref.", ".default.")]
-            if p.requires_grad or not torch.equal(p, policy):
-                raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter")
+            if p.requires_grad or p.dtype != policy.dtype or not torch.equal(p, policy):
+                raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter "
+                                   f"(reference {p.dtype}, policy {policy.dtype})")
 
 
 def remove_saved_reference(output_dir: str) -> None:

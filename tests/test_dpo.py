@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from align import dpo, sft, stacking
+from align.manifest import read_json
 
 from .test_sft import base_state, sft_argv
 
@@ -119,3 +120,18 @@ def test_dpo_merged_sft_and_precomputed_reference(tiny_llama, sft_adapter, prefe
                             precompute_ref_log_probs="true", max_steps="3", eval_split_size="0"))
     assert first_logged(pre, "loss") == pytest.approx(math.log(2), abs=1e-4)
     assert "ref_chosen_logps" in pre.train_dataset.column_names
+
+
+def test_qlora_dpo_from_a_qlora_sft_adapter_starts_at_log2(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
+    """TRL casts a QLoRA policy adapter to bf16 after copying it into the "ref" adapter; align gives the reference
+    the policy's dtype, so with fp32 compute the step-0 loss is exactly log 2 (was 0.6925, margins 1.3e-3)."""
+    q = dict(load_in_4bit="true", dtype="float32", bnb_4bit_compute_dtype="float32")
+    sft_out, out = str(tmp_path / "sft_q"), str(tmp_path / "dpo_q")
+    sft.main(sft_argv(tiny_llama, chat_jsonl, sft_out, max_steps=6, **q))
+    trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, max_steps=1, sft_adapter=sft_out, **q))
+    params = dict(trainer.model.named_parameters())
+    refs = [n for n in params if ".ref." in n]
+    assert refs and all(params[n].dtype == params[n.replace(".ref.", ".default.")].dtype for n in refs)
+    metrics = read_json(os.path.join(out, "run.json"))["metrics"]
+    assert metrics["before_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics["before_eval_rewards/margins"] == 0.0

@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from align import config, dpo, launch, modeling, sft
+from align import config, dpo, launch, modeling, rm, sft
 from align.manifest import read_json
 
 from .conftest import REPO
 from .test_dpo import dpo_argv
+from .test_rm import rm_argv
 from .test_sft import sft_argv
 
 ACCELERATE_DIR = os.path.join(REPO, "recipes", "accelerate")
@@ -683,9 +684,9 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
 
 def test_fsdp2_two_cpu_processes_train_save_and_match_one_process(tiny_llama, chat_jsonl, preference_jsonl,
                                                                   tmp_path):
-    """FSDP2 (what recipes/accelerate/fsdp.yaml sets), 2 CPU processes over gloo x batch 2: the step-0 evaluation
-    runs inside train(), the sharded adapter is gathered into a full, non-empty PEFT file, and it equals the
-    1-process batch-4 adapter within FSDP2_ATOL (measured 1.3e-4: FSDP2 reduce-scatters the gradients and clips
+    """FSDP2 (what recipes/accelerate/fsdp.yaml sets), 2 CPU processes over gloo x batch 2, for SFT, DPO from the
+    SFT adapter and the reward model: the step-0 evaluation runs inside train(), the sharded adapter is gathered
+    into a full, non-empty PEFT file, and it equals the 1-process batch-4 adapter within FSDP2_ATOL (measured 1.3e-4: FSDP2 reduce-scatters the gradients and clips
     their norm shard by shard, other summation orders than DDP's; the non-synced control of the DDP test is
     at 0.12)."""
     # eval batch 2: with drop_last, 4 held-out rows over 2 processes x batch 4 would evaluate nothing
@@ -718,3 +719,13 @@ def test_fsdp2_two_cpu_processes_train_save_and_match_one_process(tiny_llama, ch
     assert metrics["before_eval_loss"] == pytest.approx(0.6931472, abs=1e-5)  # reference = policy at step 0
     assert launch.check_saved_adapter(dpo_two)["tensors"] > 0
     assert max_diff(dpo_one, dpo_two) < FSDP2_ATOL
+
+    # the reward model (adapter + score head) the same way (measured 8.9e-6)
+    rm_one, rm_two = str(tmp_path / "rm_one"), str(tmp_path / "rm_fsdp2")
+    rm.main(rm_argv(tiny_llama, preference_jsonl, rm_one, per_device_train_batch_size=4, **common))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "align/rm.py"] + rm_argv(
+        tiny_llama, preference_jsonl, rm_two, per_device_train_batch_size=2, **common)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert any("score" in k for k in load_file(os.path.join(rm_two, "adapter_model.safetensors")))
+    assert max_diff(rm_one, rm_two) < FSDP2_ATOL

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 
 ENGINES = ("none", "ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 SHARDED = ("deepspeed_zero3", "fsdp")  # engines that split the frozen base's weights across processes
+WRAPPING = ("deepspeed_zero2", "deepspeed_zero3", "fsdp")  # engines that wrap model + optimizer in train()
 _FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 _MULTI_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _ADAPTER_FILE = "adapter_model.safetensors"
@@ -140,6 +141,12 @@ def distributed_engine(train_args=None, env: Mapping | None = None) -> str:
     if world is None and train_args is not None:
         world = getattr(train_args, "world_size", 1)
     return "ddp" if int(world or 1) > 1 else "none"
+
+
+def wraps_model_at_train(train_args=None, env: Mapping | None = None) -> bool:
+    """True under DeepSpeed and FSDP: they wrap the model together with its optimizer when training starts, so
+    the model cannot be evaluated (prepared alone) before `train()`, nor driven by a hand-written loop."""
+    return distributed_engine(train_args, env) in WRAPPING
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ def parse(argv=None):
 def check_ppo_launch(env=None) -> None:
     """PPO runs as one process or as DDP (`recipes/accelerate/single_gpu.yaml` / `multi_gpu.yaml`); refuse the
     DeepSpeed and FSDP configs before anything is loaded, with the reason and the fix."""
-    engine = launch.distributed_engine(None, env)
-    if engine not in ("none", "ddp"):
+    if launch.wraps_model_at_train(None, env):
+        engine = launch.distributed_engine(None, env)
         raise launch.LaunchConfigError(
             f"ppo.py does not run under {engine}: its loop generates token by token and switches the policy, "
             "reference, reward and value adapters on one frozen base between passes, which a sharded base "

@@ -124,15 +124,20 @@ def match_reference_to_policy(model, reference: str) -> int:
     """
     if reference != "sft_adapter":
         return 0
-    params = dict(model.named_parameters())
     changed = 0
+    for _, ref, policy in _reference_pairs(model):
+        if ref.dtype != policy.dtype:
+            ref.data = policy.data.detach().clone()
+            changed += 1
+    return changed
+
+
+def _reference_pairs(model):
+    """(name, reference weight, policy weight) for every weight of TRL's "ref" adapter."""
+    params = dict(model.named_parameters())
     for name, p in params.items():
         if ".ref." in name:
-            policy = params.get(name.replace(".ref.", ".default."))
-            if policy is not None and p.dtype != policy.dtype:
-                p.data = policy.data.detach().clone()
-                changed += 1
-    return changed
+            yield name, p, params[name.replace(".ref.", ".default.")]
 
 
 def check_reference(model, reference: str) -> None:
@@ -141,13 +146,10 @@ def check_reference(model, reference: str) -> None:
         return
     if "ref" not in getattr(model, "peft_config", {}):
         raise AdapterError("the SFT reference adapter is missing: the reference would be the bare base")
-    params = dict(model.named_parameters())
-    for name, p in params.items():
-        if ".ref." in name:
-            policy = params[name.replace(".ref.", ".default.")]
-            if p.requires_grad or p.dtype != policy.dtype or not torch.equal(p, policy):
-                raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter "
-                                   f"(reference {p.dtype}, policy {policy.dtype})")
+    for name, p, policy in _reference_pairs(model):
+        if p.requires_grad or p.dtype != policy.dtype or not torch.equal(p, policy):
+            raise AdapterError(f"reference adapter weight {name} is trainable or differs from the SFT adapter "
+                               f"(reference {p.dtype}, policy {policy.dtype})")
 
 
 def remove_saved_reference(output_dir: str) -> None:

@@ -169,11 +169,6 @@ def begin(name: str, classes, argv=None):
     return parsed, StageRun(name, started, checkpoint, config.to_dict(*parsed), train_args, run_args)
 
 
-def wraps_model_at_train(trainer) -> bool:
-    """True under DeepSpeed and FSDP: the engines that wrap the model (with its optimizer) in train()."""
-    return launch.distributed_engine(trainer.args) in ("deepspeed_zero2", "deepspeed_zero3", "fsdp")
-
-
 def step0_eval(log_history: list[dict]) -> dict:
     """`before_eval_*` from the evaluation logged at step 0 (`eval_on_start`)."""
     for entry in log_history:
@@ -192,7 +187,7 @@ def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tupl
     # its own (ZeRO-2 refuses ZeRO inference, ZeRO-3 starts an inference engine that train() then cannot use,
     # FSDP2 needs the optimizer in the same prepare call). Under them the "before" evaluation runs inside
     # train(), at step 0 before the first update (`eval_on_start`), and is read back from the log history.
-    in_train = before and wraps_model_at_train(trainer)
+    in_train = before and launch.wraps_model_at_train(trainer.args)
     if in_train:
         trainer.args.eval_on_start = True
     elif before:

@@ -127,10 +127,12 @@ def inspect(j: dict, base_logits) -> None:
 
 
 def compare(jobs: list[dict], rtol: float) -> None:
-    reference = {(("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]): j for j in jobs
-                 if j["config"] in ("single_gpu", "single_gpu_qlora")}
+    def key(j):  # runs of the same recipe: LoRA or QLoRA, and the stage
+        return ("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]
+
+    reference = {key(j): j for j in jobs if j["config"] in ("single_gpu", "single_gpu_qlora")}
     for j in jobs:
-        ref = reference.get((("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]))
+        ref = reference.get(key(j))
         if ref is None or ref is j or not j.get("losses") or not ref.get("losses"):
             continue
         n = min(len(j["losses"]), len(ref["losses"]))

@@ -666,7 +666,7 @@ def test_sharded_engines_evaluate_before_training_inside_train(tiny_llama, chat_
     from align import training
 
     sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "plain"), max_steps=2))
-    monkeypatch.setattr(training, "wraps_model_at_train", lambda trainer: True)
+    monkeypatch.setattr(launch, "wraps_model_at_train", lambda train_args: True)
     sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "sharded"), max_steps=2))
     runs = {name: read_json(tmp_path / name / "run.json")["metrics"] for name in ("plain", "sharded")}
     assert runs["sharded"]["before_eval_loss"] == pytest.approx(runs["plain"]["before_eval_loss"], abs=1e-6)

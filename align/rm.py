@@ -43,7 +43,8 @@ def main(argv=None):
     )
 
     # 3. Base with a one-score head, and the LoRA adapter (the head trains with it and is saved with it).
-    model = modeling.load_model(model_args, task="seq_cls", num_labels=1, training=True)
+    # The new score head is drawn from the seed alone: the same reward model under every launch engine.
+    model = modeling.load_model(model_args, task="seq_cls", num_labels=1, training=True, head_seed=train_args.seed)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = stacking.attach_trainable_adapter(model, model_args)
     training.mark_base_frozen(model)

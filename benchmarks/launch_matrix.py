@@ -15,6 +15,7 @@ those). Writes DIR/launch_matrix.json and DIR/launch_matrix.md.
 
 import argparse
 import json
+import math
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+DPO_FIRST_STEP_ATOL = 4e-3  # |first DPO loss - log 2|: bf16 rounding of a logged 0.69 is 3.9e-3
 RECIPES = {"sft": "sft_{q}lora.yaml", "dpo": "dpo_{q}lora.yaml", "rm": "rm_lora.yaml"}
 
 
@@ -126,36 +128,86 @@ def inspect(j: dict, base_logits) -> None:
         j["adapter"]["loads_on_one_device"] = f"{type(exc).__name__}: {exc}"
 
 
+def load_base(model_dir: str):
+    """(base model, prompt ids, base logits) for the one-device load check, on the GPU when there is one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)("The capital of France is", return_tensors="pt").input_ids
+    ids = ids.to(device)
+    with torch.no_grad():
+        return base, ids, base(ids).logits.float()
+
+
+def write_results(args, jobs: list[dict]) -> str:
+    """launch_matrix.json and .md for the runs finished so far (rewritten after every wave)."""
+    import torch
+
+    compare(jobs, args.rtol)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    meta = {"gpu": gpu, "num_processes": args.num_processes, "max_steps": args.max_steps, "rtol": args.rtol,
+            "dpo_first_step_atol": DPO_FIRST_STEP_ATOL, "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    runs = [dict(j, cmd=" ".join(j["cmd"][1:])) for j in jobs]
+    with open(os.path.join(args.out, "launch_matrix.json"), "w") as fh:
+        json.dump({"meta": meta, "runs": runs}, fh, indent=2)
+    md = markdown(jobs, meta)
+    with open(os.path.join(args.out, "launch_matrix.md"), "w") as fh:
+        fh.write(md)
+    return md
+
+
 def compare(jobs: list[dict], rtol: float) -> None:
+    """j["loss_check"]: SFT and RM per-step losses against the plain run of the same recipe (relative `rtol`);
+    DPO: the first loss is log 2 (see DPO_FIRST_STEP_ATOL), the per-step differences reported, not judged."""
     def key(j):  # runs of the same recipe: LoRA or QLoRA, and the stage
         return ("qlora" if j["config"].endswith("_qlora") else "lora"), j["stage"]
 
     reference = {key(j): j for j in jobs if j["config"] in ("single_gpu", "single_gpu_qlora")}
     for j in jobs:
-        ref = reference.get(key(j))
-        if ref is None or ref is j or not j.get("losses") or not ref.get("losses"):
+        if not j.get("losses"):
             continue
-        n = min(len(j["losses"]), len(ref["losses"]))
-        diffs = [abs(a - b) / max(abs(b), 1e-8) for a, b in zip(j["losses"][:n], ref["losses"][:n])]
-        j["loss_vs_single_gpu"] = {"reference": ref["config"], "steps": n, "max_rel_diff": max(diffs),
-                                   "within_tolerance": max(diffs) <= rtol, "rtol": rtol}
+        check = {}
+        ref = reference.get(key(j))
+        if ref is not None and ref is not j and ref.get("losses"):
+            pairs = list(zip(j["losses"], ref["losses"]))
+            check.update(reference=ref["config"], steps=len(pairs),
+                         max_rel_diff=max(abs(a - b) / max(abs(b), 1e-8) for a, b in pairs),
+                         max_abs_diff=max(abs(a - b) for a, b in pairs))
+        if j["stage"] == "dpo":
+            # A DPO loss stays within ~0.02 of log 2 over a few steps and bf16 noise moves it by about as much (two
+            # identical plain runs differed by up to 7e-3), so per-step losses cannot tell engines apart. What
+            # must hold under every engine is the start: the reference is the policy, so the first loss is log 2.
+            check["first_step_minus_log2"] = abs(j["losses"][0] - math.log(2))
+            check["ok"] = check["first_step_minus_log2"] <= DPO_FIRST_STEP_ATOL
+        elif "max_rel_diff" in check:
+            check["ok"] = check["max_rel_diff"] <= rtol
+        j["loss_check"] = check
 
 
 def markdown(jobs: list[dict], meta: dict) -> str:
     lines = [f"# Launch configs, {meta['num_processes']} process(es) on {meta['gpu']}", "",
-             f"SmolLM2-135M-Instruct, {meta['max_steps']} steps, per-step losses against the plain one-process run "
-             f"of the same recipe (relative tolerance {meta['rtol']}).", "",
+             f"SmolLM2-135M-Instruct, {meta['max_steps']} steps. Loss check: SFT and RM per-step losses against the "
+             f"plain one-process run of the same recipe (relative tolerance {meta['rtol']}); DPO: the first loss is "
+             f"log 2 within {meta['dpo_first_step_atol']} (reference = policy at the start), later per-step "
+             "differences reported only (bf16 noise is as large as the signal).", "",
              "| config | stage | exit | engine | adapter tensors | loads on one device | max logit change | "
-             "loss vs single | max rel. diff | error |", "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | --- |"]
+             "loss check | max rel. diff | max abs. diff | error |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    nan = float("nan")
     for j in jobs:
         a = j.get("adapter") or {}
-        cmp = j.get("loss_vs_single_gpu") or {}
+        c = j.get("loss_check") or {}
+        verdict = "-" if "ok" not in c else ("ok" if c["ok"] else "DIFFERS")
+        if "first_step_minus_log2" in c:
+            verdict += f" (step 1: log 2 {c['first_step_minus_log2']:+.1e})"
         lines.append(
             f"| {j['config']} | {j['stage']} | {j['returncode']} | {j.get('engine')} | "
             f"{a.get('tensors', '-')} | {a.get('loads_on_one_device', '-')} | "
-            f"{a.get('max_logit_change_vs_base', float('nan')):.3g} | "
-            f"{'ok' if cmp.get('within_tolerance') else ('-' if not cmp else 'DIFFERS')} | "
-            f"{cmp.get('max_rel_diff', float('nan')):.2e} | {(j.get('error') or '').replace('|', '/')[:160]} |")
+            f"{a.get('max_logit_change_vs_base', nan):.3g} | {verdict} | {c.get('max_rel_diff', nan):.2e} | "
+            f"{c.get('max_abs_diff', nan):.2e} | {(j.get('error') or '').replace('|', '/')[:160]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,36 +230,18 @@ def main(argv=None) -> int:
     pairs = [(c, s) for c in args.configs.split(",") for s in args.stages.split(",")
              if not (s == "rm" and c.endswith("_qlora"))]  # no QLoRA reward-model recipe
     jobs = [job(c, s, args, 29600 + i) for i, (c, s) in enumerate(pairs)]
-    for start in range(0, len(jobs), args.parallel):
-        run_wave(jobs[start:start + args.parallel], args.timeout)
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    base_logits = None
-    if not args.no_load:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device).eval()
-        ids = AutoTokenizer.from_pretrained(args.model)("The capital of France is", return_tensors="pt").input_ids
-        ids = ids.to(device)
-        with torch.no_grad():
-            base_logits = (base, ids, base(ids).logits.float())
-    for j in jobs:
-        inspect(j, base_logits)
-    compare(jobs, args.rtol)
-    meta = {"gpu": gpu, "num_processes": args.num_processes, "max_steps": args.max_steps, "rtol": args.rtol,
-            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for j in jobs:
-        j["cmd"] = " ".join(j["cmd"][1:])
-    with open(os.path.join(args.out, "launch_matrix.json"), "w") as fh:
-        json.dump({"meta": meta, "runs": jobs}, fh, indent=2)
-    md = markdown(jobs, meta)
-    with open(os.path.join(args.out, "launch_matrix.md"), "w") as fh:
-        fh.write(md)
+    base_logits = None if args.no_load else load_base(args.model)
+    done = []
+    for start in range(0, len(jobs), args.parallel):  # results are written after every wave: a cut run keeps them
+        wave = jobs[start:start + args.parallel]
+        run_wave(wave, args.timeout)
+        for j in wave:
+            inspect(j, base_logits)
+        done += wave
+        md = write_results(args, done)
     print(md)
-    ok = all(j["returncode"] == 0 and "error" not in (j.get("adapter") or {"error": 1}) for j in jobs)
+    ok = all(j["returncode"] == 0 and "error" not in (j.get("adapter") or {"error": 1})
+             and (j.get("loss_check") or {}).get("ok", True) for j in jobs)
     return 0 if ok else 1
 
 

@@ -5,7 +5,7 @@
 #
 # train: SFT LoRA, SFT QLoRA, SFT full fine-tune (fp32 master weights) and the reward model, side by side on one GPU
 # align: DPO LoRA (from SFT LoRA), DPO QLoRA (from SFT QLoRA), PPO LoRA (from SFT LoRA, reward = the RM adapter)
-# eval:  base and every tuned model on recipes/eval/general_full.yaml, held-out preference accuracy on the DPO
+# eval:  base (and the base in 4-bit NF4 when QLoRA ran) and every tuned model on recipes/eval/general_full.yaml, held-out preference accuracy on the DPO
 #        held-out pairs, win rate against the base judged by the reward model; report.md/html and results.json
 # The stages of a phase are independent processes (a 135M model leaves the GPU mostly idle: overhead-bound), each
 # with its log in OUT/logs/. STAGE_ARGS (e.g. "--max_steps 2") is appended to the SFT, RM and DPO stages (a smoke
@@ -71,6 +71,8 @@ for phase in $PHASES; do
     for m in sft_lora sft_qlora sft_full dpo_lora dpo_qlora ppo; do
       [ -f "$OUT/$m/run.json" ] && models="$models ${m/sft_full/full}=$OUT/$m"
     done
+    # QLoRA adapters sit on a 4-bit base: score that base too, to tell quantization loss from forgetting
+    [ -f "$OUT/sft_qlora/run.json" ] && models="$models base_nf4=$MODEL@4bit"
     common=(--suite recipes/eval/general_full.yaml --preference_data "$OUT/dpo_lora/heldout_pairs.jsonl"
             --preference_limit 200 --reward_model "$OUT/rm" --win_rate_limit 64 --dtype bfloat16 --batch_size 32)
     # The base first, then one process per tuned model side by side (generation is overhead-bound: one process

@@ -258,6 +258,24 @@ def test_model_directories_resolve(tiny_llama, adapters_dir):
     assert models.fingerprint(dpo, dtype="float32") != models.fingerprint(dpo, dtype="bfloat16")
 
 
+def test_a_plain_model_loads_quantized_for_qlora_comparisons(tiny_llama, adapters_dir, tiny_lm, tokenizer):
+    """`DIR@4bit`: the base as a QLoRA adapter's base is loaded (NF4), its own fingerprint; adapters refuse it."""
+    ref = models.resolve_model("base_nf4", f"{tiny_llama}@4bit")
+    assert (ref.kind, ref.quantization, ref.path) == ("base", "4bit", os.path.abspath(tiny_llama))
+    plain = models.resolve_model("base", tiny_llama)
+    assert plain.quantization is None and models.fingerprint(ref) != models.fingerprint(plain)
+    model, _ = models.load_causal_lm(ref)
+    assert sum("Linear4bit" in type(m).__name__ for m in model.modules()) > 0
+    ids = torch.tensor([tokenizer("hello there")["input_ids"]])
+    with torch.no_grad():
+        got, want = model(ids).logits.float(), tiny_lm(ids).logits
+    assert not torch.equal(got, want)  # quantized weights
+    assert (got - want).abs().max() < 0.5 * want.abs().max()  # but the same model
+    with pytest.raises(models.ModelResolutionError, match="only a plain model"):
+        models.resolve_model("x", adapters_dir["sft"] + "@4bit")
+    assert report.kind_label(ref.as_dict()) == "base (4bit)"
+
+
 def test_adapter_loads_on_its_base(tiny_llama, adapters_dir, tiny_lm):
     model, tok = models.load_causal_lm(models.resolve_model("bare", adapters_dir["bare"]))
     manual = PeftModel.from_pretrained(

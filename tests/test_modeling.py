@@ -172,6 +172,27 @@ def test_load_model_dtype_and_seq_cls(tiny_llama):
         modeling.load_model(model_args(model_name_or_path=tiny_llama), task="seq2seq")
 
 
+def test_new_score_head_is_drawn_from_the_seed_alone(tiny_llama):
+    """The reward model's new head depends on `head_seed`, not on the global RNG (nor, so, on the launch engine)."""
+    args = ModelArguments(model_name_or_path=tiny_llama, dtype="float32")
+    heads = []
+    for global_seed, head_seed in ((0, 7), (123, 7), (0, 8)):
+        torch.manual_seed(global_seed)
+        model = modeling.load_model(args, task="seq_cls", num_labels=1, training=False, head_seed=head_seed)
+        heads.append(model.score.weight.detach().clone())
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
+    assert not torch.allclose(heads[0], heads[2])
+    std = model.config.initializer_range
+    assert 0.7 * std < float(heads[0].std()) < 1.3 * std
+    # the base weights are the checkpoint's, untouched
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    torch.testing.assert_close(model.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    # without head_seed: transformers' draw from the global RNG
+    torch.manual_seed(123)
+    other = modeling.load_model(args, task="seq_cls", num_labels=1, training=False).score.weight
+    assert not torch.allclose(other, heads[0])
+
+
 def test_load_tokenizer_sets_pad_and_right_padding(tiny_llama, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_llama)
     tok.pad_token = None

@@ -4,6 +4,8 @@ and full fine-tunes.
 
     ref = resolve_model("dpo", "outputs/demo/dpo")     # ModelRef(kind="adapter", base=..., parent_adapter=...)
     model, tokenizer = load_causal_lm(ref)               # base + adapter "default" (+ "ref" for preference evals)
+    resolve_model("base_nf4", "models/base@4bit")        # the base in 4-bit NF4, as a QLoRA adapter's base sits:
+                                                         # tells quantization loss from forgetting
     fingerprint(ref)                                     # changes when any file of the model (or its base) does
 """
 
@@ -19,9 +21,11 @@ import transformers
 from peft import PeftModel
 
 from align import manifest, modeling
+from align.config import ModelArguments
 from align.reward import model_args_for
 
 KINDS = ("base", "full", "merged", "adapter", "reward")
+QUANTIZATIONS = ("4bit", "8bit")  # `DIR@4bit`: a base/full/merged model loaded as QLoRA training loads its base
 _HASHED_FILE_LIMIT = 64 << 20  # files up to this size are hashed by content; larger ones by size and mtime
 _MODEL_FILES = (".json", ".safetensors", ".bin", ".gguf", ".model", ".txt", ".jinja", ".pt")
 
@@ -42,6 +46,7 @@ class ModelRef:
     parent_adapter: str | None = None  # the adapter this one was trained from (lineage.parent_adapter.path)
     reference: str | None = None  # preference adapters: sft_adapter | merged_sft | base (lineage.reference)
     beta: float | None = None  # DPO adapters: the beta they were trained with
+    quantization: str | None = None  # 4bit | 8bit: a plain model loaded quantized (`DIR@4bit`)
 
     @property
     def is_causal_lm(self) -> bool:
@@ -80,9 +85,29 @@ def _full_finetune(run: dict) -> bool:
     return bool(run.get("stage")) and margs.get("use_peft") is False
 
 
+def split_quantization(path: str) -> tuple[str, str | None]:
+    """`DIR@4bit` -> (DIR, "4bit"); a path without a known suffix is returned unchanged."""
+    head, sep, tail = path.rpartition("@")
+    if sep and tail in QUANTIZATIONS:
+        return head, tail
+    return path, None
+
+
 def resolve_model(name: str, path: str) -> ModelRef:
-    """Classify `path` and find what it needs: an adapter's base, parent adapter, DPO reference and beta."""
-    path = os.path.expanduser(path)
+    """Classify `path` and find what it needs: an adapter's base, parent adapter, DPO reference and beta.
+    `DIR@4bit` / `DIR@8bit` loads a plain model quantized (NF4 with double quantization, as the QLoRA recipes load
+    their base), so a QLoRA adapter can be compared with the base it was trained on."""
+    path, quantization = split_quantization(os.path.expanduser(path))
+    ref = _resolve(name, path)
+    if quantization:
+        if ref.kind not in ("base", "full", "merged"):
+            raise ModelResolutionError(f"{name}={path}@{quantization}: only a plain model can be loaded quantized; "
+                                       f"an adapter loads its base as it was trained (run.json lineage)")
+        ref.quantization = quantization
+    return ref
+
+
+def _resolve(name: str, path: str) -> ModelRef:
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         run = manifest.read_run(path) or {}
         lineage = run.get("lineage") or {}
@@ -136,6 +161,8 @@ def fingerprint(ref: ModelRef, **settings) -> str:
     """Identity of what is evaluated: the model's files (with its base's and a merged parent's) and the load
     settings (dtype, ...). Equal fingerprints give equal scores, so results are cached under it."""
     parts = {"kind": ref.kind, "self": _dir_digest(ref.path), "settings": settings}
+    if ref.quantization:
+        parts["quantization"] = ref.quantization
     if ref.base:
         parts["base"] = _dir_digest(ref.base)
     if ref.reference == "merged_sft" and ref.parent_adapter:
@@ -178,6 +205,8 @@ def load_causal_lm(ref: ModelRef, *, dtype: str = "float32", device: str = "auto
     torch_dtype = modeling.torch_dtype(dtype)
     device = pick_device(device)
     tokenizer = load_tokenizer(ref)
+    if ref.kind in ("base", "full", "merged") and ref.quantization:
+        return modeling.load_model(quantized_args(ref.path, ref.quantization, dtype), training=False).eval(), tokenizer
     if ref.kind in ("base", "full", "merged"):
         model = transformers.AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype).to(device)
         return model.eval(), tokenizer
@@ -191,6 +220,14 @@ def load_causal_lm(ref: ModelRef, *, dtype: str = "float32", device: str = "auto
     if not quantized:
         model.to(torch_dtype)
     return model.eval(), tokenizer
+
+
+def quantized_args(path: str, quantization: str, dtype: str) -> ModelArguments:
+    """Model arguments that load `path` as the QLoRA recipes load their base: NF4, double quantization, computing
+    in `dtype` (8-bit: LLM.int8)."""
+    return ModelArguments(model_name_or_path=path, dtype=dtype, load_in_4bit=quantization == "4bit",
+                          load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
+                          bnb_4bit_compute_dtype=dtype)
 
 
 def _load_base(ref: ModelRef, dtype: str, device: str):

@@ -25,6 +25,11 @@ _SKIP_LOG_KEYS = ("epoch", "step", "total_flos", "train_runtime", "train_samples
 # ------------------------------------------------------------------------------------------------ training logs
 
 
+def kind_label(model: dict) -> str:
+    """`base`, `adapter`, ...; `base (4bit)` for a plain model loaded quantized."""
+    return model["kind"] + (f" ({model['quantization']})" if model.get("quantization") else "")
+
+
 def _latest_state(path: str) -> str | None:
     state = os.path.join(path, "trainer_state.json")
     if os.path.isfile(state):
@@ -116,7 +121,7 @@ def table_rows(results: dict) -> tuple[list[str], list[dict]]:
             d_full = v - f if v is not None and f is not None else None
             flag = key in general_keys and d_base is not None and -d_base > threshold
             cells.append({"key": key, "value": v, "d_base": d_base, "d_full": d_full, "flag": flag})
-        rows.append({"model": model, "kind": results["models"][model]["kind"], "cells": cells})
+        rows.append({"model": model, "kind": kind_label(results["models"][model]), "cells": cells})
     return labels, rows
 
 
@@ -268,7 +273,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _models_rows(results: dict) -> list[list[str]]:
-    return [[name, m["kind"], m.get("stage") or "", m["path"], m.get("base") or ""]
+    return [[name, kind_label(m), m.get("stage") or "", m["path"], m.get("base") or ""]
             for name, m in results["models"].items()]
 
 

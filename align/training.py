@@ -15,7 +15,7 @@ import transformers
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from align import config, launch, manifest
+from align import config, launch, manifest, run_stats
 
 logger = logging.getLogger("align")
 
@@ -192,7 +192,10 @@ def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tupl
         trainer.args.eval_on_start = True
     elif before:
         metrics.update({f"before_{k}": v for k, v in trainer.evaluate().items()})
+    clock = run_stats.StepClock()
+    trainer.add_callback(clock)
     train_metrics = trainer.train(resume_from_checkpoint=run.checkpoint).metrics
+    train_metrics.update(run_stats.summarize(clock, trainer))  # step time, tokens/s, peak GPU memory per process
     if in_train:
         metrics.update(step0_eval(trainer.state.log_history))
     write_results(trainer, "train", train_metrics)

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 DPO_FIRST_STEP_ATOL = 4e-3  # |first DPO loss - log 2|: bf16 rounding of a logged 0.69 is 3.9e-3
+SPEED_KEYS = ("train_tokens_per_s", "train_step_s_median", "train_peak_memory_gib", "train_peak_memory_gib_per_rank")
 RECIPES = {"sft": "sft_{q}lora.yaml", "dpo": "dpo_{q}lora.yaml", "rm": "rm_lora.yaml"}
 
 
@@ -35,18 +36,100 @@ def job(config: str, stage: str, args, port: int) -> dict:
     launch_config = "single_gpu" if config == "single_gpu_qlora" else config
     recipe = RECIPES[stage].format(q="q" if qlora else "")
     out = os.path.join(args.out, f"{config}__{stage}")
+    # the plain reference is one process with the same global batch: N times the gradient accumulation
+    single = launch_config == "single_gpu"
+    procs = 1 if single else args.num_processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           f"recipes/accelerate/{launch_config}.yaml", "--num_processes", str(args.num_processes)]
-    if launch_config != "single_gpu":
+           f"recipes/accelerate/{launch_config}.yaml", "--num_processes", str(procs)]
+    if not single:
         cmd += ["--main_process_port", str(port)]
     cmd += [f"align/{stage}.py", "--config", f"recipes/smollm2/{recipe}", "--model_name_or_path", args.model,
             "--output_dir", out, "--max_steps", str(args.max_steps), "--logging_steps", "1", "--eval_strategy", "no",
             "--save_steps", str(max(args.max_steps // 2, 1)), "--report_to", "none"]
+    if single and args.num_processes > 1:
+        cmd += ["--gradient_accumulation_steps", str(recipe_value(recipe, "gradient_accumulation_steps", 1)
+                                                     * args.num_processes)]
     if qlora:
         cmd += ["--bnb_4bit_quant_storage", "bfloat16"]
+    if args.data_files:
+        train, held_out = args.data_files["sft" if stage == "sft" else "preference"]
+        cmd += ["--dataset_name", train, "--eval_dataset_name", held_out]
     cmd += args.extra
     return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd,
-            "engine": engine_of(launch_config)}
+            "engine": engine_of(launch_config), "num_processes": procs}
+
+
+def recipe_value(recipe: str, key: str, default=None):
+    import yaml
+
+    with open(os.path.join(ROOT, "recipes", "smollm2", recipe)) as fh:
+        return (yaml.safe_load(fh) or {}).get(key, default)
+
+
+RANDOM_SHAPES = {
+    "1b": {"label": "Llama-3.2-1B", "config": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=8192,
+        rms_norm_eps=1e-5)},
+    "tiny": {"label": "2 layers, hidden 64", "config": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)},
+}
+
+
+def build_random_model(shape: str, tokenizer_dir: str, out: str) -> str:
+    """A Llama of `shape` with random weights (seed 0, bf16) and `tokenizer_dir`'s tokenizer and chat template."""
+    import torch
+    import transformers
+
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = transformers.LlamaConfig(**RANDOM_SHAPES[shape]["config"], bos_token_id=tok.bos_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if len(tok) > cfg.vocab_size:
+        raise SystemExit(f"tokenizer {tokenizer_dir} has {len(tok)} tokens, the {shape} shape {cfg.vocab_size}")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    tmp = out + ".tmp"
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
+    """Chats and preference pairs of random tokens (decoded to text; about `tokens` tokens a row, half prompt),
+    train and held-out files: {"sft": (train, eval), "preference": (train, eval)}."""
+    import random
+
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(0)
+    ids = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)][256:]
+
+    def text(n):
+        return tok.decode([rng.choice(ids) for _ in range(n)], skip_special_tokens=True)
+
+    os.makedirs(out, exist_ok=True)
+    files = {}
+    for kind in ("sft", "preference"):
+        pair = []
+        for split, n in (("train", rows), ("eval", max(rows // 10, 8))):
+            path = os.path.join(out, f"{kind}_{split}.jsonl")
+            with open(path, "w") as fh:
+                for _ in range(n):
+                    prompt = [{"role": "user", "content": text(tokens // 2)}]
+                    if kind == "sft":
+                        row = {"messages": prompt + [{"role": "assistant", "content": text(tokens // 2)}]}
+                    else:
+                        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": text(tokens // 2)}],
+                               "rejected": [{"role": "assistant", "content": text(tokens // 2)}]}
+                    fh.write(json.dumps(row) + "\n")
+            pair.append(path)
+        files[kind] = tuple(pair)
+    return files
 
 
 def engine_of(launch_config: str) -> str:
@@ -64,7 +147,9 @@ def engine_of(launch_config: str) -> str:
 
 
 def run_wave(jobs: list[dict], timeout: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    # NVLink multicast stays off on shared multi-GPU hosts (a program using it can take the host's GPUs down)
+    env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     procs = []
     for j in jobs:
         os.makedirs(j["output_dir"], exist_ok=True)
@@ -109,6 +194,11 @@ def inspect(j: dict, base_logits) -> None:
         with open(state) as fh:
             history = json.load(fh)["log_history"]
     j["losses"] = [e["loss"] for e in history if "loss" in e and "step" in e]
+    run_json = os.path.join(j["output_dir"], "run.json")
+    if os.path.isfile(run_json):  # align.run_stats: tokens/s after 2 warm-up steps, peak GPU memory per process
+        with open(run_json) as fh:
+            metrics = json.load(fh).get("metrics") or {}
+        j["speed"] = {k[len("train_"):]: metrics[k] for k in SPEED_KEYS if k in metrics}
     try:
         j["adapter"] = launch.check_saved_adapter(j["output_dir"])
     except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -147,7 +237,8 @@ def write_results(args, jobs: list[dict]) -> str:
 
     compare(jobs, args.rtol)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    meta = {"gpu": gpu, "num_processes": args.num_processes, "max_steps": args.max_steps, "rtol": args.rtol,
+    meta = {"gpu": gpu, "gpus": torch.cuda.device_count(), "model_label": args.model_label,
+            "num_processes": args.num_processes, "max_steps": args.max_steps, "rtol": args.rtol,
             "dpo_first_step_atol": DPO_FIRST_STEP_ATOL, "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     runs = [dict(j, cmd=" ".join(j["cmd"][1:])) for j in jobs]
@@ -176,6 +267,9 @@ def compare(jobs: list[dict], rtol: float) -> None:
             check.update(reference=ref["config"], steps=len(pairs),
                          max_rel_diff=max(abs(a - b) / max(abs(b), 1e-8) for a, b in pairs),
                          max_abs_diff=max(abs(a - b) for a, b in pairs))
+            mine, theirs = (x.get("speed", {}).get("tokens_per_s") for x in (j, ref))
+            if mine and theirs:
+                j["speed"]["scaling_vs_single"] = mine / theirs
         if j["stage"] == "dpo":
             # A DPO loss stays within ~0.02 of log 2 over a few steps and bf16 noise moves it by about as much (two
             # identical plain runs differed by up to 7e-3), so per-step losses cannot tell engines apart. What
@@ -189,17 +283,18 @@ def compare(jobs: list[dict], rtol: float) -> None:
 
 def markdown(jobs: list[dict], meta: dict) -> str:
     lines = [f"# Launch configs, {meta['num_processes']} process(es) on {meta['gpu']}", "",
-             f"SmolLM2-135M-Instruct, {meta['max_steps']} steps. Loss check: SFT and RM per-step losses against the "
+             f"{meta.get('model_label', 'SmolLM2-135M-Instruct')}, {meta['max_steps']} steps. Loss check: SFT and RM per-step losses against the "
              f"plain one-process run of the same recipe (relative tolerance {meta['rtol']}); DPO: the first loss is "
              f"log 2 within {meta['dpo_first_step_atol']} (reference = policy at the start), later per-step "
              "differences reported only (bf16 noise is as large as the signal).", "",
              "| config | stage | exit | engine | adapter tensors | loads on one device | max logit change | "
-             "loss check | max rel. diff | max abs. diff | error |",
-             "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
+             "loss check | max rel. diff | max abs. diff | tokens/s | x single | peak GiB/GPU | error |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     nan = float("nan")
     for j in jobs:
         a = j.get("adapter") or {}
         c = j.get("loss_check") or {}
+        v = j.get("speed") or {}
         verdict = "-" if "ok" not in c else ("ok" if c["ok"] else "DIFFERS")
         if "first_step_minus_log2" in c:
             verdict += f" (step 1: log 2 {c['first_step_minus_log2']:+.1e})"
@@ -207,7 +302,9 @@ def markdown(jobs: list[dict], meta: dict) -> str:
             f"| {j['config']} | {j['stage']} | {j['returncode']} | {j.get('engine')} | "
             f"{a.get('tensors', '-')} | {a.get('loads_on_one_device', '-')} | "
             f"{a.get('max_logit_change_vs_base', nan):.3g} | {verdict} | {c.get('max_rel_diff', nan):.2e} | "
-            f"{c.get('max_abs_diff', nan):.2e} | {(j.get('error') or '').replace('|', '/')[:160]} |")
+            f"{c.get('max_abs_diff', nan):.2e} | {v.get('tokens_per_s', nan):.0f} | "
+            f"{v.get('scaling_vs_single', nan):.2f} | {v.get('peak_memory_gib', nan):.1f} | "
+            f"{(j.get('error') or '').replace('|', '/')[:160]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,9 +321,24 @@ def main(argv=None) -> int:
     p.add_argument("--rtol", type=float, default=0.02)
     p.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct")
     p.add_argument("--no_load", action="store_true", help="skip the one-device load check")
+    p.add_argument("--random_model", choices=sorted(RANDOM_SHAPES),
+                   help="train a random-weights model of this shape (built in OUT, bf16) instead of --model")
+    p.add_argument("--tokenizer", default=".cache/models/SmolLM2-135M-Instruct",
+                   help="tokenizer and chat template given to the random model")
+    p.add_argument("--random_data", metavar="ROWS:TOKENS",
+                   help="random-token chats and preference pairs of about TOKENS tokens instead of the recipes' data")
     p.add_argument("extra", nargs="*", help="more recipe overrides for every run (after --)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    args.model_label = os.path.basename(os.path.normpath(args.model))
+    if args.random_model:
+        args.model = build_random_model(args.random_model, args.tokenizer, os.path.join(args.out, "_model"))
+        args.model_label = f"random-weights {args.random_model} shape ({RANDOM_SHAPES[args.random_model]['label']})"
+    args.data_files = None
+    if args.random_data:
+        rows, tokens = (int(x) for x in args.random_data.split(":"))
+        args.data_files = write_random_data(args.model, os.path.join(args.out, "_data"), rows, tokens)
+        args.model_label += f", random tokens ({rows} rows of ~{tokens} tokens)"
     pairs = [(c, s) for c in args.configs.split(",") for s in args.stages.split(",")
              if not (s == "rm" and c.endswith("_qlora"))]  # no QLoRA reward-model recipe
     jobs = [job(c, s, args, 29600 + i) for i, (c, s) in enumerate(pairs)]

@@ -107,6 +107,16 @@ def test_sft_output_layout_and_manifest(tiny_llama, chat_jsonl, tmp_path):
     assert run["data"]["train"] == 56 and run["data"]["eval"] == 8
     assert run["metrics"]["eval_loss"] < run["metrics"]["before_eval_loss"]
     assert run["config"]["ModelArguments"]["lora_r"] == 8
+    # speed of the run, next to its losses: tokens counted by TRL over the timed steps (after 2 warm-up steps)
+    m = run["metrics"]
+    assert m["train_step_s_median"] > 0
+    tokens = {e["step"]: e["num_tokens"] for e in run_log(out) if "loss" in e}
+    per_step = (tokens[12] - tokens[2]) / 10
+    assert 0.2 < m["train_tokens_per_s"] * m["train_step_s_median"] / per_step < 5  # one step's tokens / its time
+
+
+def run_log(out):
+    return json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
 
 
 def test_sft_same_seed_same_adapter(tiny_llama, chat_jsonl, tmp_path):

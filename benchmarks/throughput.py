@@ -145,7 +145,7 @@ def trainer_args(spec: dict, out: str, cuda: bool):
     dpo = spec["case"].startswith("dpo")
     shape = spec["shape_cfg"]
     common = dict(
-        output_dir=out, max_steps=spec["warmup"] + spec["steps"], per_device_train_batch_size=shape[
+        output_dir=out, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0), per_device_train_batch_size=shape[
             "pairs" if dpo else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
         bf16=cuda, use_cpu=not cuda, gradient_checkpointing=spec["gradient_checkpointing"], seed=spec["seed"],
@@ -257,6 +257,9 @@ def worker(spec: dict) -> dict:
     meter = Meter(torch, cuda)
     trainer.data_collator = meter.count(trainer.data_collator, dpo)
     trainer.add_callback(meter.callback())
+    profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0))
+    if profiler.steps:
+        trainer.add_callback(profiler.callback())
     setup_s = time.perf_counter() - t0
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -264,12 +267,12 @@ def worker(spec: dict) -> dict:
     step_s = [e - b for b, e in zip(meter.begin, meter.end)]
     tokens = meter.batch_tokens[: w + n]
     timed_tokens = sum(tokens[w:])
-    timed_s = meter.end[-1] - meter.end[w - 1] if w > 0 else meter.end[-1] - meter.start
+    timed_s = meter.end[w + n - 1] - meter.end[w - 1] if w > 0 else meter.end[w + n - 1] - meter.start
     gib = 1024**3
     return dict(
         path=spec["path"], options=list(options) if spec["path"].startswith("align") else (
             ["use_liger_kernel"] if spec["path"] == "stock_liger" else []),
-        tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:]) / max(1, len(step_s[w:])),
+        tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:w + n]) / max(1, len(step_s[w:w + n])),
         tokens_per_step=tokens, step_s=step_s, losses=losses,
         peak_allocated_gib=torch.cuda.max_memory_allocated() / gib if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / gib if cuda else None,
@@ -277,7 +280,82 @@ def worker(spec: dict) -> dict:
         device=torch.cuda.get_device_name() if cuda else "cpu",
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                       peft=__import__("peft").__version__),
+        profile=profiler.summary(meter) if profiler.steps else None,
     )
+
+
+# Kernel names (CUDA) or op names (CPU) -> where the time goes. First match wins.
+PROFILE_CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("gemm", r"gemm|xmma|nvjet|cutlass|cublas|matmul|aten::mm|aten::addmm|aten::bmm|aten::linear"),
+    ("nccl", r"nccl"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("copy", r"memcpy|memset|copy_|aten::to\b|_to_copy"),
+    ("compiled (triton)", r"triton"),
+    ("4-bit dequantize", r"dequant|kgemm_4bit|bnb"),
+    ("elementwise / reduce", r"elementwise|vectorized|reduce|unrolled|softmax|norm|silu|mul|add|cat|index|rsqrt|pow|mean"),
+)
+
+
+class StepProfiler:
+    """torch.profiler over `steps` optimizer steps after the first `first` (warm-up): time per category of
+    kernels (op names on a CPU), the top kernels, and the GPU-idle share of the wall time (kernel time summed,
+    so overlapping streams can read above 100%)."""
+
+    def __init__(self, torch, cuda, first: int, steps: int):
+        self.torch, self.cuda, self.first, self.steps = torch, cuda, first, steps
+        self.prof, self.done = None, False
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        me = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if state.global_step == me.first and me.prof is None:
+                    acts = [me.torch.profiler.ProfilerActivity.CPU]
+                    if me.cuda:
+                        acts.append(me.torch.profiler.ProfilerActivity.CUDA)
+                    me.prof = me.torch.profiler.profile(activities=acts)
+                    me.prof.__enter__()
+
+            def on_step_end(self, args, state, control, **kw):
+                if me.prof is not None and not me.done and state.global_step >= me.first + me.steps:
+                    if me.cuda:
+                        me.torch.cuda.synchronize()
+                    me.prof.__exit__(None, None, None)
+                    me.done = True
+
+        return _CB()
+
+    def summary(self, meter) -> dict | None:
+        import re
+
+        if not self.done:
+            return None
+        per_cat, top = {}, []
+        for e in self.prof.key_averages():
+            if self.cuda:
+                if str(getattr(e, "device_type", "")).split(".")[-1] != "CUDA":
+                    continue
+                us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            else:
+                us = e.self_cpu_time_total
+            if not us:
+                continue
+            name = e.key
+            cat = next((c for c, rx in PROFILE_CATEGORIES if re.search(rx, name, re.IGNORECASE)), "other")
+            per_cat[cat] = per_cat.get(cat, 0.0) + us / 1000 / self.steps
+            top.append((us / 1000 / self.steps, e.count // self.steps, cat, name[:120]))
+        top.sort(reverse=True)
+        wall = sum(e - b for b, e in zip(meter.begin[self.first:self.first + self.steps],
+                                         meter.end[self.first:self.first + self.steps])) * 1000 / self.steps
+        busy = sum(per_cat.values())
+        return {"steps": self.steps, "wall_ms_per_step": wall, "busy_ms_per_step": busy,
+                "idle_share": max(0.0, 1 - busy / wall) if wall else None, "unit": "kernel" if self.cuda else "cpu op",
+                "ms_per_step": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+                "top": [dict(ms_per_step=t[0], calls_per_step=t[1], category=t[2], name=t[3]) for t in top[:40]]}
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
@@ -371,6 +449,15 @@ def markdown(result: dict) -> str:
             f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
             f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('loss_max_abs_diff'), '.1e')} "
             f"| {','.join(row.get('options') or []) or 'none'} |")
+    profiled = [r for r in result["runs"] if r.get("profile")]
+    if profiled:
+        lines += ["", "Where a step's time goes (torch.profiler, ms per step by kernel category; idle = wall time "
+                  "with no kernel running, i.e. launch / Python overhead):", ""]
+        for r in profiled:
+            p = r["profile"]
+            cats = ", ".join(f"{c} {ms:.1f}" for c, ms in p["ms_per_step"].items())
+            lines.append(f"- {key(r)}: wall {p['wall_ms_per_step']:.1f} ms, busy {p['busy_ms_per_step']:.1f} ms "
+                         f"(idle {_f(p.get('idle_share'), '.0%')}): {cats}")
     errors = [r for r in result["runs"] if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {key(r)}: {r['error'][-300:]!r}" for r in errors]
@@ -404,6 +491,9 @@ def main(argv=None):
     ap.add_argument("--dpo_lr", type=float, default=5e-6, help="DPO learning rate (higher makes the DPO loss jump "
                     "around on random data, and the loss comparison meaningless)")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="on for both paths (default off)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="torch.profiler over this many extra steps after the timed ones: time per kernel category, top "
+                    "kernels and GPU-idle share, in the result JSON and the table (the timed steps are not profiled)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -442,9 +532,10 @@ def main(argv=None):
         for path in paths:
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
-                        rows=rows_per_step * (args.steps + args.warmup), align_options=options, data=args.data,
+                        rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
-                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed)
+                        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                        profile_steps=args.profile)
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

@@ -23,6 +23,7 @@ import transformers
 from peft import PeftModel
 
 from align import convert, modeling
+from align.config import ModelArguments
 
 logger = logging.getLogger("align")
 
@@ -197,15 +198,20 @@ def _num_labels(adapter_dir: str) -> int:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
-def _bnb_config(plan: BasePlan, compute: torch.dtype) -> transformers.BitsAndBytesConfig | None:
-    if plan.quantization == "4bit":
-        return transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=plan.quant_type, bnb_4bit_use_double_quant=plan.double_quant,
-            bnb_4bit_compute_dtype=compute,
-        )
-    if plan.quantization == "8bit":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return None
+def plan_model_args(plan: BasePlan, dtype: torch.dtype, quantized: bool = True) -> ModelArguments:
+    """ModelArguments that rebuild the plan's base computing in `dtype` (bfloat16, float16 or float32).
+
+    The one difference from training: a quantized base (`quantized` and `plan.quantization`) is loaded in the
+    training dtype (`plan.load_dtype`, what its 4-/8-bit weights were made from) but computes in `dtype`, set
+    explicitly (fp32 to merge, where training may have computed in bf16); an unquantized base is loaded in `dtype`.
+    """
+    quant = plan.quantization if quantized else None
+    name = str(dtype).removeprefix("torch.")
+    return ModelArguments(
+        model_name_or_path=plan.base, model_revision=plan.revision or "main", gguf_file=plan.gguf_file,
+        dtype=plan.load_dtype if quant else name, load_in_4bit=quant == "4bit", load_in_8bit=quant == "8bit",
+        bnb_4bit_quant_type=plan.quant_type, use_bnb_nested_quant=plan.double_quant, bnb_4bit_compute_dtype=name,
+    )
 
 
 def _cast_float_params(model, dtype: torch.dtype) -> None:
@@ -222,33 +228,17 @@ def load_base(plan: BasePlan, *, dtype: torch.dtype = torch.float32, quantized: 
     quantized and `plan.quantization`: bitsandbytes weights made exactly as in training (from the base loaded in
     the training dtype), computing in `dtype`, other weights cast to `dtype`.
     Otherwise: the base loaded in `dtype`. A `merged_parent` adapter is merged in (in `dtype`) in both cases.
+    Loaded by `modeling.load_pretrained` (the shared `from_pretrained` rules) from `plan_model_args`.
     """
-    modeling.check_model_path(plan.base)
-    quant = _bnb_config(plan, dtype) if quantized else None
-    load_dtype = modeling.torch_dtype(plan.load_dtype) if quant is not None else dtype
-    kwargs = {"dtype": load_dtype}
-    if plan.revision:
-        kwargs["revision"] = plan.revision
-    if plan.gguf_file:
-        kwargs["gguf_file"] = plan.gguf_file
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        if device != "cpu":
-            kwargs["device_map"] = {"": device}
-    if plan.task == "seq_cls":
-        kwargs["num_labels"] = plan.num_labels
-    auto = modeling._auto_class(plan.task)
-    model = auto.from_pretrained(plan.base, **kwargs)
-    if plan.task == "seq_cls" and model.config.pad_token_id is None:
-        eos = model.config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
-    if quant is not None:
-        modeling.keep_cpu_4bit_unpacked(model)
+    args = plan_model_args(plan, dtype, quantized)
+    quant = args.load_in_4bit or args.load_in_8bit
+    model, _ = modeling.load_pretrained(args, task=plan.task, num_labels=plan.num_labels, device=device)
+    if quant:
         _cast_float_params(model, dtype)
     elif device != "cpu":
         model.to(device)
     if plan.merged_parent is not None:
-        if quant is not None:
+        if quant:
             raise ValueError("a merge_sft_adapter run cannot have a quantized base")
         model = PeftModel.from_pretrained(model, plan.merged_parent).merge_and_unload()
     return model

@@ -148,22 +148,11 @@ def _auto_class(task: str):
     raise ValueError(f"unknown task {task!r}: causal_lm or seq_cls")
 
 
-def load_model(model_args, *, task: str = "causal_lm", num_labels: int = 1, training: bool = True,
-               head_seed: int | None = None):
-    """The base model: causal LM, or sequence classification (`task="seq_cls"`: a `num_labels` score head).
-
-    Dtype from `model_args.dtype`; bitsandbytes 4-/8-bit when `load_in_4bit`/`load_in_8bit` (placed on the local
-    accelerator; on CPU no device map); `gguf_file` dequantizes a GGUF on load.
-
-    A quantized base loaded for training goes through `prepare_for_kbit_training`: frozen, with the small
-    non-quantized weights (norms, embeddings, head) in fp32. Gradient checkpointing is not switched on here: the
-    trainer config's `gradient_checkpointing` key owns it (TRL adds the input-grad hook it needs).
-
-    `head_seed`: a score head missing from the checkpoint (a causal LM loaded for sequence classification) is
-    drawn from this seed alone (`init_new_head`), so one seed gives one reward model under every launch engine.
-    """
-    check_model_path(model_args.model_name_or_path)
-    quant = quantization_config(model_args)
+def base_load_kwargs(model_args, *, device: str | None = None) -> dict:
+    """`from_pretrained` keyword arguments for the base `model_args` describe: revision, trust_remote_code and
+    dtype (`torch_dtype`); attn_implementation and gguf_file when set; for a 4-/8-bit base its bitsandbytes config
+    (`quantization_config`) and a device map for the quantized weights: `kbit_device_map()` (this process's
+    accelerator) when `device` is None, else `{"": device}`, none for "cpu"."""
     kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": getattr(model_args, "trust_remote_code", False),
@@ -173,24 +162,56 @@ def load_model(model_args, *, task: str = "causal_lm", num_labels: int = 1, trai
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.gguf_file:
         kwargs["gguf_file"] = model_args.gguf_file
+    quant = quantization_config(model_args)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        device_map = kbit_device_map()
+        device_map = kbit_device_map() if device is None else (None if device == "cpu" else {"": device})
         if device_map is not None:
             kwargs["device_map"] = device_map
+    return kwargs
+
+
+def load_pretrained(model_args, *, task: str = "causal_lm", num_labels: int = 1, device: str | None = None):
+    """(model, loading info): the base `model_args` describe, loaded with `base_load_kwargs` (`device` places
+    quantized weights, see there) as a causal LM or a sequence classifier (`task="seq_cls"`, `num_labels` outputs).
+
+    A sequence classifier without a pad token id gets the EOS id; 4-bit layers keep the portable CPU layout
+    (`keep_cpu_4bit_unpacked`). Nothing is frozen or cast: that is the caller's choice.
+    """
+    check_model_path(model_args.model_name_or_path)
+    kwargs = base_load_kwargs(model_args, device=device)
     auto = _auto_class(task)
     if task == "seq_cls":
         kwargs["num_labels"] = num_labels
     model, info = auto.from_pretrained(model_args.model_name_or_path, output_loading_info=True, **kwargs)
-    if head_seed is not None:
-        init_new_head(model, info.get("missing_keys") or (), head_seed)
     if task == "seq_cls" and model.config.pad_token_id is None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
-    if quant is not None:
+    if "quantization_config" in kwargs:
         keep_cpu_4bit_unpacked(model)
-        if training:
-            model = prepare_for_kbit_training(model, quant)
+    return model, info
+
+
+def load_model(model_args, *, task: str = "causal_lm", num_labels: int = 1, training: bool = True,
+               head_seed: int | None = None):
+    """The base model: causal LM, or sequence classification (`task="seq_cls"`: a `num_labels` score head).
+
+    Dtype from `model_args.dtype`; bitsandbytes 4-/8-bit when `load_in_4bit`/`load_in_8bit` (placed on the local
+    accelerator; on CPU no device map); `gguf_file` dequantizes a GGUF on load (`base_load_kwargs`).
+
+    A quantized base loaded for training goes through `prepare_for_kbit_training`: frozen, with the small
+    non-quantized weights (norms, embeddings, head) in fp32. Gradient checkpointing is not switched on here: the
+    trainer config's `gradient_checkpointing` key owns it (TRL adds the input-grad hook it needs).
+
+    `head_seed`: a score head missing from the checkpoint (a causal LM loaded for sequence classification) is
+    drawn from this seed alone (`init_new_head`), so one seed gives one reward model under every launch engine.
+    """
+    model, info = load_pretrained(model_args, task=task, num_labels=num_labels)
+    if head_seed is not None:
+        init_new_head(model, info.get("missing_keys") or (), head_seed)
+    quant = quantization_config(model_args)
+    if quant is not None and training:
+        model = prepare_for_kbit_training(model, quant)
     return model
 
 

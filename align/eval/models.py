@@ -205,10 +205,10 @@ def load_causal_lm(ref: ModelRef, *, dtype: str = "float32", device: str = "auto
     torch_dtype = modeling.torch_dtype(dtype)
     device = pick_device(device)
     tokenizer = load_tokenizer(ref)
-    if ref.kind in ("base", "full", "merged") and ref.quantization:
-        return modeling.load_model(quantized_args(ref.path, ref.quantization, dtype), training=False).eval(), tokenizer
     if ref.kind in ("base", "full", "merged"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch_dtype).to(device)
+        model = modeling.load_model(plain_model_args(ref.path, dtype, ref.quantization), training=False)
+        if not ref.quantization:
+            model.to(device)
         return model.eval(), tokenizer
     base, quantized = _load_base(ref, dtype, device)
     model = PeftModel.from_pretrained(base, ref.path, adapter_name="default")
@@ -222,9 +222,9 @@ def load_causal_lm(ref: ModelRef, *, dtype: str = "float32", device: str = "auto
     return model.eval(), tokenizer
 
 
-def quantized_args(path: str, quantization: str, dtype: str) -> ModelArguments:
-    """Model arguments that load `path` as the QLoRA recipes load their base: NF4, double quantization, computing
-    in `dtype` (8-bit: LLM.int8)."""
+def plain_model_args(path: str, dtype: str, quantization: str | None = None) -> ModelArguments:
+    """Model arguments that load the plain model `path` in `dtype`; with `quantization` as the QLoRA recipes load
+    their base: NF4, double quantization, computing in `dtype` (8-bit: LLM.int8)."""
     return ModelArguments(model_name_or_path=path, dtype=dtype, load_in_4bit=quantization == "4bit",
                           load_in_8bit=quantization == "8bit", bnb_4bit_quant_type="nf4", use_bnb_nested_quant=True,
                           bnb_4bit_compute_dtype=dtype)

@@ -25,8 +25,8 @@ from contextlib import nullcontext
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import torch
-from torch import nn
+import torch  # noqa: E402  (after the path insert)
+from torch import nn  # noqa: E402
 
 RESULTS = os.path.join(REPO, "benchmarks", "results", "ppo_memory.json")
 LAYOUTS = ("shared", "separate")

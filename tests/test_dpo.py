@@ -34,7 +34,6 @@ def test_dpo_from_sft_adapter(tiny_llama, sft_adapter, preference_jsonl, tmp_pat
     sft_weights = load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))
     out = str(tmp_path / "dpo")
     trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, sft_adapter=sft_adapter))
-    run = trainer.state.log_history
 
     # step 0: policy == reference (the SFT adapter), so the sigmoid loss is exactly log 2 and rewards are 0.
     # With the bare base as reference the SFT-trained policy would differ from it and the loss would not be log 2.

@@ -9,7 +9,6 @@ import pytest
 from align import config, dpo, ppo, rm, sft
 
 from .conftest import REPO
-from .test_sft import sft_argv
 
 FAMILY_ARCH = {"smollm2": "llama", "llama3": "llama", "mistral": "mistral", "qwen2.5": "qwen2",
                "gemma2": "gemma2", "phi3": "phi3"}

@@ -1,7 +1,7 @@
 """Every stage under every accelerate launch config: does it start, shard, train and save a usable adapter?
 
     python benchmarks/launch_matrix.py --out DIR [--configs single_gpu,deepspeed_zero3,...] [--stages sft,dpo,rm]
-        [--num_processes 1] [--max_steps 8] [--parallel 6] [--model .cache/models/SmolLM2-135M-Instruct]
+        [--num_processes 1] [--max_steps 8] [--parallel 6] [--model .cache/models/SmolLM2-135M-Instruct] [--keep]
 
 Each (config, stage) is one `accelerate launch --config_file recipes/accelerate/<config>.yaml align/<stage>.py`
 process on the stage's SmolLM2 recipe (LoRA; the `*_qlora` configs take the QLoRA recipe with
@@ -231,6 +231,22 @@ def load_base(model_dir: str):
         return base, ids, base(ids).logits.float()
 
 
+def kept_runs(out: str, jobs: list[dict]) -> list[dict]:
+    """Runs of an earlier call on the same OUT that finished (exit 0) and are asked for again: `--keep` skips
+    them, so a matrix longer than one session's call can be run in parts."""
+    path = os.path.join(out, "launch_matrix.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        earlier = {(r["config"], r["stage"]): r for r in json.load(fh)["runs"] if r.get("returncode") == 0}
+    kept = []
+    for j in jobs:
+        r = earlier.get((j["config"], j["stage"]))
+        if r is not None:
+            kept.append(dict(r, cmd=j["cmd"]))  # the command as a list again, as for a fresh run
+    return kept
+
+
 def write_results(args, jobs: list[dict]) -> str:
     """launch_matrix.json and .md for the runs finished so far (rewritten after every wave)."""
     import torch
@@ -321,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--rtol", type=float, default=0.02)
     p.add_argument("--model", default=".cache/models/SmolLM2-135M-Instruct")
     p.add_argument("--no_load", action="store_true", help="skip the one-device load check")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the finished runs of OUT/launch_matrix.json and run only the others (a matrix in parts)")
     p.add_argument("--random_model", choices=sorted(RANDOM_SHAPES),
                    help="train a random-weights model of this shape (built in OUT, bf16) instead of --model")
     p.add_argument("--tokenizer", default=".cache/models/SmolLM2-135M-Instruct",
@@ -342,10 +360,14 @@ def main(argv=None) -> int:
     pairs = [(c, s) for c in args.configs.split(",") for s in args.stages.split(",")
              if not (s == "rm" and c.endswith("_qlora"))]  # no QLoRA reward-model recipe
     jobs = [job(c, s, args, 29600 + i) for i, (c, s) in enumerate(pairs)]
-    base_logits = None if args.no_load else load_base(args.model)
-    done = []
-    for start in range(0, len(jobs), args.parallel):  # results are written after every wave: a cut run keeps them
-        wave = jobs[start:start + args.parallel]
+    done = kept_runs(args.out, jobs) if args.keep else []
+    todo = [j for j in jobs if (j["config"], j["stage"]) not in {(d["config"], d["stage"]) for d in done}]
+    if done:
+        print(f"keeping {len(done)} finished runs of {args.out}/launch_matrix.json; running {len(todo)}", flush=True)
+    base_logits = None if args.no_load or not todo else load_base(args.model)
+    md = write_results(args, done) if done else ""
+    for start in range(0, len(todo), args.parallel):  # results are written after every wave: a cut run keeps them
+        wave = todo[start:start + args.parallel]
         run_wave(wave, args.timeout)
         for j in wave:
             inspect(j, base_logits)
@@ -353,7 +375,7 @@ def main(argv=None) -> int:
         md = write_results(args, done)
     print(md)
     ok = all(j["returncode"] == 0 and "error" not in (j.get("adapter") or {"error": 1})
-             and (j.get("loss_check") or {}).get("ok", True) for j in jobs)
+             and (j.get("loss_check") or {}).get("ok", True) for j in done)
     return 0 if ok else 1
 
 

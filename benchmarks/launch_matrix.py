@@ -146,6 +146,20 @@ def engine_of(launch_config: str) -> str:
     return {"NO": "one process", "MULTI_GPU": "DDP"}.get(kind, kind)
 
 
+_RUNNING: list = []  # launches of the current wave (own process groups): stopped with this process
+
+
+def _stop_running(signum, frame):
+    """SIGTERM/SIGINT (a `timeout` around this script): kill the wave's launches with their children, which run
+    in their own sessions and would otherwise keep the GPUs, then exit."""
+    for p in _RUNNING:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def run_wave(jobs: list[dict], timeout: int) -> None:
     # NVLink multicast stays off on shared multi-GPU hosts (a program using it can take the host's GPUs down)
     env = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -157,6 +171,7 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
         procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True),
                       time.time(), log))
+        _RUNNING.append(procs[-1][1])
         print(f"[{time.strftime('%X')}] start {j['config']} {j['stage']}", flush=True)
     for j, p, t0, log in procs:
         try:
@@ -169,6 +184,7 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
         log.close()
         print(f"[{time.strftime('%X')}] {j['config']} {j['stage']}: exit {j['returncode']} ({j['seconds']} s)",
               flush=True)
+    _RUNNING.clear()
 
 
 def root_error(text: str) -> str | None:
@@ -347,6 +363,8 @@ def main(argv=None) -> int:
                    help="random-token chats and preference pairs of about TOKENS tokens instead of the recipes' data")
     p.add_argument("extra", nargs="*", help="more recipe overrides for every run (after --)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop_running)
+    signal.signal(signal.SIGINT, _stop_running)
     os.makedirs(args.out, exist_ok=True)
     args.model_label = os.path.basename(os.path.normpath(args.model))
     if args.random_model:

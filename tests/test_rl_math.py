@@ -93,6 +93,22 @@ def test_logprobs_and_entropy_from_logits():
     close(losses.entropy_from_logits(logits), [[math.log(2), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
 
 
+def test_one_softmax_gives_logprobs_and_entropy_with_or_without_its_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 3))
+    for entropy_grad in (True, False):
+        logp, entropy = losses.logprobs_and_entropy(logits, tokens, entropy_grad=entropy_grad)
+        torch.testing.assert_close(logp, losses.logprobs_from_logits(logits, tokens))
+        torch.testing.assert_close(entropy, losses.entropy_from_logits(logits))
+        assert entropy.requires_grad == entropy_grad  # a statistic only: no graph through the vocabulary
+    # the gradient of an entropy bonus is the two-softmax formula's
+    _, entropy = losses.logprobs_and_entropy(logits, tokens)
+    (got,) = torch.autograd.grad(entropy.sum(), logits)
+    (want,) = torch.autograd.grad(losses.entropy_from_logits(logits).sum(), logits)
+    torch.testing.assert_close(got, want)
+
+
 def test_adaptive_kl_controller_by_hand():
     ctl = kl.AdaptiveKLController(0.1, target=6.0, horizon=10000)
     # KL 9 is 50% over the target: the error is clipped to +0.2 -> x (1 + 0.2 * 100 / 10000)

@@ -16,6 +16,19 @@ def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Te
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, entropy_grad: bool = True):
+    """(log p(token), entropy) per position from one fp32 log-softmax: [B, T, V], [B, T] -> [B, T], [B, T].
+
+    The entropy -sum(p log p) reuses the log-probabilities instead of a second softmax and logsumexp over the
+    vocabulary; with `entropy_grad` off (no entropy bonus in the loss) it is a statistic, computed without a graph,
+    so the backward pass does not go through it."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp.exp() * logp).sum(-1)
+    return token_logp, entropy
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position: logsumexp(l) - sum(p * l). [B, T, V] -> [B, T]."""
     logits = logits.float()

@@ -92,8 +92,9 @@ def minibatch_loss(model, mb: Experience, args) -> tuple[torch.Tensor, dict]:
     ro, mask = mb.rollout, mb.mask
     logits, values = model(ro.input_ids, ro.attention_mask, ro.position_ids, ro.response_length)
     logits = logits / args.temperature
-    logprobs = losses.logprobs_from_logits(logits, ro.response_ids)
-    entropy = adv.masked_mean(losses.entropy_from_logits(logits), mask)
+    # the entropy is a statistic unless the loss has an entropy bonus: then no backward through it
+    logprobs, token_entropy = losses.logprobs_and_entropy(logits, ro.response_ids, entropy_grad=args.ent_coef != 0)
+    entropy = adv.masked_mean(token_entropy, mask)
     pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, mb.logprobs, mb.advantages, mask, args.cliprange)
     vf_loss, vf_clip_frac = losses.value_loss(values.float(), mb.values, mb.returns, mask, args.cliprange_value)
     loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * entropy

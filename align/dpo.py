@@ -25,8 +25,8 @@ from trl import DPOTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignDPOTrainer(training.NonFiniteLossGuard, DPOTrainer):
-    """TRL's DPOTrainer that stops on a NaN/inf loss."""
+class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, DPOTrainer):
+    """TRL's DPOTrainer that stops on a NaN/inf loss and weights its logged metrics by pairs."""
 
 
 def main(argv=None):

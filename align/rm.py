@@ -21,8 +21,8 @@ from trl import RewardTrainer
 from align import config, data, modeling, stacking, training
 
 
-class AlignRewardTrainer(training.NonFiniteLossGuard, RewardTrainer):
-    """TRL's RewardTrainer that stops on a NaN/inf loss."""
+class AlignRewardTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, RewardTrainer):
+    """TRL's RewardTrainer that stops on a NaN/inf loss and weights its logged metrics by pairs."""
 
 
 def main(argv=None):

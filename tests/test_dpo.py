@@ -30,6 +30,26 @@ def first_logged(trainer, key):
     return next(h[key] for h in trainer.state.log_history if key in h)
 
 
+def test_logged_reward_metrics_weigh_every_pair_alike(tiny_llama, sft_adapter, preference_jsonl, tmp_path):
+    """5 held-out pairs in eval batches of 2 (2, 2, 1): the logged reward accuracy and margin are the per-pair
+    means that align/evaluate.py computes, not TRL's mean of batch means (where the lone pair weighs a third)."""
+    from align.eval import models, preference
+
+    out = str(tmp_path / "dpo")
+    dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, sft_adapter=sft_adapter, max_steps=2, learning_rate=2e-3,
+                      eval_split_size=5, per_device_eval_batch_size=2))
+    m = read_json(os.path.join(out, "run.json"))["metrics"]
+    model, tok = models.load_causal_lm(models.resolve_model("dpo", out), with_reference=True)
+    pairs, _ = preference.load_pairs(os.path.join(out, "heldout_pairs.jsonl"))
+    assert len(pairs) == 5
+    each = [preference.implicit_reward_accuracy(model, tok, [p], beta=0.1) for p in pairs]
+    margins = [e["reward_margin"] for e in each]
+    assert m["eval_rewards/margins"] == pytest.approx(sum(margins) / 5, abs=1e-5)
+    assert m["eval_rewards/accuracies"] == pytest.approx(sum(e["implicit_reward_accuracy"] for e in each) / 5)
+    batch_means = [sum(b) / len(b) for b in (margins[0:2], margins[2:4], margins[4:])]
+    assert abs(sum(batch_means) / 3 - sum(margins) / 5) > 1e-4  # what TRL alone would have logged differs
+
+
 def test_dpo_from_sft_adapter(tiny_llama, sft_adapter, preference_jsonl, tmp_path):
     sft_weights = load_file(os.path.join(sft_adapter, "adapter_model.safetensors"))
     out = str(tmp_path / "dpo")

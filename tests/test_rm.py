@@ -53,3 +53,22 @@ def test_rm_refuses_an_sft_adapter(tiny_llama, preference_jsonl, tmp_path):
 
     with pytest.raises(ConfigError, match="sft_adapter is not used"):
         rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / "x"), sft_adapter=str(tmp_path)))
+
+
+def test_logged_accuracy_and_margin_weigh_every_pair_alike(tiny_llama, preference_jsonl, tmp_path):
+    """5 held-out pairs in eval batches of 2 (2, 2, 1): the logged accuracy and margin are per-pair means."""
+    from align.eval.preference import load_pairs
+
+    out = str(tmp_path / "rm")
+    rm.main(rm_argv(tiny_llama, preference_jsonl, out, max_steps=3, eval_split_size=5, per_device_eval_batch_size=2))
+    m = json.load(open(os.path.join(out, "run.json")))["metrics"]
+    pairs, _ = load_pairs(os.path.join(out, "heldout_pairs.jsonl"))
+    scorer = RewardScorer.from_pretrained(out)
+    chosen = scorer.score_ids([scorer._ids(p["prompt"], p["chosen"]) for p in pairs])
+    rejected = scorer.score_ids([scorer._ids(p["prompt"], p["rejected"]) for p in pairs])
+    margins = (chosen - rejected).tolist()
+    assert len(margins) == 5
+    assert m["eval_margin"] == pytest.approx(sum(margins) / 5, abs=1e-4)
+    assert m["eval_accuracy"] == pytest.approx(sum(x > 0 for x in margins) / 5)
+    batch_means = [sum(b) / len(b) for b in (margins[0:2], margins[2:4], margins[4:])]
+    assert abs(sum(batch_means) / 3 - sum(margins) / 5) > 1e-4  # what TRL alone would have logged differs

@@ -19,8 +19,8 @@ from trl import SFTTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignSFTTrainer(training.NonFiniteLossGuard, SFTTrainer):
-    """TRL's SFTTrainer that stops on a NaN/inf loss."""
+class AlignSFTTrainer(training.NonFiniteLossGuard, training.TokenWeightedMetrics, SFTTrainer):
+    """TRL's SFTTrainer that stops on a NaN/inf loss and weights its logged metrics by trained tokens."""
 
 
 def main(argv=None):

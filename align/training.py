@@ -48,36 +48,56 @@ class NonFiniteLossGuard:
         return loss
 
 
-class PairWeightedMetrics:
-    """Trainer mixin for TRL's DPO and reward trainers: their logged metrics (reward accuracy, margins, ...) are
-    weighted by the pairs of each batch instead of averaged over batches.
+class WeightedLoggedMetrics:
+    """Trainer mixin for TRL's SFT, DPO and reward trainers: each logged metric (token accuracy, entropy, reward
+    accuracy, margins, ...) is weighted by what its batch holds (`batch_weight`) instead of averaged over batches.
 
-    TRL appends one mean per batch and logs the mean of those means, so a short last batch weighs as much as a
-    full one: 17 held-out pairs in eval batches of 8 (8, 8, 1) logged a reward accuracy of 0.667 where 9 of 17
-    pairs (0.529) were ranked right. Both trainers put the chosen rows first and the rejected rows second in
-    `input_ids`, so a batch has `len(input_ids) // 2` pairs (summed over processes)."""
+    TRL appends one value per batch and logs the mean of those values, so a short last batch weighs as much as a
+    full one: 17 held-out DPO pairs in eval batches of 8 (8, 8, 1) logged a reward accuracy of 0.667 where 9 of 17
+    pairs (0.529) were ranked right. The weight is summed over processes."""
+
+    def batch_weight(self, inputs) -> int:
+        raise NotImplementedError
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         before = {k: len(v) for k, v in self._metrics[mode].items()}
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        pairs = torch.tensor([inputs["input_ids"].shape[0] // 2], device=inputs["input_ids"].device)
-        pairs = int(self.accelerator.gather(pairs).sum())
-        weights = self.__dict__.setdefault("_pair_weights", {"train": {}, "eval": {}})[mode]
+        device = inputs["input_ids"].device
+        weight = int(self.accelerator.gather(torch.tensor([self.batch_weight(inputs)], device=device)).sum())
+        weights = self.__dict__.setdefault("_metric_weights", {"train": {}, "eval": {}})[mode]
         for key, values in self._metrics[mode].items():
             if len(values) == before.get(key, 0) + 1:  # appended by this batch
-                weights.setdefault(key, []).append(pairs)
+                weights.setdefault(key, []).append(weight)
         return out
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        weights = self.__dict__.get("_pair_weights", {}).get(mode, {})
+        weights = self.__dict__.get("_metric_weights", {}).get(mode, {})
         for key, w in weights.items():
             values = self._metrics[mode].get(key)
             if values and len(values) == len(w) and sum(w):
                 self._metrics[mode][key] = [sum(v * n for v, n in zip(values, w)) / sum(w)]
         weights.clear()
         super().log(logs, start_time)
+
+
+class PairWeightedMetrics(WeightedLoggedMetrics):
+    """DPO and reward trainers: a batch weighs its pairs (chosen rows first, rejected second in `input_ids`)."""
+
+    def batch_weight(self, inputs) -> int:
+        return inputs["input_ids"].shape[0] // 2
+
+
+class TokenWeightedMetrics(WeightedLoggedMetrics):
+    """SFT: a batch weighs its trained tokens (labels other than -100 after the one-token shift), the tokens TRL's
+    per-batch token accuracy and entropy are averaged over."""
+
+    def batch_weight(self, inputs) -> int:
+        labels = inputs.get("labels")
+        if labels is None:
+            return int(inputs["input_ids"].numel())
+        return int((labels[..., 1:] != -100).sum())
 
 
 def setup_logging(train_args) -> None:

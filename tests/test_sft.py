@@ -119,6 +119,18 @@ def run_log(out):
     return json.load(open(os.path.join(out, "trainer_state.json")))["log_history"]
 
 
+def test_logged_token_metrics_do_not_depend_on_the_eval_batch_size(tiny_llama, chat_jsonl, tmp_path):
+    """5 held-out rows: evaluated in one batch, or in batches of 2, 2, 1, the logged token accuracy and entropy are
+    the same per-token means (TRL alone averages per-batch values, so the lone row would weigh a third)."""
+    trainer = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=3, eval_split_size=5))
+    got = {}
+    for batch in (5, 2):
+        trainer.args.per_device_eval_batch_size = batch
+        got[batch] = trainer.evaluate()
+    for key in ("eval_mean_token_accuracy", "eval_entropy", "eval_loss"):
+        assert got[2][key] == pytest.approx(got[5][key], abs=1e-5), key
+
+
 def test_sft_same_seed_same_adapter(tiny_llama, chat_jsonl, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     sft.main(sft_argv(tiny_llama, chat_jsonl, a, max_steps=4, lora_dropout=0.1))

@@ -98,9 +98,12 @@ def build_random_model(shape: str, tokenizer_dir: str, out: str) -> str:
     return out
 
 
+TEMPLATE_TOKENS = 64  # room for the chat template around a prompt and an answer
+
+
 def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
-    """Chats and preference pairs of random tokens (decoded to text; about `tokens` tokens a row, half prompt),
-    train and held-out files: {"sft": (train, eval), "preference": (train, eval)}."""
+    """Chats and preference pairs of random tokens (decoded to text; at most `tokens` tokens a templated row, half
+    of them prompt), train and held-out files: {"sft": (train, eval), "preference": (train, eval)}."""
     import random
 
     import transformers
@@ -109,8 +112,16 @@ def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
     rng = random.Random(0)
     ids = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)][256:]
 
-    def text(n):
-        return tok.decode([rng.choice(ids) for _ in range(n)], skip_special_tokens=True)
+    def text(n):  # decoded random ids re-tokenize longer: trim until the text is at most n tokens again
+        pick = [rng.choice(ids) for _ in range(n)]
+        while True:
+            s = tok.decode(pick, skip_special_tokens=True)
+            extra = len(tok(s, add_special_tokens=False)["input_ids"]) - n
+            if extra <= 0:
+                return s
+            pick = pick[:-extra]
+
+    half = max((tokens - TEMPLATE_TOKENS) // 2, 1)  # a templated row (prompt + answer) stays within `tokens`
 
     os.makedirs(out, exist_ok=True)
     files = {}
@@ -120,12 +131,12 @@ def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
             path = os.path.join(out, f"{kind}_{split}.jsonl")
             with open(path, "w") as fh:
                 for _ in range(n):
-                    prompt = [{"role": "user", "content": text(tokens // 2)}]
+                    prompt = [{"role": "user", "content": text(half)}]
                     if kind == "sft":
-                        row = {"messages": prompt + [{"role": "assistant", "content": text(tokens // 2)}]}
+                        row = {"messages": prompt + [{"role": "assistant", "content": text(half)}]}
                     else:
-                        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": text(tokens // 2)}],
-                               "rejected": [{"role": "assistant", "content": text(tokens // 2)}]}
+                        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": text(half)}],
+                               "rejected": [{"role": "assistant", "content": text(half)}]}
                     fh.write(json.dumps(row) + "\n")
             pair.append(path)
         files[kind] = tuple(pair)

@@ -147,8 +147,9 @@ def save_final(trainer, output_dir: str) -> None:
 
 
 def write_results(trainer, split: str, metrics: dict) -> None:
-    """`train_results.json` / `eval_results.json` / `all_results.json`, as the HF example scripts write them."""
-    trainer.log_metrics(split, metrics)
+    """`train_results.json` / `eval_results.json` / `all_results.json`, as the HF example scripts write them. The
+    console table shows the scalars (Trainer.log_metrics cannot format a list such as the peak memory per rank)."""
+    trainer.log_metrics(split, {k: v for k, v in metrics.items() if not isinstance(v, (list, tuple, dict))})
     trainer.save_metrics(split, metrics)
 
 

@@ -55,7 +55,9 @@ def job(config: str, stage: str, args, port: int) -> dict:
         train, held_out = args.data_files["sft" if stage == "sft" else "preference"]
         cmd += ["--dataset_name", train, "--eval_dataset_name", held_out]
     cmd += args.extra
-    return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd,
+    # one process sees one GPU (with several visible, Trainer would wrap the model in nn.DataParallel)
+    env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if single else {}
+    return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd, "env": env,
             "engine": engine_of(launch_config), "num_processes": procs}
 
 
@@ -179,7 +181,7 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
     for j in jobs:
         os.makedirs(j["output_dir"], exist_ok=True)
         log = open(os.path.join(j["output_dir"] + ".log"), "w")
-        procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=dict(env, **j.get("env", {})), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True),
                       time.time(), log))
         _RUNNING.append(procs[-1][1])
@@ -196,6 +198,22 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
         print(f"[{time.strftime('%X')}] {j['config']} {j['stage']}: exit {j['returncode']} ({j['seconds']} s)",
               flush=True)
     _RUNNING.clear()
+
+
+def waves(todo: list[dict], parallel: int) -> list[list[dict]]:
+    """Groups of `parallel` runs. With --parallel 1 on a host of several GPUs, the one-process references still
+    run side by side, each on a GPU of its own (their timings stay clean), and every multi-process run alone."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if parallel > 1 or gpus < 2:
+        return [todo[i:i + parallel] for i in range(0, len(todo), parallel)]
+    singles = [j for j in todo if j["num_processes"] == 1]
+    out = [singles[i:i + gpus] for i in range(0, len(singles), gpus)]
+    for wave in out:
+        for gpu, j in enumerate(wave):
+            j["env"] = dict(j.get("env", {}), CUDA_VISIBLE_DEVICES=str(gpu))
+    return out + [[j] for j in todo if j["num_processes"] > 1]
 
 
 def root_error(text: str) -> str | None:
@@ -395,8 +413,7 @@ def main(argv=None) -> int:
         print(f"keeping {len(done)} finished runs of {args.out}/launch_matrix.json; running {len(todo)}", flush=True)
     base_logits = None if args.no_load or not todo else load_base(args.model)
     md = write_results(args, done) if done else ""
-    for start in range(0, len(todo), args.parallel):  # results are written after every wave: a cut run keeps them
-        wave = todo[start:start + args.parallel]
+    for wave in waves(todo, args.parallel):  # results are written after every wave: a cut run keeps them
         run_wave(wave, args.timeout)
         for j in wave:
             inspect(j, base_logits)

@@ -26,3 +26,26 @@ def test_summarize_skips_warmup_and_gpu_memory_on_cpu():
     assert out["train_step_s_median"] == pytest.approx(1.25)  # steps 3 and 4: 1.0 and 1.5 s (not the 5 s first)
     assert out["train_tokens_per_s"] == pytest.approx(128 / 2.5)
     assert ("train_peak_memory_gib" in out) == torch.cuda.is_available()  # GPU only
+
+
+def test_results_with_the_per_rank_memory_list_are_written_and_printed(tmp_path, capsys):
+    """On GPUs run.json's metrics hold a list (peak memory per rank), which Trainer.log_metrics cannot format: the
+    results files keep it, the console table shows the scalars (a 2-GPU run failed here after training)."""
+    import json
+
+    import transformers
+
+    from align import training
+
+    class Stub:
+        args = SimpleNamespace(output_dir=str(tmp_path))
+        is_world_process_zero = staticmethod(lambda: True)
+        log_metrics = transformers.Trainer.log_metrics
+        save_metrics = transformers.Trainer.save_metrics
+        metrics_format = transformers.Trainer.metrics_format
+
+    metrics = {"train_loss": 1.5, "train_peak_memory_gib": 3.0, "train_peak_memory_gib_per_rank": [3.0, 2.5]}
+    training.write_results(Stub(), "train", metrics)
+    assert json.loads((tmp_path / "train_results.json").read_text())["train_peak_memory_gib_per_rank"] == [3.0, 2.5]
+    printed = capsys.readouterr().out
+    assert "train_loss" in printed and "per_rank" not in printed

@@ -9,6 +9,7 @@
 #                                           # benchmarks/gpu_setup.sh): SFT + DPO under DDP, ZeRO-3 and FSDP2
 #   bash benchmarks/two_gpu.sh OUT pack     # OUT/two_gpu.tgz: the tables, JSON and logs (no weights)
 #
+# FRESH=1 runs every random-weights run again (default: keep those of benchmarks/results/two_gpu_h200x2_random_1b).
 # TOKENIZER (default .cache/tok): a tokenizer dir with a chat template for the random model, e.g.
 #   python -c "from align.testing import load_test_tokenizer as t; t().save_pretrained('.cache/tok')"
 set -u
@@ -22,12 +23,17 @@ ALL=single_gpu,single_gpu_qlora,multi_gpu,deepspeed_zero2,deepspeed_zero3,deepsp
 mkdir -p "$OUT"
 case $PART in
   random)
+    # runs already measured and committed (same seeds, so the same random model and data) are kept: only the rest run
+    SEED=benchmarks/results/two_gpu_h200x2_random_1b/launch_matrix.json
+    if [ -z "${FRESH:-}" ] && [ -f "$SEED" ] && [ ! -f "$OUT/random_1b/launch_matrix.json" ]; then
+      mkdir -p "$OUT/random_1b" && cp "$SEED" "$OUT/random_1b/"
+    fi
     timeout "$LIMIT" $PY benchmarks/launch_matrix.py --out "$OUT/random_1b" --num_processes 2 --parallel 1 --keep \
       --random_model 1b --random_data 512:1024 --tokenizer "${TOKENIZER:-.cache/tok}" --stages sft,dpo \
       --configs "$ALL" --timeout 400 -- --max_length 1024
     rc=$? ;;
   real)
-    timeout "$LIMIT" $PY benchmarks/launch_matrix.py --out "$OUT/smollm2" --num_processes 2 --parallel 2 --keep \
+    timeout "$LIMIT" $PY benchmarks/launch_matrix.py --out "$OUT/smollm2" --num_processes 2 --parallel 1 --keep \
       --stages sft,dpo --configs single_gpu,multi_gpu,deepspeed_zero3,fsdp --timeout 400
     rc=$? ;;
   pack)

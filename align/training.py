@@ -234,7 +234,7 @@ def step0_eval(log_history: list[dict]) -> dict:
 def train_and_evaluate(trainer, run: StageRun, has_eval: bool, logged_keys: tuple[str, ...] = ("loss",)) -> dict:
     """Held-out metrics before training (`before_*`, fresh runs only), training (resuming when a checkpoint
     exists), the last logged training metrics (`train_*`), held-out metrics after. Writes the result files."""
-    launch.prepare_trainer(trainer)  # ZeRO-3: adapter weights in the base dtype (TRL #6089)
+    launch.prepare_trainer(trainer)  # FSDP2: fp32 outputs and reduction; ZeRO-3: adapter dtype (TRL #6089)
     metrics = {}
     before = has_eval and run.checkpoint is None
     # DeepSpeed and FSDP2 wrap the model when training starts; an evaluate() before train() would prepare it on

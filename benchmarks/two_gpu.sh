@@ -9,7 +9,8 @@
 #                                           # benchmarks/gpu_setup.sh): SFT + DPO under DDP, ZeRO-3 and FSDP2
 #   bash benchmarks/two_gpu.sh OUT pack     # OUT/two_gpu.tgz: the tables, JSON and logs (no weights)
 #
-# FRESH=1 runs every random-weights run again (default: keep those of benchmarks/results/two_gpu_h200x2_random_1b).
+# FRESH=1 runs every random-weights run again (default: keep those of benchmarks/results/two_gpu_h200x2_random_1b);
+# RERUN=fsdp,fsdp_qlora keeps all but those configs.
 # TOKENIZER (default .cache/tok): a tokenizer dir with a chat template for the random model, e.g.
 #   python -c "from align.testing import load_test_tokenizer as t; t().save_pretrained('.cache/tok')"
 set -u
@@ -26,7 +27,11 @@ case $PART in
     # runs already measured and committed (same seeds, so the same random model and data) are kept: only the rest run
     SEED=benchmarks/results/two_gpu_h200x2_random_1b/launch_matrix.json
     if [ -z "${FRESH:-}" ] && [ -f "$SEED" ] && [ ! -f "$OUT/random_1b/launch_matrix.json" ]; then
-      mkdir -p "$OUT/random_1b" && cp "$SEED" "$OUT/random_1b/"
+      mkdir -p "$OUT/random_1b"
+      # RERUN=config,config: measure those configs again (e.g. after a fix that changes them)
+      $PY -c "import json, sys; d = json.load(open(sys.argv[1])); again = set(sys.argv[3].split(','))
+d['runs'] = [r for r in d['runs'] if r['config'] not in again]; json.dump(d, open(sys.argv[2], 'w'), indent=2)" \
+        "$SEED" "$OUT/random_1b/launch_matrix.json" "${RERUN:-}"
     fi
     timeout "$LIMIT" $PY benchmarks/launch_matrix.py --out "$OUT/random_1b" --num_processes 2 --parallel 1 --keep \
       --random_model 1b --random_data 512:1024 --tokenizer "${TOKENIZER:-.cache/tok}" --stages sft,dpo \

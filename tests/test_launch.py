@@ -480,6 +480,73 @@ def test_prepare_final_save_gathers_a_full_state_dict_under_fsdp():
     assert calls == ["FULL_STATE_DICT"]
 
 
+FSDP2_OUTPUT_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from accelerate.utils import FullyShardedDataParallelPlugin
+from types import SimpleNamespace
+from align import launch
+
+class Head(torch.nn.Module):  # like TRL's fused LM head: fp32 log-probabilities out of bf16 compute
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 64)
+    def forward(self, x):
+        return torch.log_softmax(self.proj(x).float(), -1) * 30
+
+dist.init_process_group("gloo")
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+plugin.set_mixed_precision("bf16")  # as accelerate does for mixed_precision: bf16
+trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+changed = launch.fsdp2_precision(trainer) if sys.argv[1] == "fix" else False
+torch.manual_seed(0)
+# accelerate's fsdp2_prepare_model ends in this call with the plugin's policy (accelerate wraps with FSDP on GPUs
+# only, so the CPU test calls torch's fully_shard itself)
+head = Head()
+x = torch.randn(4, 8)
+exact = torch.log_softmax(head.proj.to(torch.bfloat16)(x.bfloat16()).float(), -1) * 30  # bf16 matmul, fp32 after
+head.proj.float()
+model = fully_shard(head, mesh=init_device_mesh("cpu", (1,)), mp_policy=plugin.mixed_precision_policy)
+out = model(x)
+print(json.dumps({"changed": changed, "dtype": str(out.dtype), "max_err": (out.float() - exact).abs().max().item()}))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction(tmp_path):
+    """accelerate's FSDP2 bf16 policy casts the root module's outputs to bf16: TRL's fused head's fp32 per-token
+    log-probabilities come out rounded (steps of 0.06 near -12; summed over a completion, policy minus reference,
+    that buried DPO's signal on 2 H200s). launch.fsdp2_precision keeps outputs as computed and reduces gradients
+    in fp32; a real FSDP2 wrap in one CPU process shows the outputs with and without it."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    plugin.set_mixed_precision("bf16")
+    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16  # accelerate's policy: the problem
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    assert launch.fsdp2_precision(trainer) is True
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+    assert launch.fsdp2_precision(trainer) is False  # already fine
+    assert launch.fsdp2_precision(SimpleNamespace(args=None)) is False  # no FSDP
+
+    script = tmp_path / "fsdp2_output.py"
+    script.write_text(FSDP2_OUTPUT_SCRIPT)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    seen = {}
+    for mode in ("stock", "fix"):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "1", str(script), mode], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        seen[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["stock"]["dtype"] == "torch.bfloat16" and seen["stock"]["max_err"] > 0.01, seen  # rounded
+    assert seen["fix"]["changed"] and seen["fix"]["dtype"] == "torch.float32", seen
+    assert seen["fix"]["max_err"] < 1e-5, seen  # the values the head computed
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Two processes (DDP over gloo) train the adapter one process trains with the same global batch
 
@@ -682,13 +749,17 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP
              "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true"}  # fsdp.yaml's
 
 
-def test_fsdp2_two_cpu_processes_train_save_and_match_one_process(tiny_llama, chat_jsonl, preference_jsonl,
-                                                                  tmp_path):
-    """FSDP2 (what recipes/accelerate/fsdp.yaml sets), 2 CPU processes over gloo x batch 2, for SFT, DPO from the
-    SFT adapter and the reward model: the step-0 evaluation runs inside train(), the sharded adapter is gathered
-    into a full, non-empty PEFT file, and it equals the 1-process batch-4 adapter within FSDP2_ATOL (measured 1.3e-4: FSDP2 reduce-scatters the gradients and clips
-    their norm shard by shard, other summation orders than DDP's; the non-synced control of the DDP test is
-    at 0.12)."""
+def test_fsdp2_config_two_cpu_processes_train_save_and_match_one_process(tiny_llama, chat_jsonl, preference_jsonl,
+                                                                         tmp_path):
+    """fsdp.yaml's environment, 2 CPU processes over gloo x batch 2, for SFT, DPO from the SFT adapter and the
+    reward model: align's FSDP paths (the step-0 evaluation inside train(), the switch to a full state dict for
+    the final save) give a full, non-empty PEFT file equal to the 1-process batch-4 adapter within FSDP2_ATOL
+    (measured 1.3e-4; the non-synced control of the DDP test is at 0.12).
+
+    accelerate shards with FSDP on GPUs only: on CPU processes AcceleratorState keeps no FSDP plugin and the
+    model is wrapped in DDP, so this test does not shard. Real FSDP2 (fully_shard) runs are the GPU launch
+    matrices (benchmarks/results/launch_matrix_h100_1proc.md, two_gpu_h200x2_random_1b/launch_matrix.md);
+    test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction wraps with fully_shard on the CPU directly."""
     # eval batch 2: with drop_last, 4 held-out rows over 2 processes x batch 4 would evaluate nothing
     common = {"max_steps": 3, "dataloader_drop_last": "true", "eval_split_size": 4, "use_cpu": "true", "seed": 0,
               "per_device_eval_batch_size": 2}

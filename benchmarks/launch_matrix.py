@@ -41,7 +41,9 @@ def job(config: str, stage: str, args, port: int) -> dict:
     procs = 1 if single else args.num_processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            f"recipes/accelerate/{launch_config}.yaml", "--num_processes", str(procs)]
-    if not single:
+    if single:  # one GPU (waves() spreads side-by-side references over the GPUs)
+        cmd += ["--gpu_ids", "0"]
+    else:
         cmd += ["--main_process_port", str(port)]
     cmd += [f"align/{stage}.py", "--config", f"recipes/smollm2/{recipe}", "--model_name_or_path", args.model,
             "--output_dir", out, "--max_steps", str(args.max_steps), "--logging_steps", "1", "--eval_strategy", "no",
@@ -55,9 +57,7 @@ def job(config: str, stage: str, args, port: int) -> dict:
         train, held_out = args.data_files["sft" if stage == "sft" else "preference"]
         cmd += ["--dataset_name", train, "--eval_dataset_name", held_out]
     cmd += args.extra
-    # one process sees one GPU (with several visible, Trainer would wrap the model in nn.DataParallel)
-    env = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if single else {}
-    return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd, "env": env,
+    return {"config": config, "stage": stage, "recipe": recipe, "output_dir": out, "cmd": cmd,
             "engine": engine_of(launch_config), "num_processes": procs}
 
 
@@ -181,7 +181,7 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
     for j in jobs:
         os.makedirs(j["output_dir"], exist_ok=True)
         log = open(os.path.join(j["output_dir"] + ".log"), "w")
-        procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=dict(env, **j.get("env", {})), stdout=log, stderr=subprocess.STDOUT,
+        procs.append((j, subprocess.Popen(j["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True),
                       time.time(), log))
         _RUNNING.append(procs[-1][1])
@@ -212,7 +212,7 @@ def waves(todo: list[dict], parallel: int) -> list[list[dict]]:
     out = [singles[i:i + gpus] for i in range(0, len(singles), gpus)]
     for wave in out:
         for gpu, j in enumerate(wave):
-            j["env"] = dict(j.get("env", {}), CUDA_VISIBLE_DEVICES=str(gpu))
+            j["cmd"][j["cmd"].index("--gpu_ids") + 1] = str(gpu)
     return out + [[j] for j in todo if j["num_processes"] > 1]
 
 

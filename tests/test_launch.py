@@ -112,6 +112,13 @@ def train_args(recipe: str | None = None, **overrides):
 )
 def test_engine_of_each_accelerate_config(name, engine, processes):
     env = accelerate_env(name)
+    if name == "single_gpu.yaml":  # one GPU on a host of several (one process seeing two: TRL refuses DataParallel)
+        from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+        args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
+            ["--config_file", os.path.join(ACCELERATE_DIR, name), "train.py"]))
+        assert prepare_simple_launcher_cmd_env(args)[1]["CUDA_VISIBLE_DEVICES"] == "0"
     assert launch.distributed_engine(env=env) == engine
     assert int(env.get("WORLD_SIZE", 1)) == processes
     if engine == "deepspeed_zero3":

@@ -100,7 +100,14 @@ def build_random_model(shape: str, tokenizer_dir: str, out: str) -> str:
     return out
 
 
-TEMPLATE_TOKENS = 64  # room for the chat template around a prompt and an answer
+def template_tokens(tok) -> int:
+    """The chat template's own tokens around one prompt and one answer (+8 for merges at the joins)."""
+    try:
+        empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+        ids = tok.apply_chat_template(empty, tokenize=True, return_dict=True)["input_ids"]
+        return len(ids) + 8
+    except Exception:  # no chat template: a generous allowance
+        return 64
 
 
 def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
@@ -123,7 +130,9 @@ def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
                 return s
             pick = pick[:-extra]
 
-    half = max((tokens - TEMPLATE_TOKENS) // 2, 1)  # a templated row (prompt + answer) stays within `tokens`
+    # a templated row (prompt + answer) stays within `tokens`; at least 64 spare on long rows (the committed 2-GPU
+    # matrix was made with that, and its kept rows need the same data)
+    half = max((tokens - max(template_tokens(tok), min(64, tokens // 2))) // 2, 1)
 
     os.makedirs(out, exist_ok=True)
     files = {}

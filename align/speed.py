@@ -20,6 +20,12 @@ Options (a comma-separated list, `auto`, or `none`):
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
   recomputes the rest in the backward, matmuls included (`activation_memory_budget=0.5`): less memory, some speed.
 - `liger`: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (what TRL's `use_liger_kernel` applies). GPU only.
+- `fused_lora`: LoRA layers compute in the activations' dtype. PEFT casts every adapted layer's input to the fp32
+  LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
+  forward, two of its gradient in the backward); here the small LoRA weights are cast instead (the fp32 weights
+  stay the trained ones), the scaling is folded into B, and B's product is added to the base output by one
+  `addmm` (the GEMM accumulates into it) instead of three element-wise passes. Adapter variants (DoRA, ...),
+  several active adapters and disabled adapters keep PEFT's forward.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -42,7 +48,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("align")
 
-OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16")
+OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora")
 AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "kbit_bf16")
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
@@ -124,9 +130,45 @@ def finish(trainer, options) -> None:
         if "shared_prompt" in segments:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
             _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
+    if "fused_lora" in options:
+        use_fused_lora(trainer.model)
     if "compile" in options:
         compile_layers(model, memory_budget=0.5 if "lean" in options else None)
     trainer.align_speedups = tuple(options)
+
+
+# --- fused LoRA: LoRA in the activations' dtype, its product accumulated into the base output -------------------
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """Forward of a PEFT LoRA linear layer (bound to the layer by `use_fused_lora`)."""
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
+            or active[0] in self.lora_variant):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = active[0]
+    result = self.base_layer(x)
+    dtype = result.dtype
+    h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+    b = (self.lora_B[name].weight * self.scaling[name]).to(dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.t())
+    return out.view(result.shape)
+
+
+def use_fused_lora(model) -> int:
+    """Give every LoRA linear layer of `model` the fused forward; returns how many layers."""
+    import types
+
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, LoraLayer) and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict)
+                and module.lora_A and all(isinstance(a, torch.nn.Linear) for a in module.lora_A.values())
+                and hasattr(module, "base_layer") and not isinstance(module.base_layer, torch.nn.Embedding)):
+            module.forward = types.MethodType(_fused_lora_forward, module)
+            count += 1
+    logger.info("speedups: fused LoRA forward on %d layers", count)
+    return count
 
 
 # --- segment attention: causal attention inside segments of one packed row -------------------------------------

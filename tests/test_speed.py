@@ -159,7 +159,7 @@ def test_fused_log_probs_equal_full_logits():
     torch.testing.assert_close(fused, plain.masked_fill(labels == -100, 0), atol=1e-5, rtol=1e-5)
 
 
-def test_sft_stage_with_padding_free_keeps_the_losses(tiny_llama, chat_jsonl, tmp_path):
+def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
     from align import sft
 
     from .test_sft import losses, sft_argv
@@ -170,6 +170,17 @@ def test_sft_stage_with_padding_free_keeps_the_losses(tiny_llama, chat_jsonl, tm
                              eval_split_size=0))
     assert fast.align_speedups == ("padding_free",) and fast.args.padding_free
     assert losses(fast) == pytest.approx(losses(plain), abs=1e-4)
+    # DPO from that SFT adapter (policy + frozen "ref" adapter) with the fused LoRA forward: the same losses
+    from align import dpo
+
+    from .test_dpo import dpo_argv
+
+    runs = [dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / f"dpo_{s}"), max_steps=3, speedups=s,
+                              eval_split_size=0, sft_adapter=str(tmp_path / "plain"), learning_rate=1e-3))
+            for s in ("none", "fused_lora")]
+    assert runs[1].align_speedups == ("fused_lora",)
+    assert losses(runs[0])[0] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 0
+    assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-5) and len(set(losses(runs[0]))) > 1
 
 
 def test_kbit_bf16_keeps_the_4bit_base_in_bf16(tiny_llama):
@@ -207,3 +218,73 @@ def test_throughput_benchmark_runs_both_paths(tmp_path):
     dpo_stock = next(r for r in result["runs"] if r["case"] == "dpo_lora" and r["path"] == "stock")
     assert dpo_stock["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # reference = adapter off
     assert "| tiny | sft_lora | fixed | align |" in (out / "throughput_cpu.md").read_text()
+
+
+def _lora_forward_and_grads(peft_model, ids, fused: bool):
+    model = peft_model
+    if fused:
+        assert speed.use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    out.sum().backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), g
+
+
+def test_fused_lora_gives_peft_outputs_and_gradients():
+    """fp32: the fused LoRA forward (weights cast to the input's dtype, scaling folded into B, one addmm) gives
+    PEFT's log-probs and LoRA gradients; a disabled adapter and another active adapter (DPO's frozen "ref" copy)
+    give PEFT's results too."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, plain = tiny_lora_model()
+    _, fused = tiny_lora_model()
+    out_p, g_p = _lora_forward_and_grads(plain, ids, fused=False)
+    out_f, g_f = _lora_forward_and_grads(fused, ids, fused=True)
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    assert_same_grads(g_f, g_p)
+    assert any("lora_A" in k for k in g_f) and any("lora_B" in k for k in g_f)
+    with torch.no_grad():
+        with plain.disable_adapter(), fused.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits)
+        base = fused(input_ids=ids).logits
+        for m in (plain, fused):  # a second adapter, active alone (as DPO's reference is)
+            torch.manual_seed(3)
+            m.add_adapter("ref", LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+            m.set_adapter("ref")
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert (fused(input_ids=ids).logits - base).abs().max() > 1e-3  # the ref adapter is really used
+
+
+def test_fused_lora_makes_no_fp32_copy_of_the_activations():
+    """bf16 base under autocast (as TRL trains): PEFT's forward copies each adapted layer's input to fp32 (the
+    LoRA weights' dtype); the fused forward makes no activation-sized fp32 copy and gives the same outputs within
+    bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FP32Copies(TorchDispatchMode):
+        def __init__(self, min_numel):
+            super().__init__()
+            self.min_numel, self.count = min_numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) \
+                    and out.dtype == torch.float32 and out.numel() >= self.min_numel:
+                self.count += 1
+            return out
+
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(2))
+    outs, copies = {}, {}
+    for fused in (False, True):
+        base, peft_model = tiny_lora_model()
+        for n, p in peft_model.named_parameters():
+            if "lora_" not in n:
+                p.data = p.data.to(torch.bfloat16)  # bf16 base, fp32 LoRA weights: PEFT's default
+        if fused:
+            speed.use_fused_lora(peft_model)
+        counter = FP32Copies(min_numel=ids.numel() * 64)  # one layer input: tokens x hidden
+        with torch.autocast("cpu", dtype=torch.bfloat16), counter:
+            outs[fused] = peft_model(input_ids=ids).logits.float()
+        copies[fused] = counter.count
+    # PEFT: one copy per adapted layer (7 x 2) on top of what both paths do (the RMSNorms' fp32 upcasts)
+    assert copies[False] - copies[True] == 14, copies
+    torch.testing.assert_close(outs[True], outs[False], atol=0.05, rtol=0.05)

@@ -143,8 +143,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     """Forward of a PEFT LoRA linear layer (bound to the layer by `use_fused_lora`)."""
     active = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
-            or active[0] in self.lora_variant):
-        return type(self).forward(self, x, *args, **kwargs)
+            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: variants, lora_bias, mixed batches
     name = active[0]
     result = self.base_layer(x)
     dtype = result.dtype

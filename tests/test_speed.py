@@ -288,3 +288,21 @@ def test_fused_lora_makes_no_fp32_copy_of_the_activations():
     # PEFT: one copy per adapted layer (7 x 2) on top of what both paths do (the RMSNorms' fp32 upcasts)
     assert copies[False] - copies[True] == 14, copies
     torch.testing.assert_close(outs[True], outs[False], atol=0.05, rtol=0.05)
+
+
+def test_fused_lora_leaves_lora_bias_and_dora_to_peft():
+    """Adapters the fused path does not cover (a bias on B, DoRA) keep PEFT's forward: same outputs."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    for extra in ({"lora_bias": True}, {"use_dora": True}):
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+            base = transformers.AutoModelForCausalLM.from_config(cfg)
+            m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                init_lora_weights=False, **extra))
+            models.append(m)
+        assert speed.use_fused_lora(models[1]) == 7
+        with torch.no_grad():
+            torch.testing.assert_close(models[1](input_ids=ids).logits, models[0](input_ids=ids).logits)

@@ -24,8 +24,11 @@ Options (a comma-separated list, `auto`, or `none`):
   LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
   forward, two of its gradient in the backward); here the small LoRA weights are cast instead (the fp32 weights
   stay the trained ones), the scaling is folded into B, and B's product is added to the base output by one
-  `addmm` (the GEMM accumulates into it) instead of three element-wise passes. Adapter variants (DoRA, ...),
-  several active adapters and disabled adapters keep PEFT's forward.
+  `addmm` (the GEMM accumulates into it) instead of three element-wise passes. With LoRA dropout, each adapter
+  saves a one-byte keep-mask for its backward instead of its own dropped copy of the input (the dropped input is
+  recomputed); the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in distribution, not
+  bit for bit. Adapter variants (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's
+  forward.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -148,10 +151,40 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     name = active[0]
     result = self.base_layer(x)
     dtype = result.dtype
-    h = F.linear(self.lora_dropout[name](x), self.lora_A[name].weight.to(x.dtype))
+    drop, a = self.lora_dropout[name], self.lora_A[name].weight.to(x.dtype)
+    if isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0:
+        h = _DropoutLinear.apply(x, a, drop.p)
+    else:
+        h = F.linear(drop(x), a)
     b = (self.lora_B[name].weight * self.scaling[name]).to(dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.t())
     return out.view(result.shape)
+
+
+class _DropoutLinear(torch.autograd.Function):
+    """`F.linear(F.dropout(x, p), weight)` that saves the input and a one-byte keep-mask for the backward instead
+    of the dropped copy of the input: PEFT's dropout gives every adapter its own dropped copy (saved for the
+    weight gradient) plus the mask, while `x` itself is shared by the adapters of q/k/v/gate/up and often saved
+    anyway. The dropped input is recomputed in the backward (one element-wise pass)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, p):
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        scale = 1.0 / (1 - p)
+        ctx.save_for_backward(x, keep, weight)
+        ctx.scale = scale
+        return F.linear(x * keep * scale, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, keep, weight = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad @ weight.to(grad.dtype)) * keep * ctx.scale).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            dropped = (x * keep * ctx.scale).to(grad.dtype)
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 def use_fused_lora(model) -> int:

@@ -323,3 +323,49 @@ def test_compiled_layers_with_fused_lora_match_eager_peft():
         results.append((out.detach(), grads(model)))
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     assert_same_grads(results[1][1], results[0][1])
+
+
+def test_fused_lora_dropout_saves_a_mask_not_a_copy():
+    """LoRA dropout in the fused path: the same outputs and gradients as dropout-then-linear with the same keep-mask
+    (drawn from the same seed), and the forward saves a one-byte mask per adapter instead of PEFT's dropped bf16
+    copy of each adapter's input (saved-tensor bytes measured with autograd's hooks)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    torch.manual_seed(7)
+    out = speed._DropoutLinear.apply(x, w, 0.25)
+    out.square().sum().backward()
+    got = (out.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    torch.manual_seed(7)
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(0.75)
+    ref = torch.nn.functional.linear(x * keep / 0.75, w)
+    ref.square().sum().backward()
+    for a, b in zip(got, (ref.detach(), x.grad, w.grad)):
+        torch.testing.assert_close(a, b)
+    assert 0.6 < keep.float().mean() < 0.9
+
+    def saved_mib(dropout, fused):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2)
+        base = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
+        if fused:
+            speed.use_fused_lora(model)
+        model.train()
+        seen = {}
+
+        def pack(t):
+            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, VOCAB, (4, 128))).logits.sum().backward()
+        return sum(seen.values()) / 2**20
+
+    tokens, hidden, inter = 4 * 128, 128, 512
+    masks = 2 * tokens * (6 * hidden + inter) / 2**20  # 1 byte per input element of the 7 adapters x 2 layers
+    peft_drop, fused_drop, fused_none = saved_mib(0.05, False), saved_mib(0.05, True), saved_mib(0.0, True)
+    assert fused_drop == pytest.approx(fused_none + masks, abs=0.05), (fused_drop, fused_none, masks)
+    assert peft_drop - fused_drop > 2 * masks, (peft_drop, fused_drop)  # PEFT: mask + a bf16 copy per adapter

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from trl import RewardTrainer
 
-from align import config, data, modeling, stacking, training
+from align import config, data, modeling, speed, stacking, training
 
 
 class AlignRewardTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, RewardTrainer):
@@ -44,7 +44,9 @@ def main(argv=None):
 
     # 3. Base with a one-score head, and the LoRA adapter (the head trains with it and is saved with it).
     # The new score head is drawn from the seed alone: the same reward model under every launch engine.
+    speedups = speed.resolve(run_args.speedups, "rm", model_args)
     model = modeling.load_model(model_args, task="seq_cls", num_labels=1, training=True, head_seed=train_args.seed)
+    model = speed.prepare_model(model, speedups)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = stacking.attach_trainable_adapter(model, model_args)
     training.mark_base_frozen(model)
@@ -54,6 +56,7 @@ def main(argv=None):
         model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
+    speed.finish(trainer, speedups)
 
     # 5. Train, with held-out pairwise accuracy before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,

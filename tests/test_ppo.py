@@ -254,6 +254,8 @@ def test_ppo_needs_a_reward_and_a_value_start(tiny_llama, preference_jsonl, tmp_
         ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "c"), reward_model=str(tmp_path)))
     with pytest.raises(config.ConfigError, match="module:function"):
         ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "d"), reward_fn="no_colon"))
+    with pytest.raises(config.ConfigError, match="no speed options"):  # refused, not silently ignored
+        ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "e"), speedups="fused_lora"))
 
 
 def test_ppo_refuses_sharded_engines_before_loading(tiny_llama, preference_jsonl, tmp_path, monkeypatch):

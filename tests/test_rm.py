@@ -72,3 +72,16 @@ def test_logged_accuracy_and_margin_weigh_every_pair_alike(tiny_llama, preferenc
     assert m["eval_accuracy"] == pytest.approx(sum(x > 0 for x in margins) / 5)
     batch_means = [sum(b) / len(b) for b in (margins[0:2], margins[2:4], margins[4:])]
     assert abs(sum(batch_means) / 3 - sum(margins) / 5) > 1e-4  # what TRL alone would have logged differs
+
+
+def test_reward_stage_takes_speedups_and_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path):
+    """`speedups` reaches the reward stage (it was ignored there): fused LoRA gives the plain per-step losses; an
+    option of another stage (padding_free) does not apply."""
+    runs = [rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / s.replace(",", "_")), max_steps=4,
+                            eval_split_size=0, speedups=s)) for s in ("none", "fused_lora,padding_free")]
+    assert runs[0].align_speedups == () and runs[1].align_speedups == ("fused_lora",)
+    fused = [m for m in runs[1].model.modules() if "forward" in vars(m)]  # LoRA layers given the fused forward
+    assert len(fused) == 14 and not any("forward" in vars(m) for m in runs[0].model.modules())
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs]
+    assert len(losses[0]) == 4 and len(set(losses[0])) > 1
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)

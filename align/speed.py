@@ -156,7 +156,13 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         h = _DropoutLinear.apply(x, a, drop.p)
     else:
         h = F.linear(drop(x), a)
-    b = (self.lora_B[name].weight * self.scaling[name]).to(dtype)
+    b = self.lora_B[name].weight * self.scaling[name]
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and dtype != torch.get_autocast_dtype(device):
+        # a base output above the autocast dtype (fp32 residual stream of a k-bit base without kbit_bf16): an addmm
+        # would be autocast down to bf16 with it; add the bf16 LoRA product to it instead, as PEFT does
+        return result + F.linear(h, b)
+    b = b.to(dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.t())
     return out.view(result.shape)
 

@@ -27,12 +27,12 @@ Options (a comma-separated list, `auto`, or `none`):
   `addmm` (the GEMM accumulates into it) instead of three element-wise passes. With LoRA dropout, each adapter
   saves a one-byte keep-mask for its backward instead of its own dropped copy of the input (the dropped input is
   recomputed); the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in distribution, not
-  bit for bit. Adapter variants (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's
+  bit for bit. Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's
   forward.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` is `padding_free,shared_prompt,compile,kbit_bf16` on a CUDA GPU and nothing on a CPU (`auto,lean` adds
+`auto` is `padding_free,shared_prompt,compile,kbit_bf16,fused_lora` on a CUDA GPU and nothing on a CPU (`auto,lean` adds
 to it); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora")
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "kbit_bf16")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "kbit_bf16", "fused_lora")
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
@@ -134,7 +134,15 @@ def finish(trainer, options) -> None:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
             _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
     if "fused_lora" in options:
-        use_fused_lora(trainer.model)
+        from align import launch
+
+        if launch.distributed_engine(trainer.args) == "deepspeed_zero3":
+            # ZeRO-3 gathers a parameter when its own module runs; the fused forward reads lora_A/lora_B weights
+            # from the parent layer, so a partitioned one would be an empty placeholder
+            logger.info("speedups: fused_lora left out under DeepSpeed ZeRO-3 (partitioned LoRA weights)")
+            options = tuple(o for o in options if o != "fused_lora")
+        else:
+            use_fused_lora(trainer.model)
     if "compile" in options:
         compile_layers(model, memory_budget=0.5 if "lean" in options else None)
     trainer.align_speedups = tuple(options)

@@ -409,3 +409,24 @@ def test_fused_lora_on_a_4bit_base_is_as_close_to_fp32_as_peft(tiny_llama, kbit_
     assert fused[1].keys() == ref[1].keys()
     assert fused_logit <= 1.25 * peft_logit + 1e-3, (fused_logit, peft_logit)
     assert fused_grad <= 1.25 * peft_grad + 1e-2, (fused_grad, peft_grad)
+
+
+def test_fused_lora_is_left_out_under_zero3(monkeypatch):
+    """ZeRO-3 gathers a weight when its own module runs; the fused forward reads LoRA weights from the parent layer,
+    so under ZeRO-3 the option is left out (logged), and kept under the other engines."""
+    from types import SimpleNamespace
+
+    for env, kept in (({}, True), ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, False),
+                      ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, True)):
+        for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        _, model = tiny_lora_model()
+        trainer = SimpleNamespace(model=model, args=SimpleNamespace(), is_deepspeed_enabled=bool(env),
+                                  is_fsdp_enabled=False)
+        speed.finish(trainer, ("fused_lora",))
+        assert trainer.align_speedups == (("fused_lora",) if kept else ()), env
+        from peft.tuners.lora import LoraLayer
+
+        assert any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer)) == kept, env

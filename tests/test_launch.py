@@ -807,3 +807,40 @@ def test_fsdp2_config_two_cpu_processes_train_save_and_match_one_process(tiny_ll
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any("score" in k for k in load_file(os.path.join(rm_two, "adapter_model.safetensors")))
     assert max_diff(rm_one, rm_two) < FSDP2_ATOL
+
+
+def test_launch_matrix_random_rows_fit_and_references_spread_over_gpus(tmp_path, monkeypatch):
+    """benchmarks/launch_matrix.py: random-token rows stay within TOKENS once templated (decoded random ids
+    re-tokenize longer: the first 2-GPU matrix dropped every row as too long), and with --parallel 1 on a host of
+    two GPUs the one-process references run side by side, one per GPU, every multi-process run alone."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import launch_matrix
+
+    from align.testing import load_test_tokenizer
+
+    tok_dir = str(tmp_path / "tok")
+    tok = load_test_tokenizer()
+    tok.save_pretrained(tok_dir)
+    for tokens in (64, 256):
+        files = launch_matrix.write_random_data(tok_dir, str(tmp_path / f"data{tokens}"), 12, tokens)
+        lengths = []
+        for line in open(files["sft"][0]):
+            msgs = json.loads(line)["messages"]
+            lengths.append(len(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"]))
+        for line in open(files["preference"][0]):
+            row = json.loads(line)
+            for side in ("chosen", "rejected"):
+                ids = tok.apply_chat_template(row["prompt"] + row[side], tokenize=True, return_dict=True)["input_ids"]
+                lengths.append(len(ids))
+        assert max(lengths) <= tokens and min(lengths) > tokens // 2, (tokens, lengths)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = SimpleNamespace(out=str(tmp_path), num_processes=2, model="m", max_steps=8, data_files=None, extra=[])
+    jobs = [launch_matrix.job(c, s, args, 29600 + i) for i, (c, s) in enumerate(
+        [("single_gpu", "sft"), ("single_gpu_qlora", "sft"), ("multi_gpu", "sft"), ("single_gpu", "dpo"),
+         ("fsdp", "sft")])]
+    waves = launch_matrix.waves(jobs, 1)
+    gpus = [[j["cmd"][j["cmd"].index("--gpu_ids") + 1] if "--gpu_ids" in j["cmd"] else None for j in w]
+            for w in waves]
+    assert gpus == [["0", "1"], ["0"], [None], [None]]
+    assert [len(w) for w in launch_matrix.waves(jobs, 2)] == [2, 2, 1]  # --parallel 2: plain groups

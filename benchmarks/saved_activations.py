@@ -7,8 +7,9 @@ left out) does not depend on the
 device, so the effect of an option on activation memory is measured here exactly, without a GPU. The model is the
 Llama-3.2-1B shape with one and with two decoder layers (their difference is what each layer saves), bf16 weights,
 LoRA r=16 alpha=32 on every linear layer (fp32 LoRA weights, PEFT's default), bf16 autocast as TRL trains, and
-TRL's fused LM head (the full logits are never saved). Paths: PEFT's LoRA forward (stock) and align's `fused_lora`,
-each with LoRA dropout 0 and 0.05 (what every shipped recipe uses). Attention saves only q, k and v (SDPA under
+TRL's fused LM head (the full logits are never saved). Paths: PEFT's LoRA forward (stock), align's `fused_lora`,
+`compile` (each decoder layer through torch.compile: the partitioner's choice of what to save, made here by
+inductor on the CPU) and both, each with LoRA dropout 0 and 0.05 (what every shipped recipe uses). Attention saves only q, k and v (SDPA under
 checkpoint, as the GPU's flash kernel keeps no attention matrix), the same in every path.
 Writes `<out>/saved_activations_cpu.json`.
 """
@@ -40,7 +41,7 @@ def qkv_saving_attention(module, query, key, value, attention_mask, **kwargs):
                       **kwargs)
 
 
-def saved_mib(layers: int, tokens: int, dropout: float, fused: bool) -> float:
+def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: bool = False) -> float:
     import transformers
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -55,6 +56,8 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool) -> float:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     if fused:
         speed.use_fused_lora(model)
+    if compiled:
+        speed.compile_layers(model.get_base_model())
     model.train()
     seen: dict = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved too, but not activations
@@ -67,6 +70,9 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool) -> float:
         return t
 
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    if compiled:  # compile (and its own saved tensors) outside the count
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum().backward()
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(input_ids=ids, labels=ids, fused_lm_head=True)  # held: the graph keeps every saved tensor alive
     total = sum(seen.values()) / 2**20
@@ -80,15 +86,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     runs = []
+    paths = {"stock PEFT": (False, False), "align fused_lora": (True, False), "align compile": (False, True),
+             "align compile,fused_lora": (True, True)}
     for dropout in (0.0, 0.05):
-        for fused in (False, True):
+        for path, (fused, compiled) in paths.items():
             t0 = time.time()
-            one, two = (saved_mib(n, args.tokens, dropout, fused) for n in (1, 2))
-            run = {"path": "align fused_lora" if fused else "stock PEFT", "lora_dropout": dropout,
+            one, two = (saved_mib(n, args.tokens, dropout, fused, compiled) for n in (1, 2))
+            run = {"path": path, "lora_dropout": dropout,
                    "per_layer_mib": round(two - one, 2), "outside_layers_mib": round(2 * one - two, 2),
                    "16_layers_gib": round((2 * one - two + 16 * (two - one)) / 1024, 3)}
             runs.append(run)
-            print(f"{run['path']:>16}  dropout {dropout:<4}  per layer {run['per_layer_mib']:8.1f} MiB  outside "
+            print(f"{run['path']:>24}  dropout {dropout:<4}  per layer {run['per_layer_mib']:8.1f} MiB  outside "
                   f"{run['outside_layers_mib']:7.1f} MiB  16 layers {run['16_layers_gib']:6.2f} GiB  "
                   f"({time.time() - t0:.0f} s)", flush=True)
     stock = {r["lora_dropout"]: r for r in runs if r["path"] == "stock PEFT"}

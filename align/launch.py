@@ -373,8 +373,8 @@ def fsdp2_precision(trainer) -> bool:
     accelerate builds FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16)`.
     `output_dtype` casts the root module's outputs, and with TRL's fused LM head those are the per-token
     log-probabilities (computed in fp32): rounded to bf16 (steps of 0.06 near -12), summed over a completion
-    and subtracted policy minus reference, they bury the DPO signal (on 2 H200s, DPO losses under FSDP2 swung by
-    0.08 from the one-GPU run, DDP by 0.01). The policy here is the same with `output_dtype=None` (outputs keep
+    and subtracted policy minus reference, they bury the DPO signal (on 2 H200s, DPO losses under FSDP2 differed
+    by up to 0.073 from the one-GPU run, under DDP by 0.013). The policy here is the same with `output_dtype=None` (outputs keep
     the dtype they were computed in) and `reduce_dtype=fp32` (what DDP reduces: the fp32 adapter gradients; an
     adapter's gradients are small, so the cost is small). Returns True when the policy was changed."""
     import torch

@@ -27,13 +27,13 @@ Options (a comma-separated list, `auto`, or `none`):
   `addmm` (the GEMM accumulates into it) instead of three element-wise passes. With LoRA dropout, each adapter
   saves a one-byte keep-mask for its backward instead of its own dropped copy of the input (the dropped input is
   recomputed); the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in distribution, not
-  bit for bit. Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's
-  forward.
+  bit for bit. Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants
+  (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's forward.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` is `padding_free,shared_prompt,compile,kbit_bf16,fused_lora` on a CUDA GPU and nothing on a CPU (`auto,lean` adds
-to it); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
+`auto` is `padding_free,shared_prompt,compile,kbit_bf16,fused_lora` on a CUDA GPU and nothing on a CPU
+(`auto,lean` adds to it); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
 padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures

@@ -119,7 +119,8 @@ def write_random_data(model_dir: str, out: str, rows: int, tokens: int) -> dict:
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     rng = random.Random(0)
-    ids = [i for i in range(len(tok)) if i not in set(tok.all_special_ids)][256:]
+    special = set(tok.all_special_ids)
+    ids = [i for i in range(len(tok)) if i not in special][256:]
 
     def text(n):  # decoded random ids re-tokenize longer: trim until the text is at most n tokens again
         pick = [rng.choice(ids) for _ in range(n)]
@@ -211,7 +212,8 @@ def run_wave(jobs: list[dict], timeout: int) -> None:
 
 def waves(todo: list[dict], parallel: int) -> list[list[dict]]:
     """Groups of `parallel` runs. With --parallel 1 on a host of several GPUs, the one-process references still
-    run side by side, each on a GPU of its own (their timings stay clean), and every multi-process run alone."""
+    run side by side, each on a GPU of its own (its --gpu_ids is set here; their timings stay clean), and every
+    multi-process run alone."""
     import torch
 
     gpus = torch.cuda.device_count()

@@ -59,22 +59,27 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
     if compiled:
         speed.compile_layers(model.get_base_model())
     model.train()
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if compiled:  # compile (and its own saved tensors) outside the count
+            model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum().backward()
+        return saved_activation_mib(model, lambda: model(input_ids=ids, labels=ids, fused_lm_head=True))
+
+
+def saved_activation_mib(model, forward) -> float:
+    """MiB that autograd saves for the backward while `forward()` runs: each storage once, `model`'s own weights
+    left out (saved too, but not activations). The output is held until counted: its graph keeps them alive."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved too, but not activations
 
     def pack(t):
-        if t.untyped_storage().data_ptr() in weights:
-            return t
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in weights:
+            seen[(ptr, t.dtype)] = max(seen.get((ptr, t.dtype), 0), t.untyped_storage().nbytes())
         return t
 
-    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
-    if compiled:  # compile (and its own saved tensors) outside the count
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.sum().backward()
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(input_ids=ids, labels=ids, fused_lm_head=True)  # held: the graph keeps every saved tensor alive
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
     total = sum(seen.values()) / 2**20
     del out
     return total

@@ -328,7 +328,10 @@ def test_compiled_layers_with_fused_lora_match_eager_peft():
 def test_fused_lora_dropout_saves_a_mask_not_a_copy():
     """LoRA dropout in the fused path: the same outputs and gradients as dropout-then-linear with the same keep-mask
     (drawn from the same seed), and the forward saves a one-byte mask per adapter instead of PEFT's dropped bf16
-    copy of each adapter's input (saved-tensor bytes measured with autograd's hooks)."""
+    copy of each adapter's input (saved-tensor bytes counted as benchmarks/saved_activations.py counts them)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import saved_activations
+
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(4, 16, requires_grad=True)
@@ -354,15 +357,9 @@ def test_fused_lora_dropout_saves_a_mask_not_a_copy():
         if fused:
             speed.use_fused_lora(model)
         model.train()
-        seen = {}
-
-        def pack(t):
-            seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
-            return t
-
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=torch.randint(0, VOCAB, (4, 128))).logits.sum().backward()
-        return sum(seen.values()) / 2**20
+        ids = torch.randint(0, VOCAB, (4, 128))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return saved_activations.saved_activation_mib(model, lambda: model(input_ids=ids))
 
     tokens, hidden, inter = 4 * 128, 128, 512
     masks = 2 * tokens * (6 * hidden + inter) / 2**20  # 1 byte per input element of the 7 adapters x 2 layers

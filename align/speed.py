@@ -222,6 +222,8 @@ def use_fused_lora(model) -> int:
 
 _layout: list | None = None  # [(q_start, q_end, [(kv_start, kv_end), ...]), ...] of the current packed row
 _layout_len: int = -1
+_layout_equal: bool = False
+_varlen_plan: dict = {}  # per device: the layout as flash-varlen arguments, built once per forward for all layers
 
 
 def set_layout(segments: list | None, length: int = -1) -> None:
@@ -229,8 +231,72 @@ def set_layout(segments: list | None, length: int = -1) -> None:
 
     The layout stays set after the forward on purpose: gradient checkpointing recomputes attention in the backward.
     The next forward of a wrapped model replaces it; a call with another sequence length ignores it."""
-    global _layout, _layout_len
+    global _layout, _layout_len, _layout_equal
     _layout, _layout_len = segments, length
+    _varlen_plan.clear()
+    # equal samples, each attending to itself: one batched causal call (decided once, not in every layer)
+    _layout_equal = bool(segments) and len({q1 - q0 for q0, q1, _ in segments}) == 1 and all(
+        len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in segments)
+
+
+def _varlen():
+    """torch's flash-attention varlen entry (torch >= 2.9), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _varlen_args(device):
+    """(cu_seq_q, cu_seq_k, max_q, max_k, key_index) of the current layout: queries are the packed row in order
+    (segments are consecutive), keys are each segment's key ranges back to back (`key_index` None when every
+    segment attends to its own range)."""
+    plan = _varlen_plan.get(device)
+    if plan is None:
+        q_lens = [q1 - q0 for q0, q1, _ in _layout]
+        k_lens = [sum(b - a for a, b in kv) for _, _, kv in _layout]
+        own = all(len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in _layout)
+        cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32).to(device, non_blocking=True)
+        index = None if own else torch.cat([torch.arange(a, b) for _, _, kv in _layout for a, b in kv]).to(
+            device, non_blocking=True)
+        plan = _varlen_plan[device] = (cu(q_lens), cu(k_lens), max(q_lens), max(k_lens), index)
+    return plan
+
+
+def _varlen_attention(query, key, value, scaling):
+    """All segments of the layout in one flash-varlen call: (1, heads, T, dim) in, (1, T, heads, dim) out.
+    Causal masks are lower-right aligned (a rejected completion's queries are the last of its prompt+own keys)."""
+    varlen_attn, causal, has_gqa = _varlen_call()
+    cu_q, cu_k, max_q, max_k, index = _varlen_args(query.device)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, dim)
+    if index is not None:
+        k, v = k.index_select(0, index), v.index_select(0, index)
+    kwargs = dict(scale=scaling, **causal)
+    if q.shape[1] != k.shape[1]:
+        if has_gqa:
+            kwargs["enable_gqa"] = True
+        else:  # releases without the flag: repeat the key/value heads
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)[None]
+
+
+@functools.cache
+def _varlen_call():
+    """varlen_attn, its causal keyword (`is_causal` in torch 2.9-2.11, `window_size=(-1, 0)` later) and whether it
+    takes `enable_gqa`."""
+    import inspect
+
+    varlen_attn = _varlen()
+    params = inspect.signature(varlen_attn).parameters
+    causal = dict(is_causal=True) if "is_causal" in params else dict(window_size=(-1, 0))
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def use_varlen(query, dropout) -> bool:
+    """Flash varlen applies: CUDA, half precision, no attention dropout, torch has it."""
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+            and _varlen() is not None)
 
 
 @torch.compiler.disable
@@ -250,13 +316,15 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                                       **kwargs)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     gqa = heads != kv_heads
-    seg_lens = {q1 - q0 for q0, q1, _ in _layout}
-    if len(seg_lens) == 1 and all(len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in _layout):
-        n, length = len(_layout), seg_lens.pop()  # equal samples: one batched causal call
+    if _layout_equal:
+        n = len(_layout)  # equal samples: one batched causal call
+        length = _layout_len // n
         split = lambda x: x[0].unflatten(1, (n, length)).transpose(0, 1)
         out = F.scaled_dot_product_attention(split(query), split(key), split(value), dropout_p=dropout,
                                              is_causal=True, scale=scaling, enable_gqa=gqa)
         return out.permute(0, 2, 1, 3).reshape(1, n * length, heads, dim), None
+    if _use_varlen and use_varlen(query, dropout):  # every other layout: one flash-varlen call for all segments
+        return _varlen_attention(query, key, value, scaling), None
     outs = []
     for q0, q1, kv in _layout:
         q = query[:, :, q0:q1]
@@ -269,6 +337,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q1 - q0, k.shape[2]),
                                                    dropout_p=dropout, scale=scaling))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+_use_varlen = True  # tests switch it off to compare against the per-segment calls
 
 
 def _segment_mask(*args, **kwargs):
@@ -338,29 +409,28 @@ def _packed_sample_forward(inner, model, kwargs):
 def pair_layout(input_ids, attention_mask, labels):
     """Plan the shared-prompt row of a DPO batch `[chosen_1..chosen_B, rejected_1..rejected_B]` (right-padded).
 
-    Returns (packed_ids, position_ids, segments, hidden_index) or None when the batch is not such pairs (odd size,
-    a prompt that differs between chosen and rejected, a row without completion tokens, left padding).
-    `hidden_index[r, t]` is the packed position whose hidden state predicts token t+1 of original row r.
+    Returns (packed_ids, position_ids, segments, hidden_index, rows, targets) on the batch's device, or None when
+    the batch is not such pairs (odd size, a prompt that differs between chosen and rejected, a row without
+    completion tokens, left padding). `hidden_index[r, t]` is the packed position whose hidden state predicts token
+    t+1 of original row r; `rows` are those positions for the trained tokens (labels != -100) in row-major order
+    and `targets` their labels, what the fused head reads. The plan is made on the host from one copy of the
+    batch (a few thousand integers), so the GPU gets its inputs without waiting on many small kernels and syncs.
     """
     n, length = input_ids.shape
     if n % 2 or attention_mask is None or labels is None:
         return None
     b, dev = n // 2, input_ids.device
+    input_ids, attention_mask, labels = torch.stack([input_ids, attention_mask.to(input_ids.dtype), labels]).cpu()
     trained = labels != -100
     lens = attention_mask.sum(1)
     prompt = trained.int().argmax(1)
-    ar = torch.arange(length, device=dev)
+    ar = torch.arange(length)
     in_prompt = ar[None] < prompt[:b, None]
-    ok = torch.stack([
-        trained.any(1).all(),
-        (prompt[:b] == prompt[b:]).all(),
-        ((input_ids[:b] == input_ids[b:]) | ~in_prompt).all(),
-        (attention_mask.bool() == (ar[None] < lens[:, None])).all(),
-    ]).all()
-    stats = torch.stack([lens, prompt]).tolist()
-    if not bool(ok):
+    if not (trained.any(1).all() and (prompt[:b] == prompt[b:]).all()
+            and ((input_ids[:b] == input_ids[b:]) | ~in_prompt).all()
+            and (attention_mask.bool() == (ar[None] < lens[:, None])).all()):
         return None
-    lens_l, prompt_l = stats
+    lens_l, prompt_l = lens.tolist(), prompt.tolist()
     ids_parts, pos_parts, segments, offsets = [], [], [], []
     o = 0
     for i in range(b):
@@ -373,12 +443,29 @@ def pair_layout(input_ids, attention_mask, labels):
         offsets.append(o)
         o += lc + lr - p
     t = ar[:-1][None]
-    off = torch.tensor(offsets, device=dev)[:, None]
+    off = torch.tensor(offsets)[:, None]
     p_t, lc_t = prompt[:b, None], lens[:b, None]
     chosen_idx = off + t
     rejected_idx = torch.where(t == p_t - 1, off + p_t - 1, off + lc_t + t - p_t)
     hidden_index = torch.cat([chosen_idx, rejected_idx]).clamp(0, o - 1)
-    return torch.cat(ids_parts), torch.cat(pos_parts).to(dev), segments, hidden_index
+    mask = trained[:, 1:]
+    host = (torch.cat(ids_parts), torch.cat(pos_parts), hidden_index, hidden_index[mask], labels[:, 1:][mask])
+    packed, pos, hidden_index, rows, targets = (x.to(dev, non_blocking=True) for x in host)
+    return packed, pos, segments, hidden_index, rows, targets
+
+
+_pair_cache: list = []  # [(input_ids, attention_mask, labels, their versions), plan] of the last pair batch
+
+
+def _cached_pair_layout(input_ids, attention_mask, labels):
+    """`pair_layout`, planned once per batch: DPO's reference and policy forwards get the same tensors."""
+    tensors = (input_ids, attention_mask, labels)
+    versions = tuple(getattr(x, "_version", None) for x in tensors)
+    if _pair_cache and all(a is b for a, b in zip(_pair_cache[0][:3], tensors)) and _pair_cache[0][3] == versions:
+        return _pair_cache[1]
+    plan = pair_layout(*tensors)
+    _pair_cache[:] = [(*tensors, versions), plan]
+    return plan
 
 
 def _shared_prompt_forward(inner, model, kwargs, outputs=_DPO_OUTPUTS):
@@ -390,18 +477,17 @@ def _shared_prompt_forward(inner, model, kwargs, outputs=_DPO_OUTPUTS):
     input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
     if input_ids is None or labels is None or kwargs.get("shift_labels") is not None:
         return None
-    plan = pair_layout(input_ids, kwargs.get("attention_mask"), labels)
+    plan = _cached_pair_layout(input_ids, kwargs.get("attention_mask"), labels)
     if plan is None:
         return None
-    packed, pos, segments, hidden_index = plan
+    packed, pos, segments, _, rows, targets = plan
     set_layout(segments, packed.shape[0])
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False).last_hidden_state[0]
-    shifted = labels[:, 1:]
-    mask = shifted != -100
+    mask = labels[:, 1:] != -100
     head = model.get_output_embeddings()
     per_token = ChunkedLogProbFunction.apply(
-        hidden[hidden_index[mask]], head.weight, head.bias, shifted[mask], 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+        hidden.index_select(0, rows), head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
         1.0, outputs,
     )
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (

@@ -257,7 +257,8 @@ def worker(spec: dict) -> dict:
     meter = Meter(torch, cuda)
     trainer.data_collator = meter.count(trainer.data_collator, dpo)
     trainer.add_callback(meter.callback())
-    profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0))
+    profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0),
+                            stack=spec.get("profile_stack", False))
     if profiler.steps:
         trainer.add_callback(profiler.callback())
     setup_s = time.perf_counter() - t0
@@ -281,7 +282,15 @@ def worker(spec: dict) -> dict:
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                       peft=__import__("peft").__version__),
         profile=profiler.summary(meter) if profiler.steps else None,
+        dynamo=_dynamo_counters(),
     )
+
+
+def _dynamo_counters() -> dict:
+    """torch.compile's counters: graphs compiled, recompilations and graph breaks (by reason)."""
+    from torch._dynamo.utils import counters
+
+    return {k: dict(counters[k]) for k in ("stats", "graph_break", "recompiles") if counters.get(k)}
 
 
 # Kernel names (CUDA) or op names (CPU) -> where the time goes. First match wins.
@@ -302,9 +311,9 @@ class StepProfiler:
     kernels (op names on a CPU), the top kernels, and the GPU-idle share of the wall time (kernel time summed,
     so overlapping streams can read above 100%)."""
 
-    def __init__(self, torch, cuda, first: int, steps: int):
-        self.torch, self.cuda, self.first, self.steps = torch, cuda, first, steps
-        self.prof, self.done = None, False
+    def __init__(self, torch, cuda, first: int, steps: int, stack: bool = False):
+        self.torch, self.cuda, self.first, self.steps, self.stack = torch, cuda, first, steps, stack
+        self.prof, self.done, self.gaps = None, False, None
 
     def callback(self):
         from transformers import TrainerCallback
@@ -317,7 +326,7 @@ class StepProfiler:
                     acts = [me.torch.profiler.ProfilerActivity.CPU]
                     if me.cuda:
                         acts.append(me.torch.profiler.ProfilerActivity.CUDA)
-                    me.prof = me.torch.profiler.profile(activities=acts)
+                    me.prof = me.torch.profiler.profile(activities=acts, with_stack=me.stack)
                     me.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
@@ -326,6 +335,12 @@ class StepProfiler:
                         me.torch.cuda.synchronize()
                     me.prof.__exit__(None, None, None)
                     me.done = True
+                    if me.stack and me.cuda:  # GPU-idle gaps charged to the Python frames that were behind
+                        from profile_gaps import analyze
+
+                        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+                            me.prof.export_chrome_trace(fh.name)
+                            me.gaps = analyze(fh.name, steps=me.steps)
 
         return _CB()
 
@@ -355,7 +370,8 @@ class StepProfiler:
         return {"steps": self.steps, "wall_ms_per_step": wall, "busy_ms_per_step": busy,
                 "idle_share": max(0.0, 1 - busy / wall) if wall else None, "unit": "kernel" if self.cuda else "cpu op",
                 "ms_per_step": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
-                "top": [dict(ms_per_step=t[0], calls_per_step=t[1], category=t[2], name=t[3]) for t in top[:40]]}
+                "top": [dict(ms_per_step=t[0], calls_per_step=t[1], category=t[2], name=t[3]) for t in top[:40]],
+                "gaps": self.gaps}
 
 
 # --- driver ---------------------------------------------------------------------------------------------------
@@ -458,6 +474,11 @@ def markdown(result: dict) -> str:
             cats = ", ".join(f"{c} {ms:.1f}" for c, ms in p["ms_per_step"].items())
             lines.append(f"- {key(r)}: wall {p['wall_ms_per_step']:.1f} ms, busy {p['busy_ms_per_step']:.1f} ms "
                          f"(idle {_f(p.get('idle_share'), '.0%')}): {cats}")
+            g = p.get("gaps")
+            if g:
+                leaves = "; ".join(f"{x['frame']} {x['ms_per_step']:.1f}" for x in g["by_leaf"][:6])
+                lines.append(f"  - GPU waiting for the CPU {g['cpu_bound_idle_ms_per_step']:.1f} ms per step, issued "
+                             f"from: {leaves}")
     errors = [r for r in result["runs"] if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {key(r)}: {r['error'][-300:]!r}" for r in errors]
@@ -494,6 +515,9 @@ def main(argv=None):
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="torch.profiler over this many extra steps after the timed ones: time per kernel category, top "
                     "kernels and GPU-idle share, in the result JSON and the table (the timed steps are not profiled)")
+    ap.add_argument("--profile_stack", action="store_true",
+                    help="with --profile: Python stacks in the trace, and the GPU-idle gaps charged to the frames that "
+                    "issued the late launches (benchmarks/profile_gaps.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -535,7 +559,7 @@ def main(argv=None):
                         rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                        profile_steps=args.profile)
+                        profile_steps=args.profile, profile_stack=args.profile_stack)
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

@@ -1,0 +1,62 @@
+"""GPU-only checks of align/speed.py's attention paths (skipped without CUDA; run on the device machine with
+`python3 -m pytest -q tests/test_speed_cuda.py`). Reference: dense attention in fp32 with the layout's mask."""
+
+import pytest
+import torch
+
+from align import speed
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def dense_reference(q, k, v, layout):
+    """fp32 attention over the whole row with a boolean mask built from the layout (lower-right causal)."""
+    t = q.shape[2]
+    mask = torch.zeros(t, t, dtype=torch.bool, device=q.device)
+    for q0, q1, kv in layout:
+        keys = torch.cat([torch.arange(a, b, device=q.device) for a, b in kv])
+        n_q, n_k = q1 - q0, len(keys)
+        allowed = torch.arange(n_k, device=q.device)[None] <= (torch.arange(n_q, device=q.device)[:, None] + n_k - n_q)
+        rows = torch.arange(q0, q1, device=q.device)
+        mask[rows[:, None], keys[None]] = allowed
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = (x.float().repeat_interleave(rep, dim=1) for x in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def layouts():
+    sft = [(0, 300, [(0, 300)]), (300, 1000, [(300, 1000)]), (1000, 1017, [(1000, 1017)]), (1017, 1500, [(1017, 1500)])]
+    dpo, o = [], 0
+    for p, c, r in ((200, 300, 100), (50, 600, 700), (400, 5, 3)):  # prompt | chosen | rejected
+        dpo += [(o, o + p + c, [(o, o + p + c)]), (o + p + c, o + p + c + r, [(o, o + p), (o + p + c, o + p + c + r)])]
+        o += p + c + r
+    return {"sft": (sft, 1500), "dpo": (dpo, o)}
+
+
+@cuda
+@pytest.mark.parametrize("name", ["sft", "dpo"])
+def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_calls(name):
+    layout, t = layouts()[name]
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, t, 32, 64, device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for use in (True, False):
+        speed._use_varlen = use
+        speed.set_layout(layout, t)
+        out, _ = speed.segment_attention(None, q, k, v, None, scaling=64 ** -0.5)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+        results[use] = (out.float(), [x.float() for x in grads])
+    speed._use_varlen = True
+    speed.set_layout(None)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q32, k32, v32, layout)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+    for out, grads in results.values():
+        assert (out - ref).abs().max().item() < 2e-2
+        for a, b in zip(grads, ref_grads):
+            assert (a - b).abs().max().item() < 5e-2 * max(1.0, b.abs().max().item())
+    assert (results[True][0] - results[False][0]).abs().max().item() < 2e-2

@@ -121,12 +121,13 @@ class RunArguments:
         default=True, metadata={"help": "Resume from the last `checkpoint-N` in `output_dir` when there is one."}
     )
     speedups: str = field(
-        default="none",
-        metadata={"help": "Speed and memory options of sft.py, dpo.py and rm.py (align/speed.py; ppo.py refuses "
-                  "them), opt-in: `none`, `auto` (padding_free, shared_prompt, compile, kbit_bf16, fused_lora on a "
-                  "CUDA GPU; none on a CPU), or a comma list of padding_free (SFT), shared_prompt (DPO), compile, "
-                  "lean, liger, kbit_bf16, fused_lora. Each keeps the loss (CPU tests to 1e-5); measured 1.2-1.3x "
-                  "tokens/s on an H100 (benchmarks/README.md)."},
+        default="auto",
+        metadata={"help": "Speed and memory options of sft.py, dpo.py and rm.py (align/speed.py; ppo.py takes none): "
+                  "`auto` (default: on one CUDA GPU padding_free, shared_prompt, compile, lean, kbit_bf16, "
+                  "fused_lora; compile and lean only without gradient checkpointing and on one process; nothing on "
+                  "a CPU), `none`, or a comma list of padding_free (SFT), shared_prompt (DPO), compile, lean, liger, "
+                  "kbit_bf16, fused_lora. Each keeps the loss (CPU tests to 1e-5); measured against stock TRL + PEFT "
+                  "on an H200 in benchmarks/README.md."},
     )
 
 

@@ -51,9 +51,9 @@ def parse(argv=None):
     if run_args.merge_sft_adapter:
         raise config.ConfigError("ppo.py trains a copy of the SFT adapter; merge_sft_adapter is not supported (merge "
                                  "with align/merge.py and use the merged model as model_name_or_path)")
-    if (run_args.speedups or "none").strip() not in ("none", ""):
+    if (run_args.speedups or "none").strip() not in ("none", "", "auto"):  # auto: what pays here, i.e. nothing
         raise config.ConfigError(f"ppo.py has no speed options (speedups: {run_args.speedups!r}); the stages that "
-                                 "take them are sft.py, dpo.py and rm.py. Fix: remove speedups or set it to none")
+                                 "take them are sft.py, dpo.py and rm.py. Fix: remove speedups or set it to auto/none")
     if not (args.reward_adapter or args.reward_model or args.reward_fn):
         raise config.ConfigError("PPO needs a reward: --reward_adapter DIR (align/rm.py output, run on the shared base), "
                                  "--reward_model DIR (a separate model) or --reward_fn module:function")

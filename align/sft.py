@@ -42,7 +42,7 @@ def main(argv=None):
 
     # 3. Model: frozen base (bf16 / fp32 / 4-bit / 8-bit) with a LoRA adapter, or all weights for a full fine-tune.
     # Speedups (align/speed.py): padding-free batches, compiled layers, bf16 4-bit layout; the loss is unchanged.
-    speedups = speed.resolve(run_args.speedups, "sft", model_args)
+    speedups = speed.resolve(run_args.speedups, "sft", model_args, train_args)
     speed.prepare_args(train_args, speedups, "sft")
     model = speed.prepare_model(modeling.load_model(model_args, training=True), speedups)
     model = stacking.attach_trainable_adapter(model, model_args, parent=run_args.sft_adapter)

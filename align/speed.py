@@ -32,8 +32,9 @@ Options (a comma-separated list, `auto`, or `none`):
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` is `padding_free,shared_prompt,compile,kbit_bf16,fused_lora` on a CUDA GPU and nothing on a CPU
-(`auto,lean` adds to it); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
+`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU and nothing
+on a CPU; `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
+measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
 padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures
@@ -52,22 +53,40 @@ import torch.nn.functional as F
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora")
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "kbit_bf16", "fused_lora")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
 
 
-def resolve(spec: str | None, stage: str, model_args=None) -> tuple[str, ...]:
-    """The options that apply: `spec` is `none` or a comma-separated list of `OPTIONS` and `auto`."""
-    names = []
+def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> tuple[str, ...]:
+    """The options that apply: `spec` is `none` or a comma-separated list of `OPTIONS` and `auto`.
+
+    `auto` means what was measured to pay (benchmarks/README.md): `AUTO_CUDA` on a CUDA GPU, nothing on a CPU;
+    with `train_args`, the compiled options (`compile`, `lean`) come with `auto` only for one process without
+    gradient checkpointing, the setting they were measured in (named options are always kept)."""
+    names, from_auto = [], set()
     for name in (n.strip() for n in (spec or "none").split(",")):
         if name == "auto":
-            names += [n for n in AUTO_CUDA if torch.cuda.is_available() and n not in names]
-        elif name in OPTIONS and name not in names:
-            names.append(name)
-        elif name not in ("none", "") and name not in OPTIONS:
+            new = [n for n in AUTO_CUDA if torch.cuda.is_available() and n not in names]
+            names += new
+            from_auto.update(new)
+        elif name in OPTIONS:
+            from_auto.discard(name)
+            if name not in names:
+                names.append(name)
+        elif name not in ("none", ""):
             raise ValueError(f"unknown speedup {name!r}: choose from {', '.join(OPTIONS)}, or auto / none")
+    if train_args is not None and from_auto & {"compile", "lean"}:
+        from align import launch
+
+        engine = launch.distributed_engine(train_args)
+        why = (f"not measured under {engine}" if engine != "none" else
+               "not measured with gradient checkpointing" if getattr(train_args, "gradient_checkpointing", False)
+               else None)
+        if why:
+            logger.info("speedups: auto leaves out compile and lean (%s); name them to use them", why)
+            names = [n for n in names if n not in ({"compile", "lean"} & from_auto)]
     kept = []
     for name in names:
         if _STAGE_ONLY.get(name, stage) != stage:
@@ -508,8 +527,7 @@ def compile_layers(model, memory_budget: float | None = None) -> None:
     import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
-    if memory_budget is not None:
-        functorch.activation_memory_budget = memory_budget
+    functorch.activation_memory_budget = 1.0 if memory_budget is None else memory_budget  # 1.0: torch's default
 
     # Round to bf16 where eager rounds: the policy (training graph) and the reference (no-grad graph, adapter off)
     # then give the same log-probabilities at step 0, as in eager mode, instead of differing by fusion choices.

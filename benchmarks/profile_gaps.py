@@ -32,7 +32,7 @@ class _Stacks:
         for tid, evs in by_tid.items():
             evs.sort(key=lambda x: (x[0], -x[1]))
             parent, open_ = [], []
-            for i, (s, end, _) in enumerate(evs):
+            for i, (s, _end, _) in enumerate(evs):
                 while open_ and evs[open_[-1]][1] <= s:
                     open_.pop()
                 parent.append(open_[-1] if open_ else -1)

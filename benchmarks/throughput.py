@@ -396,7 +396,7 @@ def run_worker(spec: dict, timeout: int) -> dict:
     finally:
         os.unlink(result_path)
     result.update(shape=spec["shape"], case=spec["case"], wall_s=round(time.time() - started, 1),
-                  data=spec["data"], path=spec["path"])
+                  data=spec["data"], path=spec["path"], rows=spec["rows"])
     return result
 
 
@@ -419,15 +419,22 @@ def compare(runs: list[dict]) -> list[dict]:
             row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
             if r.get("peak_allocated_gib"):
                 row["memory_ratio"] = r["peak_allocated_gib"] / stock["peak_allocated_gib"]
-            n = min(len(r["losses"]), len(stock["losses"]))
-            row["loss_max_abs_diff"] = max((abs(a - b) for a, b in zip(r["losses"][:n], stock["losses"][:n])),
-                                           default=None)
+            # losses are comparable when both saw the same rows (the data depend on the number of steps)
+            if _rows(r) == _rows(stock):
+                pairs = list(zip(r["losses"], stock["losses"]))
+                row["loss_max_abs_diff"] = max((abs(a - b) for a, b in pairs), default=None)
+                row["first_loss_abs_diff"] = abs(pairs[0][0] - pairs[0][1]) if pairs else None
         if r["case"].startswith("dpo"):  # against the SFT step of the same shape on the same path
             sft = by.get(f"{r['shape']}:sft_{r['case'][4:]}:{r['path']}:{data}")
             if sft and "error" not in sft and "error" not in r and sft.get("peak_allocated_gib"):
                 row["dpo_memory_vs_sft"] = r["peak_allocated_gib"] / sft["peak_allocated_gib"]
         rows.append(row)
     return rows
+
+
+def _rows(r):
+    """Rows of the run's data: recorded, else implied by its number of logged steps (one batch per step)."""
+    return r.get("rows") or len(r.get("losses", []))
 
 
 def _summary(r):
@@ -446,14 +453,15 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = [
         f"# Throughput: align vs stock TRL + PEFT ({meta['device']})", "",
+        *([meta["note"], ""] if meta.get("note") else []),
         (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 dropout 0 on all linear layers, bf16, random "
          "weights and tokens, sdpa attention. Tokens/s over the timed steps (DPO: prompt+chosen and prompt+rejected "
          "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "
          f"training. Goals: tokens/s >= {GOALS['speedup']}x stock; SFT peak <= {GOALS['sft_memory']}x stock; DPO "
          f"peak <= {GOALS['dpo_memory_vs_sft']}x the SFT peak of the same shape and path."), "",
         ("| shape | case | data | path | stock tok/s | tok/s | speedup | stock peak GiB | peak GiB | memory ratio "
-         "| DPO/SFT memory | max abs loss diff | options |"),
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+         "| DPO/SFT memory | step-1 loss diff | max abs loss diff | options |"),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in result["comparisons"]:
         s, a = row["stock"] or {"error": "not run"}, row["other"] or {}
@@ -463,7 +471,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['shape']} | {row['case']} | {row['data']} | {row['path']} | {tps(s)} | {tps(a)} "
             f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
-            f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('loss_max_abs_diff'), '.1e')} "
+            f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('first_loss_abs_diff'), '.1e')} "
+            f"| {_f(row.get('loss_max_abs_diff'), '.1e')} "
             f"| {','.join(row.get('options') or []) or 'none'} |")
     profiled = [r for r in result["runs"] if r.get("profile")]
     if profiled:
@@ -522,6 +531,7 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--merge", nargs="*", default=[], help="result JSONs of earlier runs to merge into --out")
+    ap.add_argument("--note", default=None, help="a sentence kept in the result's meta (how it was measured)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -584,7 +594,7 @@ def main(argv=None):
     merged.update({key(r): r for r in runs})
     all_runs = list(merged.values())
     result = dict(meta=dict(device=device, versions=versions,
-                            argv=sys.argv[1:], goals=GOALS, time=time.strftime("%Y-%m-%d %H:%M:%S")),
+                            argv=sys.argv[1:], goals=GOALS, time=time.strftime("%Y-%m-%d %H:%M:%S"), note=args.note),
                   comparisons=compare(all_runs), runs=all_runs)
     with open(base + ".json", "w") as fh:
         json.dump(result, fh, indent=1)

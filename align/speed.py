@@ -63,8 +63,8 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
     """The options that apply: `spec` is `none` or a comma-separated list of `OPTIONS` and `auto`.
 
     `auto` means what was measured to pay (benchmarks/README.md): `AUTO_CUDA` on a CUDA GPU, nothing on a CPU;
-    with `train_args`, the compiled options (`compile`, `lean`) come with `auto` only for one process without
-    gradient checkpointing, the setting they were measured in (named options are always kept)."""
+    with `train_args`, the compiled options (`compile`, `lean`) come with `auto` only for adapter training on one
+    process without gradient checkpointing, the setting they were measured in (named options are always kept)."""
     names, from_auto = [], set()
     for name in (n.strip() for n in (spec or "none").split(",")):
         if name == "auto":
@@ -83,7 +83,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
         engine = launch.distributed_engine(train_args)
         why = (f"not measured under {engine}" if engine != "none" else
                "not measured with gradient checkpointing" if getattr(train_args, "gradient_checkpointing", False)
-               else None)
+               else "measured on adapter training only" if not getattr(model_args, "use_peft", True) else None)
         if why:
             logger.info("speedups: auto leaves out compile and lean (%s); name them to use them", why)
             names = [n for n in names if n not in ({"compile", "lean"} & from_auto)]

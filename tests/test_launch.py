@@ -110,15 +110,19 @@ def train_args(recipe: str | None = None, **overrides):
         ("fsdp_qlora.yaml", "fsdp", 2),
     ],
 )
-def test_engine_of_each_accelerate_config(name, engine, processes):
+def test_engine_of_each_accelerate_config(name, engine, processes, monkeypatch):
     env = accelerate_env(name)
     if name == "single_gpu.yaml":  # one GPU on a host of several (one process seeing two: TRL refuses DataParallel)
+        import accelerate.utils.launch as accelerate_launch
         from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-        from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
+        # accelerate >= 1.16 sets the visible-devices variable of the host's backend: be a CUDA host
+        monkeypatch.setattr(accelerate_launch, "get_torch_accelerator_backend",
+                            lambda check_available=True: ("cuda", None), raising=False)
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(
             ["--config_file", os.path.join(ACCELERATE_DIR, name), "train.py"]))
-        assert prepare_simple_launcher_cmd_env(args)[1]["CUDA_VISIBLE_DEVICES"] == "0"
+        assert args.gpu_ids == "0"
+        assert accelerate_launch.prepare_simple_launcher_cmd_env(args)[1]["CUDA_VISIBLE_DEVICES"] == "0"
     assert launch.distributed_engine(env=env) == engine
     assert int(env.get("WORLD_SIZE", 1)) == processes
     if engine == "deepspeed_zero3":

@@ -349,7 +349,7 @@ def test_compiled_layers_with_fused_lora_match_eager_peft(budget):
             model(input_ids=ids, labels=ids, fused_lm_head=True)  # compile before counting
             model.zero_grad()
             saved.append(saved_activations.saved_activation_mib(
-                model, lambda: model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs))
+                model, lambda m=model: m(input_ids=ids, labels=ids, fused_lm_head=True).log_probs))
             out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
             out.sum().backward()
             results.append((out.detach(), grads(model)))

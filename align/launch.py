@@ -370,8 +370,8 @@ def prepare_trainer(trainer) -> int:
 def fsdp2_precision(trainer) -> bool:
     """Under FSDP2 with bf16 mixed precision, keep the model's outputs and the gradient reduction in fp32.
 
-    accelerate builds FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16)`.
-    `output_dtype` casts the root module's outputs, and with TRL's fused LM head those are the per-token
+    accelerate builds FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16, output_dtype=bf16)`
+    (1.16 leaves `output_dtype=None`; a user's fsdp config may still set it). `output_dtype` casts the root module's outputs, and with TRL's fused LM head those are the per-token
     log-probabilities (computed in fp32): rounded to bf16 (steps of 0.06 near -12), summed over a completion
     and subtracted policy minus reference, they bury the DPO signal (on 2 H200s, DPO losses under FSDP2 differed
     by up to 0.073 from the one-GPU run, under DDP by 0.013). The policy here is the same with `output_dtype=None` (outputs keep

@@ -510,6 +510,10 @@ class Head(torch.nn.Module):  # like TRL's fused LM head: fp32 log-probabilities
 dist.init_process_group("gloo")
 plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
 plugin.set_mixed_precision("bf16")  # as accelerate does for mixed_precision: bf16
+# accelerate <= 1.15 also cast the root's outputs (output_dtype=bf16); 1.16 leaves them, but a user's
+# fsdp_config can still ask for it: the policy of the older releases, set here so the test sees the problem
+from torch.distributed.fsdp import MixedPrecisionPolicy
+plugin.mixed_precision_policy = MixedPrecisionPolicy(torch.bfloat16, torch.bfloat16, torch.bfloat16)
 trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
 changed = launch.fsdp2_precision(trainer) if sys.argv[1] == "fix" else False
 torch.manual_seed(0)
@@ -527,7 +531,7 @@ dist.destroy_process_group()
 
 
 def test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction(tmp_path):
-    """accelerate's FSDP2 bf16 policy casts the root module's outputs to bf16: TRL's fused head's fp32 per-token
+    """accelerate's FSDP2 bf16 policy reduces gradients in bf16 and (up to 1.15) casts the root module's outputs to bf16: TRL's fused head's fp32 per-token
     log-probabilities come out rounded (steps of 0.06 near -12; summed over a completion, policy minus reference,
     that buried DPO's signal on 2 H200s). launch.fsdp2_precision keeps outputs as computed and reduces gradients
     in fp32; a real FSDP2 wrap in one CPU process shows the outputs with and without it."""
@@ -535,7 +539,8 @@ def test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction(tmp_path):
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")
-    assert plugin.mixed_precision_policy.output_dtype == torch.bfloat16  # accelerate's policy: the problem
+    # accelerate's policy: gradients reduced in bf16 (every release), outputs cast to bf16 (up to 1.15)
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.bfloat16
     trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
     assert launch.fsdp2_precision(trainer) is True
     policy = plugin.mixed_precision_policy

@@ -19,8 +19,10 @@ from trl import SFTTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignSFTTrainer(training.NonFiniteLossGuard, training.TokenWeightedMetrics, SFTTrainer):
-    """TRL's SFTTrainer that stops on a NaN/inf loss and weights its logged metrics by trained tokens."""
+class AlignSFTTrainer(training.NonFiniteLossGuard, training.TokenWeightedMetrics, training.DeferredSFTMetrics,
+                      SFTTrainer):
+    """TRL's SFTTrainer that stops on a NaN/inf loss, weights its logged metrics by trained tokens and reads
+    them on the host once per log line."""
 
 
 def main(argv=None):

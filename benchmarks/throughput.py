@@ -147,7 +147,9 @@ def trainer_args(spec: dict, out: str, cuda: bool):
     common = dict(
         output_dir=out, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0), per_device_train_batch_size=shape[
             "pairs" if dpo else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
+        lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
+        # window timing: one log line at the end of the timed steps (a log line reads the loss on the host)
+        logging_steps=spec["warmup"] + spec["steps"] if spec.get("timing") == "window" else 1,
         bf16=cuda, use_cpu=not cuda, gradient_checkpointing=spec["gradient_checkpointing"], seed=spec["seed"],
         data_seed=spec["seed"], disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no",
         use_liger_kernel=spec["path"] == "stock_liger",
@@ -160,10 +162,14 @@ def trainer_args(spec: dict, out: str, cuda: bool):
 
 class Meter:
     """Trainer callback: synchronized step times, peak memory from the start of training, tokens per step (counted
-    by a wrapper around the trainer's collator: one batch per step, no gradient accumulation)."""
+    by a wrapper around the trainer's collator: one batch per step, no gradient accumulation).
 
-    def __init__(self, torch, cuda):
-        self.torch, self.cuda = torch, cuda
+    `window=(w, last)`: the GPU is synchronized only at the end of steps w and last (the timed window), so the
+    host may run ahead of the GPU as in a real run; per-step times are then host times and only the window's
+    tokens/s is a measurement."""
+
+    def __init__(self, torch, cuda, window: tuple[int, int] | None = None):
+        self.torch, self.cuda, self.window = torch, cuda, window
         self.begin, self.end, self.batch_tokens = [], [], []
 
     def count(self, collate, dpo: bool):
@@ -177,8 +183,8 @@ class Meter:
 
         return counted
 
-    def _sync(self):
-        if self.cuda:
+    def _sync(self, step: int | None = None):
+        if self.cuda and (self.window is None or step is None or step in self.window):
             self.torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -195,10 +201,10 @@ class Meter:
                 meter.start = meter._sync()
 
             def on_step_begin(self, args, state, control, **kw):
-                meter.begin.append(meter._sync())
+                meter.begin.append(meter._sync(-1))
 
             def on_step_end(self, args, state, control, **kw):
-                meter.end.append(meter._sync())
+                meter.end.append(meter._sync(state.global_step))
 
         return _CB()
 
@@ -254,7 +260,8 @@ def worker(spec: dict) -> dict:
 
             trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
         speed.finish(trainer, options)
-    meter = Meter(torch, cuda)
+    window = spec.get("timing") == "window"
+    meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
     trainer.data_collator = meter.count(trainer.data_collator, dpo)
     trainer.add_callback(meter.callback())
     profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0),
@@ -397,23 +404,30 @@ def run_worker(spec: dict, timeout: int) -> dict:
         os.unlink(result_path)
     result.update(shape=spec["shape"], case=spec["case"], wall_s=round(time.time() - started, 1),
                   data=spec["data"], path=spec["path"], rows=spec["rows"])
+    if spec.get("timing") == "window":
+        result["timing"] = "window"
     return result
 
 
-def key(r):
-    return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}"
+def key(r, **kw):
+    """shape:case:path:data, and :window for runs timed without a sync per step (`--timing window`)."""
+    r = {**r, **kw}
+    timing = ":window" if r.get("timing") == "window" else ""
+    return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}{timing}"
 
 
 def compare(runs: list[dict]) -> list[dict]:
     """One row per (shape, case, data, path other than stock): ratios to stock and the largest loss difference."""
     by = {key(r): r for r in runs}
     rows = []
-    for r in sorted(runs, key=lambda r: (r["shape"], r["case"], r.get("data", "fixed"), r["path"])):
+    for r in sorted(runs, key=lambda r: (r["shape"], r["case"], r.get("data", "fixed"), r.get("timing", "step"),
+                                          r["path"])):
         if r["path"] == "stock":
             continue
         data = r.get("data", "fixed")
-        stock = by.get(f"{r['shape']}:{r['case']}:stock:{data}")
-        row = dict(shape=r["shape"], case=r["case"], data=data, path=r["path"], options=r.get("options"),
+        stock = by.get(key(r, path="stock"))
+        row = dict(shape=r["shape"], case=r["case"], data=data, timing=r.get("timing", "step"), path=r["path"],
+                   options=r.get("options"),
                    stock=_summary(stock), other=_summary(r))
         if stock and "error" not in stock and "error" not in r:
             row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
@@ -425,7 +439,7 @@ def compare(runs: list[dict]) -> list[dict]:
                 row["loss_max_abs_diff"] = max((abs(a - b) for a, b in pairs), default=None)
                 row["first_loss_abs_diff"] = abs(pairs[0][0] - pairs[0][1]) if pairs else None
         if r["case"].startswith("dpo"):  # against the SFT step of the same shape on the same path
-            sft = by.get(f"{r['shape']}:sft_{r['case'][4:]}:{r['path']}:{data}")
+            sft = by.get(key(r, case=f"sft_{r['case'][4:]}"))
             if sft and "error" not in sft and "error" not in r and sft.get("peak_allocated_gib"):
                 row["dpo_memory_vs_sft"] = r["peak_allocated_gib"] / sft["peak_allocated_gib"]
         rows.append(row)
@@ -469,7 +483,8 @@ def markdown(result: dict) -> str:
         peak = lambda d: "error" if "error" in d else (
             f"{_f(d.get('peak_allocated_gib'), '.1f')} ({_f(d.get('peak_reserved_gib'), '.1f')})")
         lines.append(
-            f"| {row['shape']} | {row['case']} | {row['data']} | {row['path']} | {tps(s)} | {tps(a)} "
+            f"| {row['shape']} | {row['case']} | {row['data']}{' (window)' if row.get('timing') == 'window' else ''} "
+            f"| {row['path']} | {tps(s)} | {tps(a)} "
             f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
             f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('first_loss_abs_diff'), '.1e')} "
             f"| {_f(row.get('loss_max_abs_diff'), '.1e')} "
@@ -527,6 +542,10 @@ def main(argv=None):
     ap.add_argument("--profile_stack", action="store_true",
                     help="with --profile: Python stacks in the trace, and the GPU-idle gaps charged to the frames that "
                     "issued the late launches (benchmarks/profile_gaps.py)")
+    ap.add_argument("--timing", choices=("step", "window"), default="step",
+                    help="step: GPU synchronized around every step and a log line per step (per-step times and "
+                         "losses); window: synchronized only around the timed steps and one log line, so the host "
+                         "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -569,7 +588,7 @@ def main(argv=None):
                         rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                        profile_steps=args.profile, profile_stack=args.profile_stack)
+                        profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing)
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

@@ -131,6 +131,35 @@ def test_logged_token_metrics_do_not_depend_on_the_eval_batch_size(tiny_llama, c
         assert got[2][key] == pytest.approx(got[5][key], abs=1e-5), key
 
 
+def test_deferred_training_metrics_log_what_trl_logs_token_weighted(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """Training steps queue their entropy/accuracy/token sums on the device and read them once per log line: the
+    logged losses, token counts and token-weighted entropy and accuracy are those of TRL's own compute_loss."""
+    from align.training import DeferredSFTMetrics
+
+    calls = {"deferred": 0}
+    real = DeferredSFTMetrics._deferred_metrics_apply
+
+    def counted(self, model):
+        used = real(self, model)
+        calls["deferred"] += used
+        return used
+
+    def run(name):
+        trainer = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / name), max_steps=6, logging_steps=3))
+        return trainer, [h for h in trainer.state.log_history if "loss" in h]
+
+    monkeypatch.setattr(DeferredSFTMetrics, "_deferred_metrics_apply", counted)
+    trainer, deferred = run("deferred")
+    assert calls["deferred"] == 6 and trainer._deferred_sums == []
+    monkeypatch.setattr(DeferredSFTMetrics, "_deferred_metrics_apply", lambda self, model: False)
+    _, stock = run("stock")
+    assert len(deferred) == len(stock) == 2
+    for d, s in zip(deferred, stock):
+        assert d["num_tokens"] == s["num_tokens"] > 0
+        for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
+            assert d[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), key
+
+
 def test_sft_same_seed_same_adapter(tiny_llama, chat_jsonl, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     sft.main(sft_argv(tiny_llama, chat_jsonl, a, max_steps=4, lora_dropout=0.1))

@@ -239,6 +239,18 @@ def test_throughput_benchmark_runs_both_paths(tmp_path):
     assert dpo_stock["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # reference = adapter off
     assert "| tiny | sft_lora | fixed | align |" in (out / "throughput_cpu.md").read_text()
 
+    # window timing (one sync around the timed steps, one log line) is merged beside the per-step runs
+    proc = subprocess.run(cmd[:5] + ["sft_lora"] + cmd[6:] + ["--timing", "window"], check=False,
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "throughput_cpu.json").read_text())
+    window = [r for r in result["runs"] if r.get("timing") == "window"]
+    assert len(result["runs"]) == 6 and {r["path"] for r in window} == {"stock", "align"}
+    assert all(len(r["losses"]) == 1 and r["tokens_per_s"] > 0 for r in window)
+    row = next(r for r in result["comparisons"] if r["timing"] == "window")
+    assert row["case"] == "sft_lora" and row["loss_max_abs_diff"] < 1e-4
+    assert "| tiny | sft_lora | fixed (window) | align |" in (out / "throughput_cpu.md").read_text()
+
 
 def _lora_forward_and_grads(peft_model, ids, fused: bool):
     model = peft_model

@@ -1,0 +1,102 @@
+"""align/training.py helpers that run every step: the once-per-step `train()` shortcut and the loss guard's
+deferred check (CPU)."""
+
+import math
+import types
+
+import pytest
+import torch
+
+from align.training import NonFiniteLossError, NonFiniteLossGuard, train_mode_once
+
+
+class Counting(torch.nn.Linear):
+    walks = 0
+
+    def train(self, mode: bool = True):
+        type(self).walks += 1
+        return super().train(mode)
+
+
+def model_with_counter():
+    Counting.walks = 0
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(Counting(2, 2), torch.nn.Dropout(0.1)))
+
+
+def test_train_mode_once_skips_the_walk_only_while_every_module_trains():
+    model = model_with_counter()
+    model.eval()
+    Counting.walks = 0
+    with train_mode_once(model):
+        model.train()  # some module is in eval: a real walk
+        assert Counting.walks == 1 and all(m.training for m in model.modules())
+        model.train()
+        model.train()
+        assert Counting.walks == 1  # all training: skipped
+        model[1][1].eval()  # a module left in eval mode (as an eval loop does) is found and reset
+        model.train()
+        assert Counting.walks == 2 and model[1][1].training
+        model.train(False)  # eval is never skipped
+        assert Counting.walks == 3 and not any(m.training for m in model.modules())
+    assert "train" not in model.__dict__  # the class method is back after the step
+    model.train()
+    assert Counting.walks == 4
+
+
+class _Base:
+    """Stands in for a TRL trainer: training_step returns the next loss of a list."""
+
+    def __init__(self, losses, output_dir="out"):
+        self.losses = list(losses)
+        self.args = types.SimpleNamespace(logging_nan_inf_filter=True, output_dir=output_dir)
+        self.state = types.SimpleNamespace(global_step=0, epoch=0.0)
+        self.logged = []
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        return torch.tensor(self.losses.pop(0))
+
+    def log(self, logs, start_time=None):
+        self.logged.append(logs)
+
+
+class _Guarded(NonFiniteLossGuard, _Base):
+    pass
+
+
+def run_steps(trainer, n):
+    model = torch.nn.Linear(2, 2)
+    for _ in range(n):
+        trainer.training_step(model, {})
+        trainer.state.global_step += 1
+
+
+def test_guard_stops_at_the_step_whose_loss_is_not_finite_and_turns_the_filter_off():
+    trainer = _Guarded([1.0, 0.5, math.inf, 0.2])
+    with pytest.raises(NonFiniteLossError, match=r"training loss is inf at step 3 \(epoch 0.00\).*out"):
+        run_steps(trainer, 4)
+    assert trainer.args.logging_nan_inf_filter is False
+    assert trainer.losses == [0.2]  # stopped right after step 3 on CPU (no copy to wait for)
+
+
+def test_guard_off_keeps_stock_behaviour():
+    trainer = _Guarded([1.0, math.nan])
+    trainer.stop_on_nonfinite_loss = False
+    run_steps(trainer, 2)
+    assert trainer.args.logging_nan_inf_filter is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the non-blocking copy path needs CUDA")
+def test_guard_checks_pending_cuda_losses_before_a_log_line():
+    class CudaBase(_Base):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            return torch.tensor(self.losses.pop(0), device="cuda")
+
+    class G(NonFiniteLossGuard, CudaBase):
+        pass
+
+    trainer = G([1.0, math.nan])
+    run_steps(trainer, 2)  # the NaN may still be in flight
+    with pytest.raises(NonFiniteLossError, match="at step 2"):
+        trainer.log({"loss": 0.0})
+    assert trainer.logged == []

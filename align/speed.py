@@ -152,6 +152,8 @@ def finish(trainer, options) -> None:
         if "shared_prompt" in segments:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
             _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
+        if getattr(trainer, "ref_model", None) is None:  # a separate reference model is not wrapped
+            plan_in_collator(trainer, segments)
     if "fused_lora" in options:
         from align import launch
 
@@ -397,14 +399,16 @@ def _causal_lm(model):
 
 
 def _wrap_forward(model, packed_forward) -> None:
-    """Put `packed_forward(inner, model, kwargs)` in front of the model's (TRL fused-head) forward; it returns None
-    when a batch does not fit it, and the inner forward runs as before."""
+    """Put `packed_forward(inner, model, kwargs, plan)` in front of the model's (TRL fused-head) forward; it returns
+    None when a batch does not fit it, and the inner forward runs as before. `plan`: the batch's `HostPlan`, taken
+    out of the keyword arguments (the inner forward never sees it)."""
     inner = model.forward
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
+        plan = kwargs.pop(PLAN_KEY, None)
         if not args and kwargs.get("fused_lm_head"):
-            out = packed_forward(inner, model, kwargs)
+            out = packed_forward(inner, model, kwargs, plan)
             if out is not None:
                 return out
         set_layout(None)
@@ -413,12 +417,80 @@ def _wrap_forward(model, packed_forward) -> None:
     model.forward = forward
 
 
-def _packed_sample_forward(inner, model, kwargs):
+# --- layouts planned by the collator, from the batch's CPU tensors ---------------------------------------------
+
+PLAN_KEY = "align_layout_plan"
+
+
+class HostPlan:
+    """A batch's packed layout, made by the collator from its CPU tensors and carried in the batch under `PLAN_KEY`
+    to the wrapped forward. Made on the device instead, it would read device tensors on the host (a wait for the GPU
+    in every forward, so the host could not queue the next step's work while the GPU runs this one). The
+    DataLoader's pin-memory thread pins its tensors and the device placement copies them without waiting.
+
+    kind "samples": the sample starts of a padding-free row of `length` tokens. kind "pairs": `pair_layout` of a
+    DPO batch of shape `length`, with the labels TRL derives for it (checked on the device, without a sync, against
+    the labels the forward receives)."""
+
+    def __init__(self, kind: str, length, starts=None, pair=None, labels=None):
+        self.kind, self.length, self.starts, self.pair, self.labels = kind, length, starts, pair, labels
+
+    def _map(self, fn):
+        if self.pair is None:
+            return self
+        pair = tuple(fn(x) if isinstance(x, torch.Tensor) else x for x in self.pair)
+        return HostPlan(self.kind, self.length, pair=pair, labels=fn(self.labels))
+
+    def pin_memory(self, device=None):
+        return self._map(lambda x: x.pin_memory())
+
+    def to(self, device, non_blocking=False):
+        return self._map(lambda x: x.to(device, non_blocking=non_blocking or x.is_pinned()))
+
+
+def sample_starts(position_ids) -> list[int]:
+    """Start of every sample in a padding-free row (position ids restart at 0), plus the row length."""
+    return (position_ids[0] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+
+
+def host_plan(batch, segments) -> HostPlan | None:
+    """The `HostPlan` of a collated CPU batch, or None when it is not a batch the wrapped forwards pack."""
+    pos, ids, mask = batch.get("position_ids"), batch.get("input_ids"), batch.get("attention_mask")
+    if "padding_free" in segments and pos is not None and mask is None and pos.shape[0] == 1 and not pos.is_cuda:
+        return HostPlan("samples", pos.shape[1], starts=sample_starts(pos))
+    completion = batch.get("completion_mask")
+    if "shared_prompt" in segments and ids is not None and mask is not None and completion is not None \
+            and not ids.is_cuda:
+        labels = ids.masked_fill(completion == 0, -100)  # what TRL's DPO compute_loss passes as labels
+        pair = pair_layout(ids, mask, labels)
+        return None if pair is None else HostPlan("pairs", tuple(ids.shape), pair=pair, labels=labels)
+    return None
+
+
+def plan_in_collator(trainer, segments) -> None:
+    """Wrap the trainer's collator: every batch it makes carries its `HostPlan` (when it has one)."""
+    collate = trainer.data_collator
+
+    @functools.wraps(collate)
+    def collate_and_plan(examples):
+        batch = collate(examples)
+        plan = host_plan(batch, segments)
+        if plan is not None:
+            batch[PLAN_KEY] = plan
+        return batch
+
+    trainer.data_collator = collate_and_plan
+
+
+def _packed_sample_forward(inner, model, kwargs, plan=None):
     """Padding-free SFT batch (one row, position ids restarting at 0, no attention mask): attend per sample."""
     pos = kwargs.get("position_ids")
     if pos is None or kwargs.get("attention_mask") is not None or pos.shape[0] != 1:
         return None
-    starts = (pos[0] == 0).nonzero().flatten().tolist() + [pos.shape[1]]
+    if plan is not None and plan.kind == "samples" and plan.length == pos.shape[1]:
+        starts = plan.starts
+    else:
+        starts = sample_starts(pos)
     set_layout([(a, b, [(a, b)]) for a, b in itertools.pairwise(starts) if b > a], pos.shape[1])
     return inner(**kwargs)
 
@@ -487,7 +559,7 @@ def _cached_pair_layout(input_ids, attention_mask, labels):
     return plan
 
 
-def _shared_prompt_forward(inner, model, kwargs, outputs=_DPO_OUTPUTS):
+def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS):
     """TRL DPO fused-head call on a pair batch: one shared-prompt row through the backbone, per-token outputs in
     TRL's (2B, L-1) layout."""
     from trl.kernels import ChunkedLogProbFunction
@@ -496,7 +568,11 @@ def _shared_prompt_forward(inner, model, kwargs, outputs=_DPO_OUTPUTS):
     input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
     if input_ids is None or labels is None or kwargs.get("shift_labels") is not None:
         return None
-    plan = _cached_pair_layout(input_ids, kwargs.get("attention_mask"), labels)
+    if plan is not None and plan.kind == "pairs" and plan.length == tuple(input_ids.shape):
+        torch._assert_async((labels == plan.labels).all(), "align: the batch's labels differ from its host plan's")
+        plan = plan.pair
+    else:
+        plan = _cached_pair_layout(input_ids, kwargs.get("attention_mask"), labels)
     if plan is None:
         return None
     packed, pos, segments, _, rows, targets = plan

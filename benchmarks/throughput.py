@@ -214,7 +214,7 @@ def worker(spec: dict) -> dict:
     import transformers
     import trl
 
-    sys.path.insert(0, REPO)
+    sys.path.insert(0, spec.get("align_src") or REPO)  # --align_src: another checkout's align (A/B runs)
     from align import speed
 
     cuda = torch.cuda.is_available()
@@ -546,6 +546,8 @@ def main(argv=None):
                     help="step: GPU synchronized around every step and a log line per step (per-step times and "
                          "losses); window: synchronized only around the timed steps and one log line, so the host "
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
+    ap.add_argument("--align_src", default=None,
+                    help="import align from this checkout instead (a before/after run: its results go to --out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -588,7 +590,8 @@ def main(argv=None):
                         rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
-                        profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing)
+                        profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
+                        align_src=args.align_src and os.path.abspath(args.align_src))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

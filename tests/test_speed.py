@@ -203,6 +203,53 @@ def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, cha
     assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-5) and len(set(losses(runs[0]))) > 1
 
 
+def test_layouts_are_planned_once_per_batch_in_the_collator(tiny_llama, chat_jsonl, preference_jsonl, tmp_path,
+                                                            monkeypatch):
+    """The packed layouts come with the batch from the collator (CPU tensors, no GPU sync in the forward): one
+    plan per batch, none made in the forwards (DPO: the policy and the reference forward share it), and the
+    stage losses are those of the unpacked batches."""
+    from align import dpo, sft
+
+    from .test_dpo import dpo_argv
+    from .test_sft import losses, sft_argv
+
+    calls = {"starts": 0, "pairs": 0, "cached": 0, "batches": 0}
+    for name, key in (("sample_starts", "starts"), ("pair_layout", "pairs"), ("_cached_pair_layout", "cached"),
+                      ("host_plan", "batches")):
+        real = getattr(speed, name)
+        monkeypatch.setattr(speed, name, lambda *a, _real=real, _key=key: calls.__setitem__(_key, calls[_key] + 1)
+                            or _real(*a))
+    sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "sft"), max_steps=3, speedups="padding_free",
+                      eval_split_size=0))
+    # the data loader collates one batch ahead: 3 or 4 batches, each planned once, nothing planned in a forward
+    batches = calls["batches"]
+    assert batches in (3, 4) and calls == {"starts": batches, "pairs": 0, "cached": 0, "batches": batches}
+    runs = {s: dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / f"dpo_{s}"), max_steps=3, speedups=s,
+                                 eval_split_size=0, sft_adapter=str(tmp_path / "sft"), learning_rate=1e-3))
+            for s in ("shared_prompt", "none")}
+    assert runs["shared_prompt"].align_speedups == ("shared_prompt",)
+    pairs = calls["batches"] - batches  # batches of the shared-prompt run (the "none" run has no plan)
+    assert pairs in (3, 4) and calls == {"starts": batches, "pairs": pairs, "cached": 0, "batches": batches + pairs}
+    assert losses(runs["shared_prompt"]) == pytest.approx(losses(runs["none"]), abs=1e-5)
+    assert len(set(losses(runs["none"]))) > 1
+
+
+def test_host_plan_is_checked_against_the_forwards_labels():
+    """A plan made for other labels than the forward's is refused on the device (an async assert, here raised)."""
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(),
+             "completion_mask": torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 0, 0]])}
+    plan = speed.host_plan(batch, ("shared_prompt",))
+    assert plan.kind == "pairs" and plan.labels.tolist() == [[-100, -100, 7, 8, -100], [-100, -100, 9, -100, -100]]
+    assert speed.host_plan(batch, ("padding_free",)) is None
+    moved = plan.to("cpu")
+    assert all(a is b or torch.equal(a, b) for a, b in zip(moved.pair, plan.pair) if isinstance(a, torch.Tensor))
+    wrong = plan.labels.clone()
+    wrong[0, 3] = -100
+    with pytest.raises(RuntimeError, match="labels differ from its host plan"):
+        speed._shared_prompt_forward(None, None, {"input_ids": ids, "labels": wrong}, plan=plan)
+
+
 def test_kbit_bf16_keeps_the_4bit_base_in_bf16(tiny_llama):
     """PEFT's k-bit preparation makes norms and embeddings fp32; `kbit_bf16` puts them back to bf16, 4-bit weights
     untouched."""

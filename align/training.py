@@ -190,8 +190,9 @@ class DeferredSFTMetrics:
     count), each a wait for the GPU. Here a training step runs TRL's default loss path unchanged (fused LM head,
     `nll` or `dft`, `num_items_in_batch` and the across-devices scaling) and only queues its sums; at a log line
     they are gathered once and logged as TRL would after token weighting: entropy and accuracy over all trained
-    tokens of the logging window, `num_tokens` the running total. Evaluation, `compute_loss_func`, label
-    smoothing, MoE aux loss and sequence parallelism go to TRL's own `compute_loss`."""
+    tokens of the logging window, `num_tokens` the running total (counted before an evaluation too, which logs it).
+    Evaluation, `compute_loss_func`, label smoothing, MoE aux loss and sequence parallelism go to TRL's own
+    `compute_loss`."""
 
     def _deferred_metrics_apply(self, model) -> bool:
         if not model.training or self.compute_loss_func is not None or self.label_smoother is not None:
@@ -226,9 +227,21 @@ class DeferredSFTMetrics:
         self.__dict__.setdefault("_deferred_sums", []).append(sums)
         return loss
 
-    def log(self, logs: dict, start_time: float | None = None) -> None:
+    def evaluate(self, *args, **kwargs):
+        # TRL logs the running train token count with the evaluation's metrics: count the queued steps first
         pending = self.__dict__.get("_deferred_sums")
         if pending:
+            seen = torch.stack(pending)[:, 3].sum()
+            if self.accelerator.num_processes > 1:
+                seen = self.accelerator.gather(seen.reshape(1)).sum()
+            self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
+            for sums in pending:
+                sums[3] = 0
+        return super().evaluate(*args, **kwargs)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        pending = self.__dict__.get("_deferred_sums")
+        if pending and self.model.training:  # a training log line (an evaluation's comes in eval mode)
             sums = torch.stack(pending).sum(0)
             pending.clear()
             if self.accelerator.num_processes > 1:

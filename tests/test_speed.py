@@ -56,9 +56,23 @@ def test_resolve():
     assert speed.resolve("padding_free,shared_prompt,compile", "dpo") == ("shared_prompt", "compile")
     assert speed.resolve("lean", "sft") == ()  # lean works through compile
     if not torch.cuda.is_available():
+        assert speed.resolve("non_blocking,liger", "sft") == ()  # GPU only
+    if not torch.cuda.is_available():
         assert speed.resolve("auto", "sft") == ()  # CPU: nothing by default
     with pytest.raises(ValueError, match="unknown speedup 'fast'"):
         speed.resolve("compile,fast", "sft")
+
+
+def test_non_blocking_reaches_the_trainers_data_loader(tmp_path):
+    import transformers
+
+    from align import config
+
+    args = config.SFTArguments(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    assert not args.accelerator_config.non_blocking
+    speed.prepare_args(args, ("non_blocking",), "sft")
+    trainer = transformers.Trainer(model=torch.nn.Linear(2, 2), args=args)
+    assert trainer.accelerator.dataloader_config.non_blocking and args.dataloader_pin_memory
 
 
 def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
@@ -82,8 +96,15 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
 
 
 @pytest.mark.parametrize("lengths", [(7, 12, 3, 9), (8, 8, 8)])  # ragged; equal (one batched attention call)
-def test_padding_free_batch_gives_the_padded_loss(lengths):
-    """One packed row with segment attention == the padded batch: loss and adapter gradients to 1e-5."""
+def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
+    """One packed row with segment attention == the padded batch: loss and adapter gradients to 1e-5; no mask is
+    built for it (transformers' packed-sequence search reads the position ids on the host: a GPU sync)."""
+    from transformers import masking_utils
+
+    searched = []
+    real_search = masking_utils.find_packed_sequence_indices
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
+                        lambda *a, **k: searched.append(1) or real_search(*a, **k))
     model, peft_model = tiny_lora_model()
     g = torch.Generator().manual_seed(1)
     examples = [{"input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist()} for n in lengths]
@@ -105,6 +126,9 @@ def test_padding_free_batch_gives_the_padded_loss(lengths):
     assert [s[:2] for s in speed._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1])) for i in range(len(lengths))]
     assert loss.item() == pytest.approx(want, abs=1e-5)
     assert_same_grads(grads(peft_model), want_grads)
+    assert searched == [] and speed.ATTENTION in masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    peft_model(**padded, fused_lm_head=True)  # a padded batch through the same model still gets its mask
+    assert speed._layout is None
 
 
 def pair_batch(prompts=(5, 3), chosen=(4, 6), rejected=(2, 5), same_prompt=True):

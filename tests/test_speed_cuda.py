@@ -60,3 +60,40 @@ def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_call
         for a, b in zip(grads, ref_grads):
             assert (a - b).abs().max().item() < 5e-2 * max(1.0, b.abs().max().item())
     assert (results[True][0] - results[False][0]).abs().max().item() < 2e-2
+
+
+@cuda
+def test_the_first_gpu_sync_after_a_step_is_trls_fused_head(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """From the end of step 2 (batch copy, NaN guard, metrics, padding-free layout, attention mask) nothing of
+    align's waits for the GPU: torch's sync debug mode raises at the first synchronizing call, and that is TRL's
+    fused LM head picking the trained tokens with a boolean index (`hidden_states[mask]`, in stock TRL too).
+    Measured on an H200 (2026-12-03). When TRL drops that sync this test fails: then assert no sync at all."""
+    import traceback
+
+    from transformers import TrainerCallback
+
+    from align import sft, training
+
+    from .test_sft import sft_argv
+
+    class SyncCheck(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                torch.cuda.set_sync_debug_mode("error")
+
+    real = training.train_and_evaluate
+
+    def with_check(trainer, *a, **kw):
+        trainer.add_callback(SyncCheck())
+        return real(trainer, *a, **kw)
+
+    monkeypatch.setattr(training, "train_and_evaluate", with_check)
+    try:
+        with pytest.raises(RuntimeError, match="synchronizing CUDA operation") as err:
+            sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6,
+                              eval_split_size=0, speedups="padding_free,fused_lora,non_blocking"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    frames = traceback.extract_tb(err.value.__traceback__)
+    assert frames[-1].filename.replace("\\", "/").endswith("trl/trainer/utils.py"), frames[-1]
+    assert any(f.name == "_packed_sample_forward" for f in frames)  # in step 3's forward, after align's own work

@@ -100,6 +100,14 @@ class NonFiniteLossGuard:
         return out
 
 
+def _train_only_sets_modes(cls) -> bool:
+    """Whether `cls.train` only sets the training flags (torch's, or a wrapper's that just calls it): engines with
+    their own `train` (DeepSpeed's) keep the real call every step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return cls.train in (torch.nn.Module.train, DistributedDataParallel.train, transformers.PreTrainedModel.train)
+
+
 class train_mode_once:
     """Context for one training step: the model's `train()` walks its modules only when one of them is not in
     training mode (the list of modules is kept on the model, re-read after every real walk)."""
@@ -110,6 +118,8 @@ class train_mode_once:
     def __enter__(self):
         model = self.model
         real = type(model).train
+        if not _train_only_sets_modes(type(model)):
+            return model
 
         def train(mode: bool = True):
             modules = model.__dict__.get("_align_modules")

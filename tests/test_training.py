@@ -43,6 +43,25 @@ def test_train_mode_once_skips_the_walk_only_while_every_module_trains():
     assert Counting.walks == 4
 
 
+def test_train_mode_once_leaves_engines_with_their_own_train_alone():
+    class Engine(torch.nn.Module):  # e.g. DeepSpeed's engine, whose train() does more than set flags
+        calls = 0
+
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(2, 2)
+
+        def train(self, mode: bool = True):
+            Engine.calls += 1
+            return super().train(mode)
+
+    engine = Engine()
+    with train_mode_once(engine):
+        engine.train()
+        engine.train()
+    assert Engine.calls == 2 and "train" not in engine.__dict__
+
+
 class _Base:
     """Stands in for a TRL trainer: training_step returns the next loss of a list."""
 

@@ -28,6 +28,19 @@ def test_summarize_skips_warmup_and_gpu_memory_on_cpu():
     assert ("train_peak_memory_gib" in out) == torch.cuda.is_available()  # GPU only
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events")
+def test_step_clock_times_gpu_steps_from_events_without_a_sync_per_step():
+    clock = run_stats.StepClock()
+    clock.on_train_begin(None, None, None)
+    for step in (1, 2, 3):
+        torch.cuda._sleep(50_000_000 * step)  # GPU-side work of growing length, queued without waiting
+        clock.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert clock.ends == {}  # nothing read yet
+    clock.finalize()
+    times = run_stats.step_times(clock.ends, clock.start)
+    assert len(times) == 3 and times[0] < times[1] < times[2] and clock.ends[3] <= __import__("time").perf_counter()
+
+
 def test_results_with_the_per_rank_memory_list_are_written_and_printed(tmp_path, capsys):
     """On GPUs run.json's metrics hold a list (peak memory per rank), which Trainer.log_metrics cannot format: the
     results files keep it, the console table shows the scalars (a 2-GPU run failed here after training)."""

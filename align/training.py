@@ -45,7 +45,6 @@ class NonFiniteLossGuard:
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.stop_on_nonfinite_loss:
-            self.args.logging_nan_inf_filter = False  # its host read syncs every step; the check below raises
             self._check_losses(wait=False)
         with train_mode_once(model):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -95,6 +94,8 @@ class NonFiniteLossGuard:
         return super()._save_checkpoint(model, trial)
 
     def train(self, *args, **kwargs):
+        if self.stop_on_nonfinite_loss:
+            self.args.logging_nan_inf_filter = False  # its host read syncs every step; the guard's check raises
         out = super().train(*args, **kwargs)
         self._check_losses(wait=True)
         return out
@@ -137,6 +138,13 @@ class train_mode_once:
         return False
 
 
+def summed_over_processes(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over processes along a new first dimension (itself on one process: no collective)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.gather(tensor.unsqueeze(0)).sum(0)
+
+
 class WeightedLoggedMetrics:
     """Trainer mixin for TRL's SFT, DPO and reward trainers: each logged metric (token accuracy, entropy, reward
     accuracy, margins, ...) is weighted by what its batch holds (`batch_weight`) instead of averaged over batches.
@@ -153,9 +161,8 @@ class WeightedLoggedMetrics:
         before = {k: len(v) for k, v in self._metrics[mode].items()}
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         device = inputs["input_ids"].device
-        weight = torch.as_tensor(self.batch_weight(inputs), device=device).reshape(1)
         # summed over processes, and kept on the device: read at log time (a host read here would wait for the GPU)
-        weight = (self.accelerator.gather(weight) if self.accelerator.num_processes > 1 else weight).sum()
+        weight = summed_over_processes(self.accelerator, torch.as_tensor(self.batch_weight(inputs), device=device))
         weights = self.__dict__.setdefault("_metric_weights", {"train": {}, "eval": {}})[mode]
         for key, values in self._metrics[mode].items():
             if len(values) == before.get(key, 0) + 1:  # appended by this batch
@@ -233,34 +240,31 @@ class DeferredSFTMetrics:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         with torch.no_grad():
             sums = torch.stack([outputs.label_mask.sum().float(), outputs.entropy.detach().sum().float(),
-                                outputs.is_top1.sum().float(), seen.float()])
+                                outputs.is_top1.sum().float()])
         self.__dict__.setdefault("_deferred_sums", []).append(sums)
+        queued = self.__dict__.get("_deferred_tokens")
+        self.__dict__["_deferred_tokens"] = seen if queued is None else queued + seen
         return loss
 
+    def _count_deferred_tokens(self) -> None:
+        queued = self.__dict__.pop("_deferred_tokens", None)
+        if queued is not None:
+            self._total_train_tokens += int(summed_over_processes(self.accelerator, queued)) // getattr(
+                self, "_tp_size", 1)
+
     def evaluate(self, *args, **kwargs):
-        # TRL logs the running train token count with the evaluation's metrics: count the queued steps first
-        pending = self.__dict__.get("_deferred_sums")
-        if pending:
-            seen = torch.stack(pending)[:, 3].sum()
-            if self.accelerator.num_processes > 1:
-                seen = self.accelerator.gather(seen.reshape(1)).sum()
-            self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
-            for sums in pending:
-                sums[3] = 0
+        self._count_deferred_tokens()  # TRL logs the running train token count with the evaluation's metrics
         return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         pending = self.__dict__.get("_deferred_sums")
         if pending and self.model.training:  # a training log line (an evaluation's comes in eval mode)
-            sums = torch.stack(pending).sum(0)
+            valid, entropy, correct = summed_over_processes(self.accelerator, torch.stack(pending).sum(0)).tolist()
             pending.clear()
-            if self.accelerator.num_processes > 1:
-                sums = self.accelerator.gather(sums.reshape(1, -1)).sum(0)
-            valid, entropy, correct, seen = sums.tolist()
+            self._count_deferred_tokens()
             metrics = self._metrics["train"]
             metrics["entropy"] = [entropy / valid if valid > 0 else 0.0]
             metrics["mean_token_accuracy"] = [correct / valid if valid > 0 else 0.0]
-            self._total_train_tokens += int(seen) // getattr(self, "_tp_size", 1)
             metrics["num_tokens"] = [self._total_train_tokens]
         super().log(logs, start_time)
 

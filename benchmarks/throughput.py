@@ -183,8 +183,9 @@ class Meter:
 
         return counted
 
-    def _sync(self, step: int | None = None):
-        if self.cuda and (self.window is None or step is None or step in self.window):
+    def _sync(self, edge: bool = True):
+        """The host clock, after the GPU has caught up when `edge` (every step, or only the window's ends)."""
+        if self.cuda and edge:
             self.torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -201,10 +202,10 @@ class Meter:
                 meter.start = meter._sync()
 
             def on_step_begin(self, args, state, control, **kw):
-                meter.begin.append(meter._sync(-1))
+                meter.begin.append(meter._sync(meter.window is None))
 
             def on_step_end(self, args, state, control, **kw):
-                meter.end.append(meter._sync(state.global_step))
+                meter.end.append(meter._sync(meter.window is None or state.global_step in meter.window))
 
         return _CB()
 

@@ -78,16 +78,19 @@ class _Base:
     def log(self, logs, start_time=None):
         self.logged.append(logs)
 
+    def train(self, steps):
+        model = torch.nn.Linear(2, 2)
+        for _ in range(steps):
+            self.training_step(model, {})
+            self.state.global_step += 1
+
 
 class _Guarded(NonFiniteLossGuard, _Base):
     pass
 
 
 def run_steps(trainer, n):
-    model = torch.nn.Linear(2, 2)
-    for _ in range(n):
-        trainer.training_step(model, {})
-        trainer.state.global_step += 1
+    trainer.train(n)
 
 
 def test_guard_stops_at_the_step_whose_loss_is_not_finite_and_turns_the_filter_off():
@@ -115,7 +118,9 @@ def test_guard_checks_pending_cuda_losses_before_a_log_line():
         pass
 
     trainer = G([1.0, math.nan])
-    run_steps(trainer, 2)  # the NaN may still be in flight
+    for _ in range(2):  # steps without train()'s final check: the NaN may still be in flight
+        trainer.training_step(torch.nn.Linear(2, 2), {})
+        trainer.state.global_step += 1
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         trainer.log({"loss": 0.0})
     assert trainer.logged == []

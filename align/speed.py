@@ -63,6 +63,7 @@ AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "f
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
+_SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # and TRL's SFTTrainer
 
 
 def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> tuple[str, ...]:
@@ -156,8 +157,9 @@ def finish(trainer, options) -> None:
         segments = []
     if segments:
         use_segment_attention(model)
-        if "padding_free" in segments:
-            _wrap_forward(model, _packed_sample_forward)
+        if "padding_free" in segments:  # a sharded LM head needs TRL's gather: its fused head is kept there
+            own_head = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
+            _wrap_forward(model, functools.partial(_packed_sample_forward, own_head=own_head))
         if "shared_prompt" in segments:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
             _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
@@ -405,7 +407,8 @@ def supports_segment_attention(config) -> bool:
         return False
     if getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None):
         return False
-    return getattr(text, "logit_scale", None) in (None, 1.0) and not hasattr(text, "num_experts_per_tok")
+    scales = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # TRL's head applies them
+    return all(getattr(text, k, None) in (None, 1.0) for k in scales) and not hasattr(text, "num_experts_per_tok")
 
 
 def use_segment_attention(model) -> None:
@@ -454,24 +457,40 @@ class HostPlan:
     in every forward, so the host could not queue the next step's work while the GPU runs this one). The
     DataLoader's pin-memory thread pins its tensors and the device placement copies them without waiting.
 
-    kind "samples": the sample starts of a padding-free row of `length` tokens. kind "pairs": `pair_layout` of a
-    DPO batch of shape `length`, with the labels TRL derives for it (checked on the device, without a sync, against
-    the labels the forward receives)."""
+    kind "samples": the sample starts of a padding-free row of `length` tokens, and `head`: (rows, targets), the
+    positions whose next-token label is trained and those labels, for the LM head (None when the batch has no
+    labels or no trained token). kind "pairs": `pair_layout` of a DPO batch of shape `length`. `labels`: the labels
+    the plan was made from (checked on the device, without a sync, against the labels the forward receives)."""
 
-    def __init__(self, kind: str, length, starts=None, pair=None, labels=None):
-        self.kind, self.length, self.starts, self.pair, self.labels = kind, length, starts, pair, labels
+    def __init__(self, kind: str, length, starts=None, pair=None, labels=None, head=None):
+        self.kind, self.length, self.starts, self.pair, self.labels, self.head = kind, length, starts, pair, labels, head
 
     def _map(self, fn):
-        if self.pair is None:
-            return self
-        pair = tuple(fn(x) if isinstance(x, torch.Tensor) else x for x in self.pair)
-        return HostPlan(self.kind, self.length, pair=pair, labels=fn(self.labels))
+        def each(x):
+            return None if x is None else tuple(fn(t) if isinstance(t, torch.Tensor) else t for t in x)
+        labels = None if self.labels is None else fn(self.labels)
+        return HostPlan(self.kind, self.length, self.starts, each(self.pair), labels, each(self.head))
 
     def pin_memory(self, device=None):
         return self._map(lambda x: x.pin_memory())
 
     def to(self, device, non_blocking=False):
         return self._map(lambda x: x.to(device, non_blocking=non_blocking or x.is_pinned()))
+
+    def labels_match(self, labels) -> bool:
+        """Whether the plan is for `labels`: same shape here, same values asserted on the device (no sync)."""
+        if self.labels is None or self.labels.shape != labels.shape:
+            return False
+        torch._assert_async((labels == self.labels).all(), "align: the batch's labels differ from its host plan's")
+        return True
+
+
+def head_rows(labels):
+    """(rows, targets) of a padding-free row's labels (1, L): the positions t whose label t+1 is trained, and those
+    labels; None when no token is trained (TRL's head then keeps the loss connected to the model)."""
+    shifted = labels[0, 1:]
+    rows = (shifted != -100).nonzero().flatten()
+    return (rows, shifted[rows]) if len(rows) else None
 
 
 def sample_starts(position_ids) -> list[int]:
@@ -483,7 +502,10 @@ def host_plan(batch, segments) -> HostPlan | None:
     """The `HostPlan` of a collated CPU batch, or None when it is not a batch the wrapped forwards pack."""
     pos, ids, mask = batch.get("position_ids"), batch.get("input_ids"), batch.get("attention_mask")
     if "padding_free" in segments and pos is not None and mask is None and pos.shape[0] == 1 and not pos.is_cuda:
-        return HostPlan("samples", pos.shape[1], starts=sample_starts(pos))
+        labels = batch.get("labels")
+        if labels is None or labels.shape != pos.shape or labels.is_cuda:
+            return HostPlan("samples", pos.shape[1], starts=sample_starts(pos))
+        return HostPlan("samples", pos.shape[1], starts=sample_starts(pos), labels=labels, head=head_rows(labels))
     completion = batch.get("completion_mask")
     if "shared_prompt" in segments and ids is not None and mask is not None and completion is not None \
             and not ids.is_cuda:
@@ -508,18 +530,56 @@ def plan_in_collator(trainer, segments) -> None:
     trainer.data_collator = collate_and_plan
 
 
-def _packed_sample_forward(inner, model, kwargs, plan=None):
-    """Padding-free SFT batch (one row, position ids restarting at 0, no attention mask): attend per sample."""
+def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS, own_head=True):
+    """Padding-free SFT batch (one row, position ids restarting at 0, no attention mask): attend per sample.
+
+    With the batch's host plan (and `own_head`), the LM head scores the trained positions the collator found
+    (`HostPlan.head`) instead of TRL's fused head picking them with a boolean index (`hidden_states[mask]`, a wait
+    for the GPU in every forward, and `masked_scatter`, whose backward waits again): same kernel, same outputs."""
     pos = kwargs.get("position_ids")
     if pos is None or kwargs.get("attention_mask") is not None or pos.shape[0] != 1:
         return None
-    if plan is not None and plan.kind == "samples" and plan.length == pos.shape[1]:
-        starts = plan.starts
-    else:
-        starts = sample_starts(pos)
+    planned = plan is not None and plan.kind == "samples" and plan.length == pos.shape[1]
+    starts = plan.starts if planned else sample_starts(pos)
     set_layout([(a, b, [(a, b)]) for a, b in itertools.pairwise(starts) if b > a], pos.shape[1])
+    labels = kwargs.get("labels")
+    if not (own_head and planned and plan.head is not None and labels is not None
+            and kwargs.get("shift_labels") is None and plan.labels_match(labels)):
+        with _no_mask_building():
+            return inner(**kwargs)
+    rest = {k: v for k, v in kwargs.items() if k not in ("fused_lm_head", "labels", "num_items_in_batch")}
+    rest["use_cache"] = False
+    backbone = getattr(model, model.base_model_prefix)
     with _no_mask_building():
-        return inner(**kwargs)
+        hidden = backbone(**rest).last_hidden_state[0]
+    rows, targets = plan.head
+    out = fused_head(model, hidden, rows, targets, rows, labels[:, 1:] != -100, outputs)
+    if kwargs.get("num_items_in_batch") is not None:
+        out.loss = -out.log_probs.sum() / kwargs["num_items_in_batch"]
+    return out
+
+
+def fused_head(model, hidden, rows, targets, flat, mask, outputs):
+    """TRL's fused LM head (`add_fused_lm_head`, temperature 1, no logit scale or softcap: what segment attention
+    admits) on host-planned positions: `hidden` (T, d) of a packed row, `rows` the positions scored, `targets`
+    their labels, `flat` their places in the flattened per-token outputs of shape `mask.shape` (`mask`: labels !=
+    -100). The rows are gathered and the outputs put in place by index, so neither way waits for the GPU."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+
+    head = model.get_output_embeddings()
+    hidden = hidden.to(head.weight.device)
+    per_token = ChunkedLogProbFunction.apply(
+        hidden.index_select(0, rows), head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+        1.0, outputs,
+    )
+    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+        None if x is None else x.new_zeros(mask.numel()).index_copy(0, flat, x).view(mask.shape) for x in per_token
+    )
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
+    )
 
 
 # --- DPO: one row per pair, prompt shared ---------------------------------------------------------------------
@@ -527,11 +587,11 @@ def _packed_sample_forward(inner, model, kwargs, plan=None):
 def pair_layout(input_ids, attention_mask, labels):
     """Plan the shared-prompt row of a DPO batch `[chosen_1..chosen_B, rejected_1..rejected_B]` (right-padded).
 
-    Returns (packed_ids, position_ids, segments, hidden_index, rows, targets) on the batch's device, or None when
-    the batch is not such pairs (odd size, a prompt that differs between chosen and rejected, a row without
-    completion tokens, left padding). `hidden_index[r, t]` is the packed position whose hidden state predicts token
-    t+1 of original row r; `rows` are those positions for the trained tokens (labels != -100) in row-major order
-    and `targets` their labels, what the fused head reads. The plan is made on the host from one copy of the
+    Returns (packed_ids, position_ids, segments, flat, rows, targets) on the batch's device, or None when the
+    batch is not such pairs (odd size, a prompt that differs between chosen and rejected, a row without completion
+    tokens, left padding). For the trained tokens (labels != -100) in row-major order: `flat` is their place in the
+    flattened (2B, L-1) per-token outputs TRL's loss reads, `rows` the packed positions whose hidden states predict
+    them and `targets` their labels, what the fused head reads. The plan is made on the host from one copy of the
     batch (a few thousand integers), so the GPU gets its inputs without waiting on many small kernels and syncs.
     """
     n, length = input_ids.shape
@@ -567,9 +627,10 @@ def pair_layout(input_ids, attention_mask, labels):
     rejected_idx = torch.where(t == p_t - 1, off + p_t - 1, off + lc_t + t - p_t)
     hidden_index = torch.cat([chosen_idx, rejected_idx]).clamp(0, o - 1)
     mask = trained[:, 1:]
-    host = (torch.cat(ids_parts), torch.cat(pos_parts), hidden_index, hidden_index[mask], labels[:, 1:][mask])
-    packed, pos, hidden_index, rows, targets = (x.to(dev, non_blocking=True) for x in host)
-    return packed, pos, segments, hidden_index, rows, targets
+    flat = mask.flatten().nonzero().flatten()
+    host = (torch.cat(ids_parts), torch.cat(pos_parts), flat, hidden_index[mask], labels[:, 1:][mask])
+    packed, pos, flat, rows, targets = (x.to(dev, non_blocking=True) for x in host)
+    return packed, pos, segments, flat, rows, targets
 
 
 _pair_cache: list = []  # [(input_ids, attention_mask, labels, their versions), plan] of the last pair batch
@@ -589,37 +650,22 @@ def _cached_pair_layout(input_ids, attention_mask, labels):
 def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS):
     """TRL DPO fused-head call on a pair batch: one shared-prompt row through the backbone, per-token outputs in
     TRL's (2B, L-1) layout."""
-    from trl.kernels import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
-
     input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
     if input_ids is None or labels is None or kwargs.get("shift_labels") is not None:
         return None
-    if plan is not None and plan.kind == "pairs" and plan.length == tuple(input_ids.shape):
-        torch._assert_async((labels == plan.labels).all(), "align: the batch's labels differ from its host plan's")
+    if plan is not None and plan.kind == "pairs" and plan.length == tuple(input_ids.shape) \
+            and plan.labels_match(labels):
         plan = plan.pair
     else:
         plan = _cached_pair_layout(input_ids, kwargs.get("attention_mask"), labels)
     if plan is None:
         return None
-    packed, pos, segments, _, rows, targets = plan
+    packed, pos, segments, flat, rows, targets = plan
     set_layout(segments, packed.shape[0])
     backbone = getattr(model, model.base_model_prefix)
     with _no_mask_building():
         hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False).last_hidden_state[0]
-    mask = labels[:, 1:] != -100
-    head = model.get_output_embeddings()
-    per_token = ChunkedLogProbFunction.apply(
-        hidden.index_select(0, rows), head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-        1.0, outputs,
-    )
-    log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
-        None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token
-    )
-    return FusedCausalLMOutput(
-        loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=entropy,
-        log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
-    )
+    return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs)
 
 
 # --- compile -------------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
     real_search = masking_utils.find_packed_sequence_indices
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices",
                         lambda *a, **k: searched.append(1) or real_search(*a, **k))
-    model, peft_model = tiny_lora_model()
+    model, peft_model = tiny_lora_model(speed._SFT_OUTPUTS)  # the outputs TRL's SFTTrainer asks its head for
     g = torch.Generator().manual_seed(1)
     examples = [{"input_ids": torch.randint(3, VOCAB, (n,), generator=g).tolist()} for n in lengths]
     for e in examples:
@@ -121,12 +121,33 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
 
     speed.use_segment_attention(model)
     speed._wrap_forward(model, speed._packed_sample_forward)
-    loss = peft_model(**packed, fused_lm_head=True).loss
-    loss.backward()
-    assert [s[:2] for s in speed._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1])) for i in range(len(lengths))]
-    assert loss.item() == pytest.approx(want, abs=1e-5)
-    assert_same_grads(grads(peft_model), want_grads)
+    heads = []
+    real_head = speed.fused_head
+    monkeypatch.setattr(speed, "fused_head", lambda *a: heads.append(1) or real_head(*a))
+    # without a host plan: TRL's fused head on the packed row; with the collator's plan: the head on its rows
+    plan = speed.host_plan(packed, ("padding_free",))
+    assert plan.head[0].tolist() == [t for t in range(sum(lengths) - 1) if packed["labels"][0, t + 1] != -100]
+    for kwargs in ({}, {speed.PLAN_KEY: plan}):
+        loss = peft_model(**packed, **kwargs, fused_lm_head=True).loss
+        loss.backward()
+        assert [s[:2] for s in speed._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1]))
+                                                  for i in range(len(lengths))]
+        assert loss.item() == pytest.approx(want, abs=1e-5)
+        assert_same_grads(grads(peft_model), want_grads)
+        peft_model.zero_grad()
+    assert heads == [1]  # the planned forward took the host-planned head
     assert searched == [] and speed.ATTENTION in masking_utils.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    # every per-token output TRL's SFT loss reads, and a loss over num_items_in_batch, as TRL's head gives them
+    with torch.no_grad():
+        trl_out = peft_model(**packed, fused_lm_head=True, num_items_in_batch=100)
+        own = peft_model(**packed, **{speed.PLAN_KEY: plan}, fused_lm_head=True, num_items_in_batch=100)
+    for name in ("log_probs", "entropy", "is_top1", "label_mask"):
+        torch.testing.assert_close(getattr(own, name), getattr(trl_out, name), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(own.loss, trl_out.loss, atol=1e-6, rtol=1e-5)
+    wrong = dict(packed, labels=packed["labels"].clone())
+    wrong["labels"][0, -1] = -100
+    with pytest.raises(RuntimeError, match="labels differ from its host plan"):
+        peft_model(**wrong, **{speed.PLAN_KEY: plan}, fused_lm_head=True)
     peft_model(**padded, fused_lm_head=True)  # a padded batch through the same model still gets its mask
     assert speed._layout is None
 

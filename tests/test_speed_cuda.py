@@ -62,22 +62,20 @@ def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_call
     assert (results[True][0] - results[False][0]).abs().max().item() < 2e-2
 
 
-@cuda
-def test_the_first_gpu_sync_after_a_step_is_trls_fused_head(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
-    """From the end of step 2 (batch copy, NaN guard, metrics, padding-free layout, attention mask) nothing of
-    align's waits for the GPU: torch's sync debug mode raises at the first synchronizing call, and that is TRL's
-    fused LM head picking the trained tokens with a boolean index (`hidden_states[mask]`, in stock TRL too).
-    Measured on an H200 (2026-12-03). When TRL drops that sync this test fails: then assert no sync at all."""
+def first_sync(main, argv, monkeypatch):
+    """Run a stage with torch's sync debug mode raising from the end of step 2: the steps reached and the function
+    names of the traceback of the first synchronizing call."""
     import traceback
 
     from transformers import TrainerCallback
 
-    from align import sft, training
+    from align import training
 
-    from .test_sft import sft_argv
+    steps = []
 
     class SyncCheck(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            steps.append(state.global_step)
             if state.global_step == 2:
                 torch.cuda.set_sync_debug_mode("error")
 
@@ -90,10 +88,37 @@ def test_the_first_gpu_sync_after_a_step_is_trls_fused_head(tiny_llama, chat_jso
     monkeypatch.setattr(training, "train_and_evaluate", with_check)
     try:
         with pytest.raises(RuntimeError, match="synchronizing CUDA operation") as err:
-            sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6,
-                              eval_split_size=0, speedups="padding_free,fused_lora,non_blocking"))
+            main(argv)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    frames = traceback.extract_tb(err.value.__traceback__)
-    assert frames[-1].filename.replace("\\", "/").endswith("trl/trainer/utils.py"), frames[-1]
-    assert any(f.name == "_packed_sample_forward" for f in frames)  # in step 3's forward, after align's own work
+    return steps, [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+
+
+@cuda
+def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """From the end of step 2 to the log line of step 6, nothing waits for the GPU (batch copy, NaN guard, deferred
+    metrics, padding-free layout and LM head, backward, clipping, optimizer): torch's sync debug mode raises at the
+    first synchronizing call, and that is the log line reading the loss. Before the host-planned LM head it was
+    TRL's fused head picking the trained tokens with a boolean index (`hidden_states[mask]`) in step 3's forward."""
+    from align import sft
+
+    from .test_sft import sft_argv
+
+    steps, names = first_sync(sft.main, sft_argv(
+        tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
+        speedups="padding_free,fused_lora,non_blocking"), monkeypatch)
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, names  # the log line after step 6
+    assert not {"training_step", "_packed_sample_forward", "compute_loss"} & set(names), names
+
+
+@cuda
+def test_where_dpo_first_waits_for_the_gpu(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """DPO with the shared-prompt row: the first wait for the GPU after step 2."""
+    from align import dpo
+
+    from .test_dpo import dpo_argv
+
+    steps, names = first_sync(dpo.main, dpo_argv(
+        tiny_llama, preference_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
+        speedups="shared_prompt,fused_lora,non_blocking"), monkeypatch)
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, (steps, names)

@@ -107,8 +107,9 @@ def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, mon
     steps, names = first_sync(sft.main, sft_argv(
         tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="padding_free,fused_lora,non_blocking"), monkeypatch)
-    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, names  # the log line after step 6
-    assert not {"training_step", "_packed_sample_forward", "compute_loss"} & set(names), names
+    where = f"steps {steps}, first sync in: {' > '.join(names)}"
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where  # the log line after step 6
+    assert not {"training_step", "_packed_sample_forward", "compute_loss"} & set(names), where
 
 
 @cuda
@@ -121,4 +122,4 @@ def test_where_dpo_first_waits_for_the_gpu(tiny_llama, preference_jsonl, tmp_pat
     steps, names = first_sync(dpo.main, dpo_argv(
         tiny_llama, preference_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="shared_prompt,fused_lora,non_blocking"), monkeypatch)
-    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, (steps, names)
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, f"steps {steps}, first sync in: {' > '.join(names)}"

@@ -48,6 +48,7 @@ def main(argv=None):
     # 3. One frozen base; the policy adapter on it; the reference is an adapter switch, not a second model.
     # Speedups (align/speed.py): one shared-prompt row per pair, compiled layers, bf16 4-bit layout.
     speedups = speed.resolve(run_args.speedups, "dpo", model_args, train_args)
+    speed.prepare_args(train_args, speedups, "dpo")
     model = speed.prepare_model(modeling.load_model(model_args, training=True), speedups)
     model, reference = stacking.policy_for_preference_training(model, model_args, run_args)
     training.mark_base_frozen(model)

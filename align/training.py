@@ -232,25 +232,30 @@ class DeferredSFTMetrics:
         loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        if "attention_mask" in inputs:
+        if "attention_mask" in inputs:  # a device count, summed on the device
             seen = inputs["attention_mask"].sum()
-        elif "position_ids" in inputs:
-            seen = inputs["position_ids"].new_tensor(inputs["position_ids"].size(1))
+            queued = self.__dict__.get("_deferred_tokens")
+            self.__dict__["_deferred_tokens"] = seen if queued is None else queued + seen
+        elif "position_ids" in inputs:  # a padding-free row: its length, known on the host (a tensor made from it
+            # on the device would be a blocking copy, a wait for the GPU every step)
+            self.__dict__["_deferred_host_tokens"] = (self.__dict__.get("_deferred_host_tokens", 0)
+                                                      + inputs["position_ids"].size(1))
         else:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         with torch.no_grad():
             sums = torch.stack([outputs.label_mask.sum().float(), outputs.entropy.detach().sum().float(),
                                 outputs.is_top1.sum().float()])
         self.__dict__.setdefault("_deferred_sums", []).append(sums)
-        queued = self.__dict__.get("_deferred_tokens")
-        self.__dict__["_deferred_tokens"] = seen if queued is None else queued + seen
         return loss
 
     def _count_deferred_tokens(self) -> None:
         queued = self.__dict__.pop("_deferred_tokens", None)
-        if queued is not None:
-            self._total_train_tokens += int(summed_over_processes(self.accelerator, queued)) // getattr(
-                self, "_tp_size", 1)
+        host = self.__dict__.pop("_deferred_host_tokens", 0)
+        if queued is None and not host:
+            return
+        total = torch.tensor(host, device=self.accelerator.device) + (0 if queued is None else queued)
+        self._total_train_tokens += int(summed_over_processes(self.accelerator, total)) // getattr(
+            self, "_tp_size", 1)
 
     def evaluate(self, *args, **kwargs):
         self._count_deferred_tokens()  # TRL logs the running train token count with the evaluation's metrics

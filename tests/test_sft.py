@@ -131,7 +131,9 @@ def test_logged_token_metrics_do_not_depend_on_the_eval_batch_size(tiny_llama, c
         assert got[2][key] == pytest.approx(got[5][key], abs=1e-5), key
 
 
-def test_deferred_training_metrics_log_what_trl_logs_token_weighted(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+@pytest.mark.parametrize("speedups", ["none", "padding_free"])  # token counts from the mask / the row lengths
+def test_deferred_training_metrics_log_what_trl_logs_token_weighted(tiny_llama, chat_jsonl, tmp_path, monkeypatch,
+                                                                    speedups):
     """Training steps queue their entropy/accuracy/token sums on the device and read them once per log line: the
     logged losses, token counts and token-weighted entropy and accuracy are those of TRL's own compute_loss."""
     from align.training import DeferredSFTMetrics
@@ -147,7 +149,7 @@ def test_deferred_training_metrics_log_what_trl_logs_token_weighted(tiny_llama, 
     def run(name):
         # evaluations at steps 2 and 4 fall between the log lines at 3 and 6 (their log lines come in eval mode)
         trainer = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / name), max_steps=6, logging_steps=3,
-                                    eval_strategy="steps", eval_steps=2))
+                                    eval_strategy="steps", eval_steps=2, speedups=speedups))
         return trainer, [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
 
     monkeypatch.setattr(DeferredSFTMetrics, "_deferred_metrics_apply", counted)

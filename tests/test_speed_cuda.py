@@ -91,7 +91,9 @@ def first_sync(main, argv, monkeypatch):
             main(argv)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    return steps, [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    frames = traceback.extract_tb(err.value.__traceback__)
+    print("first sync:", " > ".join(f"{f.name} ({f.filename.rsplit('/', 2)[-1]}:{f.lineno})" for f in frames[-8:]))
+    return steps, [f.name for f in frames]
 
 
 @cuda

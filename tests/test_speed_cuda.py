@@ -93,7 +93,7 @@ def first_sync(main, argv, monkeypatch):
         torch.cuda.set_sync_debug_mode(0)
     frames = traceback.extract_tb(err.value.__traceback__)
     print("first sync:", " > ".join(f"{f.name} ({f.filename.rsplit('/', 2)[-1]}:{f.lineno})" for f in frames[-8:]))
-    return steps, [f.name for f in frames]
+    return steps, frames
 
 
 @cuda
@@ -106,22 +106,28 @@ def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, mon
 
     from .test_sft import sft_argv
 
-    steps, names = first_sync(sft.main, sft_argv(
+    steps, frames = first_sync(sft.main, sft_argv(
         tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="padding_free,fused_lora,non_blocking"), monkeypatch)
+    names = [f.name for f in frames]
     where = f"steps {steps}, first sync in: {' > '.join(names)}"
     assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where  # the log line after step 6
     assert not {"training_step", "_packed_sample_forward", "compute_loss"} & set(names), where
 
 
 @cuda
-def test_where_dpo_first_waits_for_the_gpu(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
-    """DPO with the shared-prompt row: the first wait for the GPU after step 2."""
+def test_dpo_first_waits_for_the_gpu_in_trls_metrics(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """DPO with the shared-prompt row and non-blocking batches: after step 2, the first wait for the GPU is in
+    TRL's DPO loss, where it reads its metrics on the host (`.item()`, about a dozen per step), in step 3, after
+    align's batch copy, layout and packed forward. Measured on an H200 (2026-12-03). When TRL defers those reads
+    (or align does), this fails: then assert no sync until the log line, as the SFT test does."""
     from align import dpo
 
     from .test_dpo import dpo_argv
 
-    steps, names = first_sync(dpo.main, dpo_argv(
+    steps, frames = first_sync(dpo.main, dpo_argv(
         tiny_llama, preference_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="shared_prompt,fused_lora,non_blocking"), monkeypatch)
-    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, f"steps {steps}, first sync in: {' > '.join(names)}"
+    where = f"steps {steps}, first sync in: {' > '.join(f.name for f in frames)}"
+    assert steps[-1] == 2 and frames[-1].name == "_compute_loss", where
+    assert frames[-1].filename.replace("\\", "/").endswith("trl/trainer/dpo_trainer.py"), where

@@ -250,10 +250,10 @@ class DeferredSFTMetrics:
 
     def _count_deferred_tokens(self) -> None:
         queued = self.__dict__.pop("_deferred_tokens", None)
-        host = self.__dict__.pop("_deferred_host_tokens", 0)
-        if queued is None and not host:
+        host = self.__dict__.pop("_deferred_host_tokens", None)
+        if queued is None and host is None:  # no training step since the last count (alike on every process)
             return
-        total = torch.tensor(host, device=self.accelerator.device) + (0 if queued is None else queued)
+        total = torch.tensor(host or 0, device=self.accelerator.device) + (0 if queued is None else queued)
         self._total_train_tokens += int(summed_over_processes(self.accelerator, total)) // getattr(
             self, "_tp_size", 1)
 

@@ -55,13 +55,16 @@ def synthetic_chat_rows(n=64, seed=0):
     return rows
 
 
-@pytest.fixture(scope="session")
-def chat_jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+def write_jsonl(path, rows) -> str:
     with open(path, "w") as fh:
-        for row in synthetic_chat_rows():
+        for row in rows:
             fh.write(json.dumps(row) + "\n")
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", synthetic_chat_rows())
 
 
 def have_shared() -> bool:
@@ -81,8 +84,4 @@ def synthetic_preference_rows(n=48, seed=0):
 
 @pytest.fixture(scope="session")
 def preference_jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pref") / "pairs.jsonl"
-    with open(path, "w") as fh:
-        for row in synthetic_preference_rows():
-            fh.write(json.dumps(row) + "\n")
-    return str(path)
+    return write_jsonl(tmp_path_factory.mktemp("pref") / "pairs.jsonl", synthetic_preference_rows())

@@ -504,8 +504,9 @@ def host_plan(batch, segments) -> HostPlan | None:
     if "padding_free" in segments and pos is not None and mask is None and pos.shape[0] == 1 and not pos.is_cuda:
         labels = batch.get("labels")
         if labels is None or labels.shape != pos.shape or labels.is_cuda:
-            return HostPlan("samples", pos.shape[1], starts=sample_starts(pos))
-        return HostPlan("samples", pos.shape[1], starts=sample_starts(pos), labels=labels, head=head_rows(labels))
+            labels = None
+        return HostPlan("samples", pos.shape[1], starts=sample_starts(pos), labels=labels,
+                        head=None if labels is None else head_rows(labels))
     completion = batch.get("completion_mask")
     if "shared_prompt" in segments and ids is not None and mask is not None and completion is not None \
             and not ids.is_cuda:
@@ -553,17 +554,16 @@ def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS
     with _no_mask_building():
         hidden = backbone(**rest).last_hidden_state[0]
     rows, targets = plan.head
-    out = fused_head(model, hidden, rows, targets, rows, labels[:, 1:] != -100, outputs)
-    if kwargs.get("num_items_in_batch") is not None:
-        out.loss = -out.log_probs.sum() / kwargs["num_items_in_batch"]
-    return out
+    return fused_head(model, hidden, rows, targets, rows, labels[:, 1:] != -100, outputs,
+                      num_items=kwargs.get("num_items_in_batch"))
 
 
-def fused_head(model, hidden, rows, targets, flat, mask, outputs):
+def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None):
     """TRL's fused LM head (`add_fused_lm_head`, temperature 1, no logit scale or softcap: what segment attention
     admits) on host-planned positions: `hidden` (T, d) of a packed row, `rows` the positions scored, `targets`
     their labels, `flat` their places in the flattened per-token outputs of shape `mask.shape` (`mask`: labels !=
-    -100). The rows are gathered and the outputs put in place by index, so neither way waits for the GPU."""
+    -100). The rows are gathered and the outputs put in place by index, so neither way waits for the GPU. The loss
+    is divided by `num_items` when given, else by the trained tokens, as TRL's is."""
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
@@ -577,8 +577,9 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs):
         None if x is None else x.new_zeros(mask.numel()).index_copy(0, flat, x).view(mask.shape) for x in per_token
     )
     return FusedCausalLMOutput(
-        loss=-log_probs.sum() / mask.sum().clamp(min=1), log_probs=log_probs, entropy=entropy,
-        log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
+        loss=-log_probs.sum() / (mask.sum().clamp(min=1) if num_items is None else num_items),
+        log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits,
+        is_top1=is_top1, label_mask=mask,
     )
 
 

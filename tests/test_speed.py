@@ -123,7 +123,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
     speed._wrap_forward(model, speed._packed_sample_forward)
     heads = []
     real_head = speed.fused_head
-    monkeypatch.setattr(speed, "fused_head", lambda *a: heads.append(1) or real_head(*a))
+    monkeypatch.setattr(speed, "fused_head", lambda *a, **k: heads.append(1) or real_head(*a, **k))
     # without a host plan: TRL's fused head on the packed row; with the collator's plan: the head on its rows
     plan = speed.host_plan(packed, ("padding_free",))
     assert plan.head[0].tolist() == [t for t in range(sum(lengths) - 1) if packed["labels"][0, t + 1] != -100]

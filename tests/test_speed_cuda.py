@@ -63,8 +63,8 @@ def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_call
 
 
 def first_sync(main, argv, monkeypatch):
-    """Run a stage with torch's sync debug mode raising from the end of step 2: the steps reached and the function
-    names of the traceback of the first synchronizing call."""
+    """Run a stage with torch's sync debug mode raising from the end of step 2: the steps reached and the traceback
+    frames of the first synchronizing call."""
     import traceback
 
     from transformers import TrainerCallback

@@ -18,7 +18,8 @@ Options (a comma-separated list, `auto`, or `none`):
 - `compile`: `torch.compile` of each decoder layer (one compiled graph shared by all layers): fused norms, RoPE,
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
-  recomputes the rest in the backward, matmuls included (`activation_memory_budget=0.5`): less memory, some speed.
+  recomputes the rest in the backward, matmuls included (`activation_memory_budget`, recipe key
+  `lean_memory_budget`: 0.5 for SFT and RM, 0.3 for DPO, whose rows are 1.5x as long): less memory, some speed.
 - `liger`: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (what TRL's `use_liger_kernel` applies). GPU only.
 - `fused_lora`: LoRA layers compute in the activations' dtype. PEFT casts every adapted layer's input to the fp32
   LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "non_blocking")
+LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
@@ -136,9 +138,22 @@ def prepare_args(train_args, options, stage: str) -> None:
         train_args.accelerator_config.non_blocking = True
 
 
-def finish(trainer, options) -> None:
+def lean_budget(trainer, lean_memory_budget: float | None = None) -> float:
+    """`lean`'s activation memory budget: the one given, else `LEAN_BUDGET` of the trainer's stage (DPO rows carry
+    prompt + chosen + rejected, 1.5x the tokens of an SFT row of the same pair, so DPO keeps less of each layer)."""
+    from trl import DPOTrainer
+
+    budget = lean_memory_budget if lean_memory_budget is not None else LEAN_BUDGET[
+        "dpo" if isinstance(trainer, DPOTrainer) else "sft"]
+    if not 0 < budget <= 1:
+        raise ValueError(f"lean_memory_budget must be in (0, 1], got {budget}")
+    return budget
+
+
+def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
     """Options that act on the trainer's model after TRL has set it up (TRL installs its fused LM head in
-    `__init__`; the wrappers here sit around that head)."""
+    `__init__`; the wrappers here sit around that head). `lean_memory_budget`: with `lean`, the fraction of a
+    compiled layer's activations kept for the backward (default: `lean_budget`)."""
     model = _causal_lm(trainer.model)
     segments = [o for o in ("padding_free", "shared_prompt") if o in options]
     if "shared_prompt" in segments and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
@@ -176,7 +191,7 @@ def finish(trainer, options) -> None:
         else:
             use_fused_lora(trainer.model)
     if "compile" in options:
-        compile_layers(model, memory_budget=0.5 if "lean" in options else None)
+        compile_layers(model, memory_budget=lean_budget(trainer, lean_memory_budget) if "lean" in options else None)
     trainer.align_speedups = tuple(options)
 
 

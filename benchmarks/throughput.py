@@ -229,7 +229,7 @@ def worker(spec: dict) -> dict:
     dpo = spec["case"].startswith("dpo")
     out = tempfile.mkdtemp(prefix="throughput-")
     args = trainer_args(spec, out, cuda)
-    options = ()
+    options, budget = (), None
     if spec["path"].startswith("stock"):
         from peft import LoraConfig
 
@@ -260,7 +260,10 @@ def worker(spec: dict) -> dict:
             from align.sft import AlignSFTTrainer as cls
 
             trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
-        speed.finish(trainer, options)
+        budget = spec.get("lean_memory_budget")
+        speed.finish(trainer, options, *([budget] if budget else []))  # an --align_src checkout may lack it
+        if hasattr(speed, "lean_budget") and "lean" in options:
+            budget = speed.lean_budget(trainer, budget)
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
     trainer.data_collator = meter.count(trainer.data_collator, dpo)
@@ -279,7 +282,7 @@ def worker(spec: dict) -> dict:
     timed_s = meter.end[w + n - 1] - meter.end[w - 1] if w > 0 else meter.end[w + n - 1] - meter.start
     gib = 1024**3
     return dict(
-        path=spec["path"], options=list(options) if spec["path"].startswith("align") else (
+        path=spec["path"], lean_memory_budget=budget, options=list(options) if spec["path"].startswith("align") else (
             ["use_liger_kernel"] if spec["path"] == "stock_liger" else []),
         tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:w + n]) / max(1, len(step_s[w:w + n])),
         tokens_per_step=tokens, step_s=step_s, losses=losses,
@@ -527,7 +530,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--align_options", default="auto", help="align/speed.py options: auto, none or a comma list")
-    ap.add_argument("--align_variants", default="", help="`name=opt,opt;name2=...`: paths align_<name> (ablations)")
+    ap.add_argument("--align_variants", default="", help="`name=opt,opt;name2=...`: paths align_<name> (ablations); `opts@0.3`: with lean, "
+                    "that activation memory budget (default: align's per stage, speed.LEAN_BUDGET)")
     ap.add_argument("--data", choices=("fixed", "real"), default="fixed",
                     help="fixed: every row the shape's full length; real: log-normal lengths, so batches carry padding")
     ap.add_argument("--batch", type=int, help="SFT rows per batch (default: the shape's)")
@@ -587,12 +591,14 @@ def main(argv=None):
         rows_per_step = shape_cfg["pairs" if case.startswith("dpo") else "batch"]
         for path in paths:
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
+            options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
             spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
                         rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
-                        align_src=args.align_src and os.path.abspath(args.align_src))
+                        align_src=args.align_src and os.path.abspath(args.align_src),
+                        lean_memory_budget=float(budget) if budget else None)
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

@@ -75,6 +75,23 @@ def test_non_blocking_reaches_the_trainers_data_loader(tmp_path):
     assert trainer.accelerator.dataloader_config.non_blocking and args.dataloader_pin_memory
 
 
+def test_lean_budget_per_stage_and_checked():
+    """`lean`'s activation budget: DPO keeps less of each layer than SFT by default (its rows are 1.5x as long), a
+    recipe value wins, and a value outside (0, 1] is a config error naming the key."""
+    import trl
+
+    from align import config
+
+    dpo, sft = object.__new__(trl.DPOTrainer), object.__new__(trl.SFTTrainer)
+    assert speed.lean_budget(dpo) == 0.3 and speed.lean_budget(sft) == 0.5
+    assert speed.lean_budget(dpo, 0.7) == 0.7
+    with pytest.raises(ValueError, match="lean_memory_budget"):
+        speed.lean_budget(sft, 0.0)
+    assert config.RunArguments(lean_memory_budget=0.4).lean_memory_budget == 0.4
+    with pytest.raises(config.ConfigError, match="lean_memory_budget"):
+        config.RunArguments(lean_memory_budget=1.5)
+
+
 def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     """On a GPU `auto` is the measured set; compile and lean come with it for one process without gradient
     checkpointing only, while named options are always kept."""

@@ -286,6 +286,9 @@ def set_layout(segments: list | None, length: int = -1) -> None:
         len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in segments)
 
 
+_VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash attention's
+
+
 def _varlen():
     """torch's flash-attention varlen entry (torch >= 2.9), or None."""
     try:
@@ -311,11 +314,12 @@ def _varlen_args(device):
     return plan
 
 
-def _varlen_attention(query, key, value, scaling):
-    """All segments of the layout in one flash-varlen call: (1, heads, T, dim) in, (1, T, heads, dim) out.
-    Causal masks are lower-right aligned (a rejected completion's queries are the last of its prompt+own keys)."""
+def _varlen_attention(query, key, value, scaling, varlen):
+    """All segments of a layout in one flash-varlen call (`varlen`: `_varlen_args`): (1, heads, T, dim) in,
+    (1, T, heads, dim) out. Causal masks are lower-right aligned (a rejected completion's queries are the last of
+    its prompt+own keys)."""
     varlen_attn, causal, has_gqa = _varlen_call()
-    cu_q, cu_k, max_q, max_k, index = _varlen_args(query.device)
+    cu_q, cu_k, max_q, max_k, index = varlen
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, dim)
     if index is not None:
         k, v = k.index_select(0, index), v.index_select(0, index)
@@ -328,29 +332,85 @@ def _varlen_attention(query, key, value, scaling):
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)[None]
 
 
-@functools.cache
+_varlen_fns: tuple | None = None
+
+
 def _varlen_call():
     """varlen_attn, its causal keyword (`is_causal` in torch 2.9-2.11, `window_size=(-1, 0)` later) and whether it
-    takes `enable_gqa`."""
-    import inspect
+    takes `enable_gqa`. Looked up once (on the host, by `packed_attention_kwargs`, before any traced call reads it)."""
+    global _varlen_fns
+    if _varlen_fns is None:
+        import inspect
 
-    varlen_attn = _varlen()
-    params = inspect.signature(varlen_attn).parameters
-    causal = dict(is_causal=True) if "is_causal" in params else dict(window_size=(-1, 0))
-    return varlen_attn, causal, "enable_gqa" in params
+        varlen_attn = _varlen()
+        params = inspect.signature(varlen_attn).parameters
+        causal = dict(is_causal=True) if "is_causal" in params else dict(window_size=(-1, 0))
+        _varlen_fns = (varlen_attn, causal, "enable_gqa" in params)
+    return _varlen_fns
 
 
 def use_varlen(query, dropout) -> bool:
     """Flash varlen applies: CUDA, half precision, no attention dropout, torch has it."""
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and not dropout
+    return (query.is_cuda and query.dtype in _VARLEN_DTYPES and not dropout
             and _varlen() is not None)
 
 
-@torch.compiler.disable
 def segment_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for `ATTENTION`: query/key/value (1, heads, tokens, dim) of one packed row. Each segment's queries
     attend causally (lower-right aligned) to the concatenation of its key ranges: a sample to itself, a rejected
-    completion to its prompt and itself. Without a layout for this length: transformers' SDPA attention.
+    completion to its prompt and itself. Without a layout for this forward: transformers' SDPA attention.
+
+    The packed forwards hand every layer the layout as tensors and ints (`packed_attention_kwargs`, key
+    `SEGMENTS_KEY`): read here, attention is traced inside a compiled decoder layer (one compiled region per layer,
+    no graph break). Otherwise the layout set by `set_layout` is read on the host (`_segment_attention_eager`)."""
+    packed = kwargs.pop(SEGMENTS_KEY, None)
+    if packed is not None and query.shape[0] == 1:
+        equal, varlen = packed
+        if equal:
+            return _equal_attention(query, key, value, equal, dropout, scaling), None
+        if varlen is not None and not dropout and query.dtype in _VARLEN_DTYPES:
+            return _varlen_attention(query, key, value, scaling, varlen), None
+    return _segment_attention_eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                    **kwargs)
+
+
+def _equal_attention(query, key, value, n, dropout, scaling):
+    """`n` equal-length samples of one packed row, each causal on itself: one batched SDPA call (GQA without
+    repeating the keys). (1, heads, T, dim) in, (1, T, heads, dim) out."""
+    heads, dim, t = query.shape[1], query.shape[3], query.shape[2]
+    split = lambda x: x[0].unflatten(1, (n, t // n)).transpose(0, 1)
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value), dropout_p=dropout, is_causal=True,
+                                         scale=scaling, enable_gqa=heads != key.shape[1])
+    return out.permute(0, 2, 1, 3).reshape(1, t, heads, dim)
+
+
+SEGMENTS_KEY = "align_segments"
+
+
+def _varlen_device(device) -> bool:
+    """Flash varlen runs on CUDA devices (tests put a CPU stand-in behind `_varlen`)."""
+    return device.type == "cuda"
+
+
+def packed_attention_kwargs(device) -> dict:
+    """The current layout for the layers of a packed forward, as keyword arguments transformers passes down to
+    every attention call: `{SEGMENTS_KEY: (n, varlen)}` with `n` the number of equal samples (0 otherwise) and
+    `varlen` the flash-varlen arguments (`_varlen_args`, CUDA) or None. Empty when the attention cannot run from
+    them (no layout; unequal segments without flash varlen: the host-side per-segment calls then)."""
+    if _layout is None:
+        return {}
+    if _layout_equal:
+        return {SEGMENTS_KEY: (len(_layout), None)}
+    if _varlen_device(device) and _use_varlen and _varlen() is not None:
+        _varlen_call()
+        return {SEGMENTS_KEY: (0, _varlen_args(device))}
+    return {}
+
+
+@torch.compiler.disable
+def _segment_attention_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """`segment_attention` from the layout set by `set_layout` (a graph break under torch.compile: it reads the
+    layout on the host). Without a layout for this length: transformers' SDPA attention.
 
     Samples run as SDPA's causal flash kernel (GQA without repeating the keys; equal-length samples in one batched
     call); a rejected completion runs lower-right causal flash on its prompt+own keys, repeated to the query heads
@@ -361,17 +421,12 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if _layout is None or query.shape[2] != _layout_len or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    heads, kv_heads = query.shape[1], key.shape[1]
     gqa = heads != kv_heads
-    if _layout_equal:
-        n = len(_layout)  # equal samples: one batched causal call
-        length = _layout_len // n
-        split = lambda x: x[0].unflatten(1, (n, length)).transpose(0, 1)
-        out = F.scaled_dot_product_attention(split(query), split(key), split(value), dropout_p=dropout,
-                                             is_causal=True, scale=scaling, enable_gqa=gqa)
-        return out.permute(0, 2, 1, 3).reshape(1, n * length, heads, dim), None
+    if _layout_equal:  # equal samples: one batched causal call
+        return _equal_attention(query, key, value, len(_layout), dropout, scaling), None
     if _use_varlen and use_varlen(query, dropout):  # every other layout: one flash-varlen call for all segments
-        return _varlen_attention(query, key, value, scaling), None
+        return _varlen_attention(query, key, value, scaling, _varlen_args(query.device)), None
     outs = []
     for q0, q1, kv in _layout:
         q = query[:, :, q0:q1]
@@ -566,6 +621,7 @@ def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS
     rest = {k: v for k, v in kwargs.items() if k not in ("fused_lm_head", "labels", "num_items_in_batch")}
     rest["use_cache"] = False
     backbone = getattr(model, model.base_model_prefix)
+    rest.update(packed_attention_kwargs(labels.device))
     with _no_mask_building():
         hidden = backbone(**rest).last_hidden_state[0]
     rows, targets = plan.head
@@ -680,7 +736,8 @@ def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS
     set_layout(segments, packed.shape[0])
     backbone = getattr(model, model.base_model_prefix)
     with _no_mask_building():
-        hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False).last_hidden_state[0]
+        hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
+                          **packed_attention_kwargs(packed.device)).last_hidden_state[0]
     return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs)
 
 

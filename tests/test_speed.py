@@ -588,3 +588,90 @@ def test_fused_lora_is_left_out_under_zero3(monkeypatch):
         from peft.tuners.lora import LoraLayer
 
         assert any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer)) == kept, env
+
+
+_CPU_VARLEN = []
+
+
+def _cpu_varlen_op():
+    """A CPU stand-in for torch's flash-varlen attention (same call, opaque to torch.compile like the real custom
+    op): each segment's queries attend lower-right causally to its keys."""
+    if not _CPU_VARLEN:
+        @torch.library.custom_op("align_test::varlen_attn", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               scale: float, gqa: bool) -> torch.Tensor:
+            from torch.nn.attention.bias import causal_lower_right
+
+            outs = []
+            bounds = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])
+            for q0, q1, k0, k1 in bounds:
+                qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+                outs.append(torch.nn.functional.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=causal_lower_right(q1 - q0, k1 - k0), scale=scale, enable_gqa=gqa)[0])
+            return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
+
+        op.register_fake(lambda q, k, v, cu_q, cu_k, scale, gqa: torch.empty_like(q))
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None, enable_gqa=False):
+            assert is_causal and max_q <= q.shape[0] and max_k <= k.shape[0]
+            return op(q, k, v, cu_q, cu_k, scale, enable_gqa)
+
+        _CPU_VARLEN.append(varlen_attn)
+    return _CPU_VARLEN[0]
+
+
+@pytest.mark.parametrize("case", ["equal_samples", "pairs"])
+def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch):
+    """With the layout handed to the layers as arguments (`packed_attention_kwargs`), a compiled decoder layer
+    traces segment attention: no graph break (one compiled region per layer, not two around a host-side attention
+    call), and the same outputs as the eager unpacked model. Equal samples (padding-free SFT): SDPA batched, loss and
+    LoRA gradients; pairs (DPO shared prompt): flash varlen, here a CPU stand-in, log-probs without grad (the
+    varlen kernel's gradients are checked on a GPU, tests/test_speed_cuda.py)."""
+    from torch._dynamo.utils import counters
+
+    model, peft_model = tiny_lora_model(speed._SFT_OUTPUTS if case == "equal_samples" else speed._DPO_OUTPUTS)
+    if case == "equal_samples":
+        g = torch.Generator().manual_seed(1)
+        examples = [{"input_ids": torch.randint(3, VOCAB, (24,), generator=g).tolist()} for _ in range(3)]
+        for e in examples:
+            e["labels"] = [-100] * 4 + e["input_ids"][4:]
+        plain = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+        batch[speed.PLAN_KEY] = speed.host_plan(batch, ("padding_free",))
+        forward = speed._packed_sample_forward
+    else:
+        plain = batch = pair_batch()
+        forward = speed._shared_prompt_forward
+        monkeypatch.setattr(speed, "_varlen", _cpu_varlen_op)
+        monkeypatch.setattr(speed, "_varlen_device", lambda device: True)
+        monkeypatch.setattr(speed, "_VARLEN_DTYPES", (torch.float32,))
+        monkeypatch.setattr(speed, "_varlen_fns", None)
+
+    def run(inputs):
+        peft_model.zero_grad()
+        if case == "pairs":
+            with torch.no_grad():
+                return peft_model(**inputs, fused_lm_head=True, use_cache=False).log_probs, None
+        out = peft_model(**inputs, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), grads(peft_model)
+
+    want, want_grads = run(plain)
+    speed.use_segment_attention(model)
+    speed._wrap_forward(model, forward)
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        speed.compile_layers(model)
+        for _ in range(2):
+            got, got_grads = run(batch)
+        breaks = dict(counters["graph_break"])
+        frames = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert breaks == {}, breaks
+    assert frames >= 1
+    assert speed.packed_attention_kwargs(torch.device("cpu"))  # the forward ran from the layers' arguments
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if want_grads is not None:
+        assert_same_grads(got_grads, want_grads)

@@ -59,9 +59,10 @@ import torch.nn.functional as F
 
 logger = logging.getLogger("align")
 
-OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "non_blocking")
+OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
+           "non_blocking")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
@@ -100,10 +101,10 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
     for name in names:
         if _STAGE_ONLY.get(name, stage) != stage:
             continue
-        if name == "kbit_bf16" and model_args is not None and not model_args.load_in_4bit:
+        if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not model_args.load_in_4bit:
             continue
-        if name == "lean" and "compile" not in names:
-            logger.info("speedups: lean works through compile; left out")
+        if name in ("lean", "torch_nf4") and "compile" not in names:
+            logger.info("speedups: %s works through compile; left out", name)
             continue
         if name in ("liger", "non_blocking") and not torch.cuda.is_available():
             logger.info("speedups: %s needs a CUDA GPU; left out", name)
@@ -190,6 +191,10 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
             options = tuple(o for o in options if o != "fused_lora")
         else:
             use_fused_lora(trainer.model)
+    if "torch_nf4" in options and "compile" in options:
+        from align import nf4
+
+        nf4.use_torch_nf4(model)
     if "compile" in options:
         compile_layers(model, memory_budget=lean_budget(trainer, lean_memory_budget) if "lean" in options else None)
     trainer.align_speedups = tuple(options)

@@ -101,13 +101,14 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model_args = SimpleNamespace(load_in_4bit=True)
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
-    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora")
+    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
     assert speed.resolve("auto", "sft", model_args, one) == full
     assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt",) + full[1:]
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == ("padding_free", "kbit_bf16", "fused_lora")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
-        "padding_free", "compile", "kbit_bf16", "fused_lora")
+        "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4")
+    assert "torch_nf4" not in speed.resolve("auto", "sft", SimpleNamespace(load_in_4bit=False), one)
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
 

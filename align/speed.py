@@ -35,11 +35,15 @@ Options (a comma-separated list, `auto`, or `none`):
   GPU has finished step N, so the host never prepares a step while the GPU runs the previous one. Not in `auto`:
   on an H200 it showed no gain beyond the 10% run-to-run spread (1B SFT, 1B DPO, 8B QLoRA), also once SFT steps
   stopped waiting for the GPU.
+- `torch_nf4` (4-bit base, with `compile`): bitsandbytes' NF4 linear layers computed with torch ops
+  (`align/nf4.py`): inside a compiled layer inductor fuses the dequantization into one kernel per weight instead
+  of bitsandbytes' ops with Python per call (twice per weight per forward, again in the backward); bit for bit
+  bitsandbytes' dequantized weight, and like it no bf16 copy of a weight kept for the backward.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU and nothing
-on a CPU; `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
+`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a CUDA GPU
+and nothing on a CPU; `compile` and `lean` (and so `torch_nf4`) come with it only on one process without gradient checkpointing, where they were
 measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the

@@ -199,9 +199,11 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         from align import nf4
 
         nf4.use_torch_nf4(model)
+    budget = lean_budget(trainer, lean_memory_budget) if "lean" in options else None
     if "compile" in options:
-        compile_layers(model, memory_budget=lean_budget(trainer, lean_memory_budget) if "lean" in options else None)
+        compile_layers(model, memory_budget=budget)
     trainer.align_speedups = tuple(options)
+    trainer.align_lean_memory_budget = budget
 
 
 # --- fused LoRA: LoRA in the activations' dtype, its product accumulated into the base output -------------------

@@ -446,6 +446,9 @@ def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage
             launch.check_saved_adapter(out)  # peers have shipped empty adapters from sharded saves
         full_lineage = manifest.base_model_lineage(model_args)
         full_lineage.update(lineage)
+        if hasattr(trainer, "align_speedups"):  # what speed.finish applied (`speedups: auto` resolved)
+            full_lineage["speedups"] = dict(options=list(trainer.align_speedups),
+                                            lean_memory_budget=trainer.align_lean_memory_budget)
         path = manifest.write_run(
             out, stage=run.name, config=run.resolved, seed=run.train_args.seed, data=report.as_dict(),
             metrics=metrics, lineage=full_lineage, started=run.started,

@@ -39,12 +39,16 @@ Options (a comma-separated list, `auto`, or `none`):
   (`align/nf4.py`): inside a compiled layer inductor fuses the dequantization into one kernel per weight instead
   of bitsandbytes' ops with Python per call (twice per weight per forward, again in the backward); bit for bit
   bitsandbytes' dequantized weight, and like it no bf16 copy of a weight kept for the backward.
+- `head_grad` (with `padding_free` or `shared_prompt`, a frozen LM head): the packed forwards' LM head builds the
+  hidden-state gradient of each token's log-probability in its forward (`align/head_grad.py`): two
+  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. Not in `auto` until
+  measured on a GPU (CPU: benchmarks/README.md).
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a CUDA GPU
-and nothing on a CPU; `compile` and `lean` (and so `torch_nf4`) come with it only on one process without gradient checkpointing, where they were
-measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
+`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU and nothing
+on a CPU (`torch_nf4` and `head_grad` join it once measured on a GPU); `compile` and `lean` come with it only on
+one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
 padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures
@@ -64,9 +68,10 @@ import torch.nn.functional as F
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "non_blocking")
+           "head_grad", "non_blocking")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
+_PACKED_HEAD = {"sft": "padding_free", "dpo": "shared_prompt"}  # the option whose forward runs align's own LM head
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
@@ -109,6 +114,10 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             continue
         if name in ("lean", "torch_nf4") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)
+            continue
+        if name == "head_grad" and _PACKED_HEAD.get(stage) not in names:
+            logger.info("speedups: head_grad works through align's own LM head (%s); left out",
+                        _PACKED_HEAD.get(stage, "not in this stage"))
             continue
         if name in ("liger", "non_blocking") and not torch.cuda.is_available():
             logger.info("speedups: %s needs a CUDA GPU; left out", name)
@@ -179,10 +188,12 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         use_segment_attention(model)
         if "padding_free" in segments:  # a sharded LM head needs TRL's gather: its fused head is kept there
             own_head = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
-            _wrap_forward(model, functools.partial(_packed_sample_forward, own_head=own_head))
+            _wrap_forward(model, functools.partial(_packed_sample_forward, own_head=own_head,
+                                                   head_grad="head_grad" in options))
         if "shared_prompt" in segments:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
-            _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs))
+            _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs,
+                                                   head_grad="head_grad" in options))
         if getattr(trainer, "ref_model", None) is None:  # a separate reference model is not wrapped
             plan_in_collator(trainer, segments)
     if "fused_lora" in options:
@@ -612,7 +623,7 @@ def plan_in_collator(trainer, segments) -> None:
     trainer.data_collator = collate_and_plan
 
 
-def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS, own_head=True):
+def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS, own_head=True, head_grad=False):
     """Padding-free SFT batch (one row, position ids restarting at 0, no attention mask): attend per sample.
 
     With the batch's host plan (and `own_head`), the LM head scores the trained positions the collator found
@@ -637,24 +648,30 @@ def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS
         hidden = backbone(**rest).last_hidden_state[0]
     rows, targets = plan.head
     return fused_head(model, hidden, rows, targets, rows, labels[:, 1:] != -100, outputs,
-                      num_items=kwargs.get("num_items_in_batch"))
+                      num_items=kwargs.get("num_items_in_batch"), head_grad=head_grad)
 
 
-def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None):
+def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None, head_grad=False):
     """TRL's fused LM head (`add_fused_lm_head`, temperature 1, no logit scale or softcap: what segment attention
     admits) on host-planned positions: `hidden` (T, d) of a packed row, `rows` the positions scored, `targets`
     their labels, `flat` their places in the flattened per-token outputs of shape `mask.shape` (`mask`: labels !=
     -100). The rows are gathered and the outputs put in place by index, so neither way waits for the GPU. The loss
-    is divided by `num_items` when given, else by the trained tokens, as TRL's is."""
+    is divided by `num_items` when given, else by the trained tokens, as TRL's is. `head_grad`: the same outputs
+    with the hidden-state gradient built in the forward (`align/head_grad.py`), for a frozen head."""
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
 
     head = model.get_output_embeddings()
-    hidden = hidden.to(head.weight.device)
-    per_token = ChunkedLogProbFunction.apply(
-        hidden.index_select(0, rows), head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
-        1.0, outputs,
-    )
+    hidden = hidden.to(head.weight.device).index_select(0, rows)
+    if head_grad and not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
+        from align import head_grad as grad_in_forward
+
+        per_token = grad_in_forward.log_probs(hidden, head.weight, head.bias, targets, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                              outputs)
+    else:
+        per_token = ChunkedLogProbFunction.apply(
+            hidden, head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
+        )
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.numel()).index_copy(0, flat, x).view(mask.shape) for x in per_token
     )
@@ -730,7 +747,7 @@ def _cached_pair_layout(input_ids, attention_mask, labels):
     return plan
 
 
-def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS):
+def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS, head_grad=False):
     """TRL DPO fused-head call on a pair batch: one shared-prompt row through the backbone, per-token outputs in
     TRL's (2B, L-1) layout."""
     input_ids, labels = kwargs.get("input_ids"), kwargs.get("labels")
@@ -749,7 +766,7 @@ def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS
     with _no_mask_building():
         hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
                           **packed_attention_kwargs(packed.device)).last_hidden_state[0]
-    return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs)
+    return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs, head_grad=head_grad)
 
 
 # --- compile -------------------------------------------------------------------------------------------------

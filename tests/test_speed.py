@@ -1,6 +1,7 @@
 """align/speed.py on a tiny random Llama (fp32, CPU): every speedup gives the loss of the plain path, and the
 throughput benchmark runs both paths and writes its JSON. Timing is never asserted here (benchmarks/README.md)."""
 
+import functools
 import json
 import math
 import os
@@ -101,20 +102,27 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model_args = SimpleNamespace(load_in_4bit=True)
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
-    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
+    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora")
     assert speed.resolve("auto", "sft", model_args, one) == full
     assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt",) + full[1:]
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == ("padding_free", "kbit_bf16", "fused_lora")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
-        "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4")
-    assert "torch_nf4" not in speed.resolve("auto", "sft", SimpleNamespace(load_in_4bit=False), one)
+        "padding_free", "compile", "kbit_bf16", "fused_lora")
+    # named, not in auto (not yet measured on a GPU); each left out where it cannot act
+    assert speed.resolve("auto,torch_nf4,head_grad", "sft", model_args, one) == full + ("torch_nf4", "head_grad")
+    assert speed.resolve("auto,torch_nf4", "sft", SimpleNamespace(load_in_4bit=False), one) == (
+        "padding_free", "compile", "lean", "fused_lora")
+    assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
+    assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
+    assert speed.resolve("auto,head_grad", "rm", model_args, one) == ("compile", "lean", "kbit_bf16", "fused_lora")
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
 
 
+@pytest.mark.parametrize("head_grad", [False, True])  # TRL's head kernel; the gradient built in the forward
 @pytest.mark.parametrize("lengths", [(7, 12, 3, 9), (8, 8, 8)])  # ragged; equal (one batched attention call)
-def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
+def test_padding_free_batch_gives_the_padded_loss(lengths, head_grad, monkeypatch):
     """One packed row with segment attention == the padded batch: loss and adapter gradients to 1e-5; no mask is
     built for it (transformers' packed-sequence search reads the position ids on the host: a GPU sync)."""
     from transformers import masking_utils
@@ -138,7 +146,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, monkeypatch):
     peft_model.zero_grad()
 
     speed.use_segment_attention(model)
-    speed._wrap_forward(model, speed._packed_sample_forward)
+    speed._wrap_forward(model, functools.partial(speed._packed_sample_forward, head_grad=head_grad))
     heads = []
     real_head = speed.fused_head
     monkeypatch.setattr(speed, "fused_head", lambda *a, **k: heads.append(1) or real_head(*a, **k))
@@ -188,7 +196,8 @@ def pair_batch(prompts=(5, 3), chosen=(4, 6), rejected=(2, 5), same_prompt=True)
     return dict(input_ids=ids, attention_mask=attention, labels=ids.masked_fill(completion == 0, -100))
 
 
-def test_shared_prompt_row_gives_the_pair_log_probs():
+@pytest.mark.parametrize("head_grad", [False, True])
+def test_shared_prompt_row_gives_the_pair_log_probs(head_grad):
     """Prompt once, chosen and rejected after it in one row == TRL's two rows per pair: every per-token output of
     the fused head and the adapter gradients to 1e-5, with the adapter on and off (policy and reference)."""
     outputs = speed._DPO_OUTPUTS
@@ -206,7 +215,7 @@ def test_shared_prompt_row_gives_the_pair_log_probs():
 
     want, want_ref, want_grads = run()
     speed.use_segment_attention(model)
-    speed._wrap_forward(model, speed._shared_prompt_forward)
+    speed._wrap_forward(model, functools.partial(speed._shared_prompt_forward, head_grad=head_grad))
     got, got_ref, got_grads = run()
     # one row: prompt 5 + chosen 4 + rejected 2, then prompt 3 + chosen 6 + rejected 5 (instead of 4 rows of 11)
     assert speed._layout_len == 25 and len(speed._layout) == 4
@@ -242,17 +251,26 @@ def test_fused_log_probs_equal_full_logits():
     torch.testing.assert_close(fused, plain.masked_fill(labels == -100, 0), atol=1e-5, rtol=1e-5)
 
 
-def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
-    from align import sft
+def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, chat_jsonl, preference_jsonl, tmp_path,
+                                                                 monkeypatch):
+    from align import head_grad, sft
+
+    heads = []  # training forwards that built the head gradient in the forward
+    real = head_grad.LogProbHeadGradInForward.apply
+    monkeypatch.setattr(head_grad.LogProbHeadGradInForward, "apply",
+                        lambda *a: heads.append(a[-1]) or real(*a))
 
     from .test_sft import losses, sft_argv
 
     plain = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "plain"), max_steps=3, speedups="none",
                               eval_split_size=0))
-    fast = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "fast"), max_steps=3, speedups="padding_free",
-                             eval_split_size=0))
-    assert fast.align_speedups == ("padding_free",) and fast.args.padding_free
-    assert losses(fast) == pytest.approx(losses(plain), abs=1e-4)
+    for spec in ("padding_free", "padding_free,head_grad"):
+        fast = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / spec.replace(",", "_")), max_steps=3,
+                                 speedups=spec, eval_split_size=0))
+        assert fast.align_speedups == tuple(spec.split(",")) and fast.args.padding_free
+        assert losses(fast) == pytest.approx(losses(plain), abs=1e-4)
+    assert heads.count(True) == 3  # one per training step of the head_grad run
+    heads.clear()
     # DPO from that SFT adapter (policy + frozen "ref" adapter) with the fused LoRA forward: the same losses
     from align import dpo
 
@@ -260,10 +278,13 @@ def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, cha
 
     runs = [dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / f"dpo_{s}"), max_steps=3, speedups=s,
                               eval_split_size=0, sft_adapter=str(tmp_path / "plain"), learning_rate=1e-3))
-            for s in ("none", "fused_lora")]
-    assert runs[1].align_speedups == ("fused_lora",)
+            for s in ("none", "fused_lora", "shared_prompt,head_grad")]
+    assert runs[1].align_speedups == ("fused_lora",) and runs[2].align_speedups == ("shared_prompt", "head_grad")
     assert losses(runs[0])[0] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 0
     assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-5) and len(set(losses(runs[0]))) > 1
+    assert losses(runs[2]) == pytest.approx(losses(runs[0]), abs=1e-5)
+    assert heads.count(True) == 3  # policy forwards; the reference forwards ran without building a gradient
+    assert heads.count(False) >= 3
 
 
 def test_layouts_are_planned_once_per_batch_in_the_collator(tiny_llama, chat_jsonl, preference_jsonl, tmp_path,

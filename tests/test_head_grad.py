@@ -1,0 +1,108 @@
+"""align/head_grad.py: TRL's fused-head outputs with the hidden-state gradient built in the forward, against TRL's
+own `ChunkedLogProbFunction` (fp32 on the CPU, several vocabulary and token tiles)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from trl.kernels import ChunkedLogProbFunction
+from trl.kernels import chunked_logprob as trl_kernel
+
+from align import head_grad
+
+OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+N, H, V, CHUNK = 37, 16, 300, 64  # 5 vocabulary tiles, the last one partial
+
+
+def _inputs(dtype=torch.float32, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=g) * 2).to(dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g).to(dtype)
+    # the largest logits late in the vocabulary, so the running maximum grows tile by tile and rescales
+    weight[V - 40:] *= 3
+    b = torch.randn(V, generator=g).to(dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g)
+    weights = torch.randn(N, generator=g)  # a loss that weighs every token's log-probability differently
+    return hidden, weight, b, targets, weights
+
+
+def _run(fn, hidden, weight, b, targets, weights):
+    hidden.grad = None
+    out = fn(hidden, weight, b, targets)
+    (out[0].float() * weights).sum().backward()
+    return [None if x is None else x.detach() for x in out], hidden.grad.clone()
+
+
+def trl(hidden, weight, b, targets):
+    return ChunkedLogProbFunction.apply(hidden, weight, b, targets, 1.0, CHUNK, None, 1.0, ("log_probs",) + OUTPUTS)
+
+
+def ours(hidden, weight, b, targets):
+    return head_grad.log_probs(hidden, weight, b, targets, CHUNK, ("log_probs",) + OUTPUTS)
+
+
+@pytest.mark.parametrize("token_chunk", [4096, 16])  # one token tile; three (the last one partial)
+@pytest.mark.parametrize("bias", [False, True])
+def test_outputs_and_hidden_gradient_are_trls(token_chunk, bias, monkeypatch):
+    monkeypatch.setattr(trl_kernel, "TOKEN_CHUNK_SIZE", token_chunk)
+    args = _inputs(bias=bias)
+    want, want_grad = _run(trl, *args)
+    got, got_grad = _run(ours, *args)
+    for w, g in zip(want, got):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, atol=1e-5, rtol=1e-5)
+    assert want_grad.abs().max() > 0.1  # a real gradient, not zeros on both sides
+
+
+def test_bf16_gradient_is_as_close_to_fp32_as_trls():
+    """In bf16 (the GPU dtype) both heads round the logits tiles; the gradient built in the forward is no further
+    from the fp32 one than TRL's recomputed gradient is."""
+    exact = _run(trl, *_inputs())[1]
+    trl_bf16 = _run(trl, *_inputs(torch.bfloat16))[1].float()
+    ours_bf16 = _run(ours, *_inputs(torch.bfloat16))[1].float()
+    err = lambda g: ((g - exact).norm() / exact.norm()).item()
+    assert err(ours_bf16) < max(1.5 * err(trl_bf16), 1e-2), (err(ours_bf16), err(trl_bf16))
+
+
+class _MatmulFlops(TorchDispatchMode):
+    """2 m n k of every matmul the CPU runs (torch's FlopCounterMode skips the in-place `addmm_` both heads use)."""
+
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+           torch.ops.aten.addmm.out}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.ops:
+            a, b = (args[0], args[1]) if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) else args[1:3]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def _matmul_flops(fn, args, backward=True):
+    hidden, weight, b, targets, weights = args
+    with _MatmulFlops() as counter:
+        out = fn(hidden, weight, b, targets)
+        if backward:
+            (out[0] * weights).sum().backward()
+    return counter.flops
+
+
+def test_a_training_step_projects_twice_instead_of_three_times():
+    args = _inputs()
+    projection = 2 * N * V * H
+    assert _matmul_flops(trl, args) == 3 * projection
+    assert _matmul_flops(ours, args) == 2 * projection
+    with torch.no_grad():  # a reference forward: no gradient work, the same single projection as TRL's
+        assert _matmul_flops(ours, args, backward=False) == projection == _matmul_flops(trl, args, backward=False)
+
+
+def test_what_it_does_not_compute_is_refused():
+    hidden, weight, b, targets, _ = _inputs()
+    with pytest.raises(ValueError, match="frozen LM head"):
+        head_grad.log_probs(hidden, weight.requires_grad_(), b, targets, CHUNK, ("entropy",))
+    out = head_grad.log_probs(hidden, weight.detach(), b, targets, CHUNK, ("entropy",))
+    with pytest.raises(RuntimeError, match="entropy"):
+        (out[0].sum() + out[1].sum()).backward()

@@ -45,11 +45,16 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
                 max_position_embeddings=131072, rms_norm_eps=1e-5)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, tie_word_embeddings=False, max_position_embeddings=1024)
 # per shape: model config, SFT batch x length, DPO pairs per batch and prompt / completion lengths
 SHAPES = {
     "tiny": dict(config=TINY, batch=2, seq=64, pairs=2, prompt=32, completion=32),
+    # SmolLM2-135M's shape, sized for a CPU run (its vocabulary head is a fifth of the model)
+    "smollm2": dict(config=SMOLLM2_135M, batch=2, seq=512, pairs=2, prompt=256, completion=256),
     "1b": dict(config=LLAMA_1B, batch=4, seq=2048, pairs=4, prompt=1024, completion=1024),
     "8b": dict(config=LLAMA_8B, batch=2, seq=2048, pairs=2, prompt=1024, completion=1024),
 }

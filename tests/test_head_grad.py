@@ -1,13 +1,18 @@
 """align/head_grad.py: TRL's fused-head outputs with the hidden-state gradient built in the forward, against TRL's
 own `ChunkedLogProbFunction` (fp32 on the CPU, several vocabulary and token tiles)."""
 
+import os
+import sys
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from trl.kernels import ChunkedLogProbFunction
 from trl.kernels import chunked_logprob as trl_kernel
 
 from align import head_grad
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import head_grad as head_grad_benchmark  # noqa: E402
 
 OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 N, H, V, CHUNK = 37, 16, 300, 64  # 5 vocabulary tiles, the last one partial
@@ -64,26 +69,9 @@ def test_bf16_gradient_is_as_close_to_fp32_as_trls():
     assert err(ours_bf16) < max(1.5 * err(trl_bf16), 1e-2), (err(ours_bf16), err(trl_bf16))
 
 
-class _MatmulFlops(TorchDispatchMode):
-    """2 m n k of every matmul the CPU runs (torch's FlopCounterMode skips the in-place `addmm_` both heads use)."""
-
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
-           torch.ops.aten.addmm.out}
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.ops:
-            a, b = (args[0], args[1]) if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) else args[1:3]
-            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        return func(*args, **(kwargs or {}))
-
-
 def _matmul_flops(fn, args, backward=True):
     hidden, weight, b, targets, weights = args
-    with _MatmulFlops() as counter:
+    with head_grad_benchmark.MatmulFlops() as counter:
         out = fn(hidden, weight, b, targets)
         if backward:
             (out[0] * weights).sum().backward()

@@ -477,7 +477,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Throughput: align vs stock TRL + PEFT ({meta['device']})", "",
         *([meta["note"], ""] if meta.get("note") else []),
-        (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 dropout 0 on all linear layers, bf16, random "
+        (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 dropout 0 on all linear layers, "
+         f"{'fp32' if meta['device'] == 'cpu' else 'bf16'}, random "
          "weights and tokens, sdpa attention. Tokens/s over the timed steps (DPO: prompt+chosen and prompt+rejected "
          "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "
          f"training. Goals: tokens/s >= {GOALS['speedup']}x stock; SFT peak <= {GOALS['sft_memory']}x stock; DPO "
@@ -616,6 +617,7 @@ def main(argv=None):
         with open(args.merge[0]) as fh:
             runs_meta = json.load(fh)["meta"]
         device, versions = runs_meta["device"], runs_meta.get("versions")
+        args.note = args.note or runs_meta.get("note")  # a merge alone keeps how the runs were measured
     else:
         device = next((r["device"] for r in runs if "device" in r), "unknown")
         versions = next((r["versions"] for r in runs if "versions" in r), None)

@@ -58,8 +58,10 @@ def test_resolve():
     assert speed.resolve("lean", "sft") == ()  # lean works through compile
     if not torch.cuda.is_available():
         assert speed.resolve("non_blocking,liger", "sft") == ()  # GPU only
-    if not torch.cuda.is_available():
-        assert speed.resolve("auto", "sft") == ()  # CPU: nothing by default
+    if not torch.cuda.is_available():  # CPU: the packed rows and their LM head (measured on 2 cores)
+        assert speed.resolve("auto", "sft") == ("padding_free", "head_grad")
+        assert speed.resolve("auto", "dpo") == ("shared_prompt", "head_grad")
+        assert speed.resolve("auto", "rm") == ()
     with pytest.raises(ValueError, match="unknown speedup 'fast'"):
         speed.resolve("compile,fast", "sft")
 

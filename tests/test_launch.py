@@ -568,8 +568,14 @@ def test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction(tmp_path):
 
 
 def batch_rows(inputs) -> list[str]:
-    """One fingerprint per sequence of a training batch: its tokens without padding (the attention mask)."""
+    """One fingerprint per sequence of a training batch: its tokens without padding (the attention mask); a
+    padding-free row (no mask, position ids restarting at 0) is split into its samples."""
     keys = sorted(k for k in inputs if k.endswith("input_ids"))
+    positions = inputs.get("position_ids")
+    if keys == ["input_ids"] and "attention_mask" not in inputs and positions is not None:
+        ids, starts = inputs["input_ids"][0], (positions[0] == 0).nonzero().flatten().tolist()
+        samples = [ids[a:b] for a, b in zip(starts, starts[1:] + [len(ids)])]
+        return [hashlib.sha1(x.cpu().numpy().tobytes()).hexdigest()[:16] for x in samples]
     rows = []
     for i in range(len(inputs[keys[0]])):
         digest = hashlib.sha1()

@@ -108,10 +108,15 @@ class LogProbHeadGradInForward(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None, None
 
 
+def frozen(weight, bias) -> bool:
+    """Whether the head gets no gradient of its own (what `log_probs` needs)."""
+    return not weight.requires_grad and (bias is None or not bias.requires_grad)
+
+
 def log_probs(hidden, weight, bias, targets, chunk_size, outputs):
     """The per-token outputs of TRL's fused head (see `LogProbHeadGradInForward`), gradient built in the forward
     when autograd will want it."""
     with_grad = torch.is_grad_enabled() and hidden.requires_grad
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if not frozen(weight, bias):
         raise ValueError("head_grad needs a frozen LM head (it computes no weight gradient)")
     return LogProbHeadGradInForward.apply(hidden, weight, bias, targets, chunk_size, tuple(outputs), with_grad)

@@ -41,15 +41,16 @@ Options (a comma-separated list, `auto`, or `none`):
   bitsandbytes' dequantized weight, and like it no bf16 copy of a weight kept for the backward.
 - `head_grad` (with `padding_free` or `shared_prompt`, a frozen LM head): the packed forwards' LM head builds the
   hidden-state gradient of each token's log-probability in its forward (`align/head_grad.py`): two
-  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. Not in `auto` until
-  measured on a GPU (CPU: benchmarks/README.md).
+  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU; on
+  a GPU once measured there (benchmarks/README.md).
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
 `auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU
 (`torch_nf4` and `head_grad` join it once measured on a GPU) and `padding_free,shared_prompt,head_grad` on a CPU
 (the SmolLM2 demo stages: SFT 2.1x, DPO 2.6x tokens/s, same losses); `compile` and `lean` come with it only on
-one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
+one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
+that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
 flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
 padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures
@@ -665,9 +666,9 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None
 
     head = model.get_output_embeddings()
     hidden = hidden.to(head.weight.device).index_select(0, rows)
-    if head_grad and not head.weight.requires_grad and (head.bias is None or not head.bias.requires_grad):
-        from align import head_grad as grad_in_forward
+    from align import head_grad as grad_in_forward
 
+    if head_grad and grad_in_forward.frozen(head.weight, head.bias):  # a trained head needs TRL's weight gradient
         per_token = grad_in_forward.log_probs(hidden, head.weight, head.bias, targets, _CHUNKED_LOGPROB_CHUNK_SIZE,
                                               outputs)
     else:

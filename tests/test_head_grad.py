@@ -94,3 +94,30 @@ def test_what_it_does_not_compute_is_refused():
     out = head_grad.log_probs(hidden, weight.detach(), b, targets, CHUNK, ("entropy",))
     with pytest.raises(RuntimeError, match="entropy"):
         (out[0].sum() + out[1].sum()).backward()
+
+
+def test_fused_head_keeps_trls_kernel_for_a_trained_head():
+    """`speed.fused_head(head_grad=True)` on a head that trains (lm_head in modules_to_save, full fine-tuning) runs
+    TRL's function, which gives the weight its gradient; on a frozen head it builds the gradient in the forward."""
+    from types import SimpleNamespace
+
+    from align import speed
+
+    hidden, weight, _, targets, _ = _inputs()
+    rows = torch.arange(N)
+    mask = torch.ones(1, N, dtype=torch.bool)
+    for trained in (True, False):
+        head = torch.nn.Linear(H, V, bias=False)
+        head.weight.data.copy_(weight)
+        head.weight.requires_grad_(trained)
+        model = SimpleNamespace(get_output_embeddings=lambda head=head: head)
+        calls = []
+        real = head_grad.LogProbHeadGradInForward.apply
+        head_grad.LogProbHeadGradInForward.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            hidden.grad = None
+            speed.fused_head(model, hidden, rows, targets, rows, mask, ("log_probs",), head_grad=True).loss.backward()
+        finally:
+            head_grad.LogProbHeadGradInForward.apply = real
+        assert (calls == []) is trained and hidden.grad.abs().sum() > 0
+        assert (head.weight.grad is not None and bool(head.weight.grad.abs().sum() > 0)) is trained

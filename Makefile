@@ -27,6 +27,9 @@ smollm2: install
 # recipes at full size (a GPU run).
 DEMO ?= cpu
 DEMO_OUT ?= outputs/demo
+# accelerate launch without --cpu sets OMP_NUM_THREADS=1 when it is unset: one thread on a CPU-only machine
+CPU_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+LAUNCH := $(BIN)/accelerate launch --num_processes 1 --num_cpu_threads_per_process $(CPU_THREADS)
 ifeq ($(DEMO),full)
 DEMO_SFT :=
 DEMO_DPO :=
@@ -40,9 +43,9 @@ DEMO_EVAL := --limit 20 --preference_limit 24
 endif
 
 demo: smollm2
-	$(BIN)/accelerate launch --num_processes 1 align/sft.py --config recipes/smollm2/sft_lora.yaml \
+	$(LAUNCH) align/sft.py --config recipes/smollm2/sft_lora.yaml \
 		--output_dir $(DEMO_OUT)/sft --report_to tensorboard $(DEMO_SFT)
-	$(BIN)/accelerate launch --num_processes 1 align/dpo.py --config recipes/smollm2/dpo_lora.yaml \
+	$(LAUNCH) align/dpo.py --config recipes/smollm2/dpo_lora.yaml \
 		--sft_adapter $(DEMO_OUT)/sft --output_dir $(DEMO_OUT)/dpo --report_to tensorboard $(DEMO_DPO)
 	$(BIN)/python align/evaluate.py --models base=.cache/models/SmolLM2-135M-Instruct sft=$(DEMO_OUT)/sft \
 		dpo=$(DEMO_OUT)/dpo --preference_data $(DEMO_OUT)/dpo/heldout_pairs.jsonl \

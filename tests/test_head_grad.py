@@ -18,16 +18,20 @@ OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 N, H, V, CHUNK = 37, 16, 300, 64  # 5 vocabulary tiles, the last one partial
 
 
-def _inputs(dtype=torch.float32, bias=False, seed=0):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="TRL's Triton kernels need a CUDA GPU"))]
+
+
+def _inputs(dtype=torch.float32, bias=False, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(N, H, generator=g) * 2).to(dtype).requires_grad_()
-    weight = torch.randn(V, H, generator=g).to(dtype)
+    hidden = (torch.randn(N, H, generator=g) * 2).to(device, dtype).requires_grad_()
+    weight = torch.randn(V, H, generator=g)
     # the largest logits late in the vocabulary, so the running maximum grows tile by tile and rescales
     weight[V - 40:] *= 3
-    b = torch.randn(V, generator=g).to(dtype) if bias else None
-    targets = torch.randint(0, V, (N,), generator=g)
-    weights = torch.randn(N, generator=g)  # a loss that weighs every token's log-probability differently
-    return hidden, weight, b, targets, weights
+    b = torch.randn(V, generator=g).to(device, dtype) if bias else None
+    targets = torch.randint(0, V, (N,), generator=g).to(device)
+    weights = torch.randn(N, generator=g).to(device)  # a loss that weighs every token's log-probability differently
+    return hidden, weight.to(device, dtype), b, targets, weights
 
 
 def _run(fn, hidden, weight, b, targets, weights):
@@ -45,11 +49,12 @@ def ours(hidden, weight, b, targets):
     return head_grad.log_probs(hidden, weight, b, targets, CHUNK, ("log_probs",) + OUTPUTS)
 
 
+@pytest.mark.parametrize("device", DEVICES)  # torch tiles on the CPU, TRL's Triton kernels on a GPU
 @pytest.mark.parametrize("token_chunk", [4096, 16])  # one token tile; three (the last one partial)
 @pytest.mark.parametrize("bias", [False, True])
-def test_outputs_and_hidden_gradient_are_trls(token_chunk, bias, monkeypatch):
+def test_outputs_and_hidden_gradient_are_trls(token_chunk, bias, device, monkeypatch):
     monkeypatch.setattr(trl_kernel, "TOKEN_CHUNK_SIZE", token_chunk)
-    args = _inputs(bias=bias)
+    args = _inputs(bias=bias, device=device)
     want, want_grad = _run(trl, *args)
     got, got_grad = _run(ours, *args)
     for w, g in zip(want, got):
@@ -59,12 +64,13 @@ def test_outputs_and_hidden_gradient_are_trls(token_chunk, bias, monkeypatch):
     assert want_grad.abs().max() > 0.1  # a real gradient, not zeros on both sides
 
 
-def test_bf16_gradient_is_as_close_to_fp32_as_trls():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_gradient_is_as_close_to_fp32_as_trls(device):
     """In bf16 (the GPU dtype) both heads round the logits tiles; the gradient built in the forward is no further
     from the fp32 one than TRL's recomputed gradient is."""
-    exact = _run(trl, *_inputs())[1]
-    trl_bf16 = _run(trl, *_inputs(torch.bfloat16))[1].float()
-    ours_bf16 = _run(ours, *_inputs(torch.bfloat16))[1].float()
+    exact = _run(trl, *_inputs(device=device))[1]
+    trl_bf16 = _run(trl, *_inputs(torch.bfloat16, device=device))[1].float()
+    ours_bf16 = _run(ours, *_inputs(torch.bfloat16, device=device))[1].float()
     err = lambda g: ((g - exact).norm() / exact.norm()).item()
     assert err(ours_bf16) < max(1.5 * err(trl_bf16), 1e-2), (err(ours_bf16), err(trl_bf16))
 
@@ -96,7 +102,7 @@ def test_what_it_does_not_compute_is_refused():
         (out[0].sum() + out[1].sum()).backward()
 
 
-def test_fused_head_keeps_trls_kernel_for_a_trained_head():
+def test_fused_head_keeps_trls_kernel_for_a_trained_head(monkeypatch):
     """`speed.fused_head(head_grad=True)` on a head that trains (lm_head in modules_to_save, full fine-tuning) runs
     TRL's function, which gives the weight its gradient; on a frozen head it builds the gradient in the forward."""
     from types import SimpleNamespace
@@ -106,18 +112,17 @@ def test_fused_head_keeps_trls_kernel_for_a_trained_head():
     hidden, weight, _, targets, _ = _inputs()
     rows = torch.arange(N)
     mask = torch.ones(1, N, dtype=torch.bool)
+    real = head_grad.LogProbHeadGradInForward.apply
     for trained in (True, False):
         head = torch.nn.Linear(H, V, bias=False)
         head.weight.data.copy_(weight)
         head.weight.requires_grad_(trained)
         model = SimpleNamespace(get_output_embeddings=lambda head=head: head)
         calls = []
-        real = head_grad.LogProbHeadGradInForward.apply
-        head_grad.LogProbHeadGradInForward.apply = lambda *a: calls.append(1) or real(*a)
-        try:
-            hidden.grad = None
-            speed.fused_head(model, hidden, rows, targets, rows, mask, ("log_probs",), head_grad=True).loss.backward()
-        finally:
-            head_grad.LogProbHeadGradInForward.apply = real
+        monkeypatch.setattr(head_grad.LogProbHeadGradInForward, "apply",
+                            lambda *a, calls=calls, real=real: calls.append(1) or real(*a))
+        hidden.grad = None
+        speed.fused_head(model, hidden, rows, targets, rows, mask, ("log_probs",), head_grad=True).loss.backward()
+        monkeypatch.undo()
         assert (calls == []) is trained and hidden.grad.abs().sum() > 0
         assert (head.weight.grad is not None and bool(head.weight.grad.abs().sum() > 0)) is trained

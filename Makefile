@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: install smollm2 demo test test-fast lint clean
+.PHONY: install smollm2 demo demo-args test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ DEMO_DPO := --max_steps 12 --per_device_train_batch_size 2 --gradient_accumulati
 	--eval_split_size 24 --eval_strategy no --save_steps 4 --bf16 false --dtype float32 --learning_rate 1e-4
 DEMO_EVAL := --limit 20 --preference_limit 24
 endif
+
+# the demo's stage overrides, one line each (benchmarks/stage_speedups.py times the stages with them)
+demo-args:
+	@echo "$(DEMO_SFT)"
+	@echo "$(DEMO_DPO)"
 
 demo: smollm2
 	$(LAUNCH) align/sft.py --config recipes/smollm2/sft_lora.yaml \

@@ -67,6 +67,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from align import head_grad as grad_in_forward
+
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
@@ -74,9 +76,9 @@ OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
 AUTO_CPU = ("padding_free", "shared_prompt", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
-_PACKED_HEAD = {"sft": "padding_free", "dpo": "shared_prompt"}  # the option whose forward runs align's own LM head
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
+_PACKED_HEAD = {stage: name for name, stage in _STAGE_ONLY.items()}  # the option whose forward runs align's LM head
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
 _SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # and TRL's SFTTrainer
 
@@ -666,8 +668,6 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None
 
     head = model.get_output_embeddings()
     hidden = hidden.to(head.weight.device).index_select(0, rows)
-    from align import head_grad as grad_in_forward
-
     if head_grad and grad_in_forward.frozen(head.weight, head.bias):  # a trained head needs TRL's weight gradient
         per_token = grad_in_forward.log_probs(hidden, head.weight, head.bias, targets, _CHUNKED_LOGPROB_CHUNK_SIZE,
                                               outputs)

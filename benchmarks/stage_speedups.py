@@ -16,13 +16,16 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_SFT = ("--max_steps 24 --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --max_length 256 "
-            "--eval_split_size 16 --learning_rate 3e-4")
-DEMO_DPO = ("--max_steps 12 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --max_length 256 "
-            "--eval_split_size 24 --learning_rate 1e-4")
-COMMON = "--eval_strategy no --save_strategy no --bf16 false --dtype float32 --report_to none --disable_tqdm true"
+COMMON = "--save_strategy no --report_to none --disable_tqdm true"  # after the demo's own overrides
 METRICS = ("train_tokens_per_s", "train_step_s_median", "train_loss", "before_eval_loss", "eval_loss",
            "eval_rewards/accuracies", "eval_rewards/margins")
+
+
+def demo_args() -> tuple[list[str], list[str]]:
+    """The SFT and DPO overrides `make demo` runs its stages with (the Makefile is their one place)."""
+    lines = subprocess.run(["make", "-s", "-C", REPO, "demo-args", "DEMO=cpu"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    return lines[0].split(), lines[1].split()
 
 
 def run_stage(stage: str, recipe: str, out: str, speedups: str, extra: list[str]) -> dict:
@@ -51,19 +54,20 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="JSON file to write")
     args = ap.parse_args(argv)
 
+    demo_sft, demo_dpo = demo_args()
     common = [*COMMON.split(), "--model_name_or_path", args.model]
     rows, sft_adapter = [], None
     for item in args.runs.split("|"):
         stage, speedups = item.split(":", 1)
         out = os.path.join(args.workdir, f"{stage}_{speedups.replace(',', '_')}")
         if stage == "sft":
-            row = run_stage("sft", "recipes/smollm2/sft_lora.yaml", out, speedups, [*DEMO_SFT.split(), *common])
+            row = run_stage("sft", "recipes/smollm2/sft_lora.yaml", out, speedups, [*demo_sft, *common])
             sft_adapter = sft_adapter or out  # DPO starts from the first SFT run's adapter
         else:
             if sft_adapter is None:
                 raise SystemExit("dpo runs need an sft run before them (its adapter is the DPO policy's start)")
             row = run_stage("dpo", "recipes/smollm2/dpo_lora.yaml", out, speedups,
-                            [*DEMO_DPO.split(), *common, "--sft_adapter", sft_adapter])
+                            [*demo_dpo, *common, "--sft_adapter", sft_adapter])
         base = next(r for r in rows + [row] if r["stage"] == stage)
         row["speedup_vs_first"] = round(row["metrics"]["train_tokens_per_s"] / base["metrics"]["train_tokens_per_s"], 2)
         row["wall_ratio_vs_first"] = round(row["wall_s"] / base["wall_s"], 2)

@@ -77,8 +77,8 @@ LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README
 AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
 AUTO_CPU = ("padding_free", "shared_prompt", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
-_STAGE_ONLY = {"padding_free": "sft", "shared_prompt": "dpo"}
-_PACKED_HEAD = {stage: name for name, stage in _STAGE_ONLY.items()}  # the option whose forward runs align's LM head
+_STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm")}
+_PACKED_HEAD = {"sft": "padding_free", "dpo": "shared_prompt"}  # the option whose forward runs align's LM head
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
 _SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # and TRL's SFTTrainer
 
@@ -113,7 +113,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             names = [n for n in names if n not in ({"compile", "lean"} & from_auto)]
     kept = []
     for name in names:
-        if _STAGE_ONLY.get(name, stage) != stage:
+        if stage not in _STAGE_ONLY.get(name, (stage,)):
             continue
         if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not model_args.load_in_4bit:
             continue
@@ -195,12 +195,18 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
             own_head = not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled)
             _wrap_forward(model, functools.partial(_packed_sample_forward, own_head=own_head,
                                                    head_grad="head_grad" in options))
-        if "shared_prompt" in segments:
+        reward = "shared_prompt" in segments and _is_reward_trainer(trainer)
+        if reward:  # one row per pair, the score read at each sequence's pooled token
+            _wrap_forward(model, _reward_pair_forward, fused_head_only=False)
+        elif "shared_prompt" in segments:
             outputs = _DPO_OUTPUTS + (("log_sum_sq_probs",) if getattr(trainer, "use_weighting", False) else ())
             _wrap_forward(model, functools.partial(_shared_prompt_forward, outputs=outputs,
                                                    head_grad="head_grad" in options))
-        if getattr(trainer, "ref_model", None) is None:  # a separate reference model is not wrapped
-            plan_in_collator(trainer, segments)
+        if reward:
+            pad = _pad_token_id(model)
+            plan_in_collator(trainer, lambda batch: reward_host_plan(batch, pad))
+        elif getattr(trainer, "ref_model", None) is None:  # a separate reference model is not wrapped
+            plan_in_collator(trainer, lambda batch: host_plan(batch, segments))
     if "fused_lora" in options:
         from align import launch
 
@@ -524,16 +530,16 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _wrap_forward(model, packed_forward) -> None:
-    """Put `packed_forward(inner, model, kwargs, plan)` in front of the model's (TRL fused-head) forward; it returns
-    None when a batch does not fit it, and the inner forward runs as before. `plan`: the batch's `HostPlan`, taken
-    out of the keyword arguments (the inner forward never sees it)."""
+def _wrap_forward(model, packed_forward, fused_head_only: bool = True) -> None:
+    """Put `packed_forward(inner, model, kwargs, plan)` in front of the model's forward (with `fused_head_only`,
+    only of its TRL fused-head calls); it returns None when a batch does not fit it, and the inner forward runs as
+    before. `plan`: the batch's `HostPlan`, taken out of the keyword arguments (the inner forward never sees it)."""
     inner = model.forward
 
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         plan = kwargs.pop(PLAN_KEY, None)
-        if not args and kwargs.get("fused_lm_head"):
+        if not args and (kwargs.get("fused_lm_head") or not fused_head_only):
             out = packed_forward(inner, model, kwargs, plan)
             if out is not None:
                 return out
@@ -556,8 +562,9 @@ class HostPlan:
 
     kind "samples": the sample starts of a padding-free row of `length` tokens, and `head`: (rows, targets), the
     positions whose next-token label is trained and those labels, for the LM head (None when the batch has no
-    labels or no trained token). kind "pairs": `pair_layout` of a DPO batch of shape `length`. `labels`: the labels
-    the plan was made from (checked on the device, without a sync, against the labels the forward receives)."""
+    labels or no trained token). kind "pairs": `pair_layout` of a DPO batch of shape `length`; kind
+    "reward_pairs": `reward_pair_layout` of a reward-model batch. `labels`: the labels the plan was made from (for
+    reward pairs, the input ids), checked on the device, without a sync, against those the forward receives."""
 
     def __init__(self, kind: str, length, starts=None, pair=None, labels=None, head=None):
         self.kind, self.length, self.starts, self.pair, self.labels, self.head = kind, length, starts, pair, labels, head
@@ -613,14 +620,14 @@ def host_plan(batch, segments) -> HostPlan | None:
     return None
 
 
-def plan_in_collator(trainer, segments) -> None:
-    """Wrap the trainer's collator: every batch it makes carries its `HostPlan` (when it has one)."""
+def plan_in_collator(trainer, planner) -> None:
+    """Wrap the trainer's collator: every batch it makes carries its `HostPlan` (`planner(batch)`, when not None)."""
     collate = trainer.data_collator
 
     @functools.wraps(collate)
     def collate_and_plan(examples):
         batch = collate(examples)
-        plan = host_plan(batch, segments)
+        plan = planner(batch)
         if plan is not None:
             batch[PLAN_KEY] = plan
         return batch
@@ -770,6 +777,96 @@ def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS
         hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
                           **packed_attention_kwargs(packed.device)).last_hidden_state[0]
     return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs, head_grad=head_grad)
+
+
+# --- reward model: one row per pair, shared prefix once -------------------------------------------------------
+
+def _is_reward_trainer(trainer) -> bool:
+    from trl import RewardTrainer
+
+    return isinstance(trainer, RewardTrainer)
+
+
+def _pad_token_id(model):
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return config.pad_token_id
+
+
+def reward_pair_layout(input_ids, attention_mask, pad_token_id):
+    """Plan the packed row of a reward-model batch `[chosen_1..chosen_B, rejected_1..rejected_B]` (TRL's
+    RewardTrainer collator: right-padded full sequences).
+
+    Each pair becomes `chosen | rejected after the common prefix`: the rejected tokens sit at their own positions
+    and attend to the prefix (in the chosen segment) and to themselves, so the shared prompt (and whatever else the
+    two share) goes through the model once, and no pad token at all. Returns (packed_ids, position_ids, segments,
+    pool) on the batch's device: `pool` is, for every input row in order, the packed position of the token
+    transformers' sequence classifier scores (the rightmost token that is not the pad token; one inside the
+    shared prefix is read from the chosen segment, whose hidden state there is the rejected row's too). None when
+    the batch is not such pairs (odd size, no pad token, left padding, an empty row, a scored token in padding)."""
+    n, length = input_ids.shape
+    if n == 0 or n % 2 or attention_mask is None or pad_token_id is None:
+        return None
+    b, dev = n // 2, input_ids.device
+    ids, mask = torch.stack([input_ids, attention_mask.to(input_ids.dtype)]).cpu()
+    lens = mask.sum(1)
+    ar = torch.arange(length)
+    last = (ar[None] * (ids != pad_token_id)).argmax(1)  # GenericForSequenceClassification's pooled token
+    if not ((lens > 0).all() and (mask.bool() == (ar[None] < lens[:, None])).all() and (last < lens).all()):
+        return None
+    both = torch.minimum(lens[:b], lens[b:])
+    differ = (ids[:b] != ids[b:]) | (ar[None] >= both[:, None])
+    shared = torch.where(differ.any(1), differ.int().argmax(1), both).tolist()
+    lens_l, last_l = lens.tolist(), last.tolist()
+    ids_parts, pos_parts, segments, pool_c, pool_r = [], [], [], [], []
+    o = 0
+    for i in range(b):
+        p, lc, lr = shared[i], lens_l[i], lens_l[b + i]
+        ids_parts += [ids[i, :lc], ids[b + i, p:lr]]
+        pos_parts += [torch.arange(lc), torch.arange(p, lr)]
+        segments.append((o, o + lc, [(o, o + lc)]))
+        if lr > p:
+            rest = (o + lc, o + lc + lr - p)
+            segments.append((*rest, ([(o, o + p)] if p else []) + [rest]))
+        pool_c.append(o + last_l[i])
+        pool_r.append(o + last_l[b + i] if last_l[b + i] < p else o + lc + last_l[b + i] - p)
+        o += lc + lr - p
+    host = (torch.cat(ids_parts), torch.cat(pos_parts), torch.tensor(pool_c + pool_r))
+    packed, pos, pool = (x.to(dev, non_blocking=True) for x in host)
+    return packed, pos, segments, pool
+
+
+def reward_host_plan(batch, pad_token_id) -> HostPlan | None:
+    """The `HostPlan` of a collated CPU reward-model batch (checked in the forward against its input ids)."""
+    ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+    if ids is None or ids.is_cuda:
+        return None
+    pair = reward_pair_layout(ids, mask, pad_token_id)
+    return None if pair is None else HostPlan("reward_pairs", tuple(ids.shape), pair=pair, labels=ids)
+
+
+def _reward_pair_forward(inner, model, kwargs, plan=None):
+    """TRL RewardTrainer's call of a sequence classifier on a pair batch: one packed row through the backbone and
+    the score head on the 2B pooled tokens only; the same pooled logits (2B, labels) as the padded forward."""
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None or kwargs.get("output_hidden_states") or kwargs.get("output_attentions") or any(
+            kwargs.get(k) is not None for k in ("labels", "inputs_embeds", "position_ids")):
+        return None
+    if plan is not None and plan.kind == "reward_pairs" and plan.length == tuple(input_ids.shape) \
+            and plan.labels_match(input_ids):
+        layout = plan.pair
+    else:
+        layout = reward_pair_layout(input_ids, kwargs.get("attention_mask"), _pad_token_id(model))
+    if layout is None:
+        return None
+    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+    packed, pos, segments, pool = layout
+    set_layout(segments, packed.shape[0])
+    backbone = getattr(model, model.base_model_prefix)
+    with _no_mask_building():
+        hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
+                          **packed_attention_kwargs(packed.device)).last_hidden_state[0]
+    return SequenceClassifierOutputWithPast(logits=model.score(hidden.index_select(0, pool)))
 
 
 # --- compile -------------------------------------------------------------------------------------------------

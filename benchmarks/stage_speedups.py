@@ -4,6 +4,8 @@ and metrics of every run (from its `run.json`), with the ratios against the firs
 
     # the demo's SFT and DPO stages on SmolLM2-135M-Instruct and the shipped data, on the CPU
     python benchmarks/stage_speedups.py --out benchmarks/results/stage_speedups_cpu.json
+    # the reward-model stage (rm.py) at the demo DPO stage's sizes
+    python benchmarks/stage_speedups.py --runs "rm:none|rm:shared_prompt" --out benchmarks/results/stage_speedups_rm_cpu.json
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = "--save_strategy no --report_to none --disable_tqdm true"  # after the demo's own overrides
 METRICS = ("train_tokens_per_s", "train_step_s_median", "train_loss", "before_eval_loss", "eval_loss",
-           "eval_rewards/accuracies", "eval_rewards/margins")
+           "eval_rewards/accuracies", "eval_rewards/margins", "eval_accuracy", "eval_margin")
 
 
 def demo_args() -> tuple[list[str], list[str]]:
@@ -63,6 +65,8 @@ def main(argv=None):
         if stage == "sft":
             row = run_stage("sft", "recipes/smollm2/sft_lora.yaml", out, speedups, [*demo_sft, *common])
             sft_adapter = sft_adapter or out  # DPO starts from the first SFT run's adapter
+        elif stage == "rm":  # not a demo stage: the demo DPO stage's sizes, on the base
+            row = run_stage("rm", "recipes/smollm2/rm_lora.yaml", out, speedups, [*demo_dpo, *common])
         else:
             if sft_adapter is None:
                 raise SystemExit("dpo runs need an sft run before them (its adapter is the DPO policy's start)")
@@ -71,7 +75,7 @@ def main(argv=None):
         base = next(r for r in rows + [row] if r["stage"] == stage)
         row["speedup_vs_first"] = round(row["metrics"]["train_tokens_per_s"] / base["metrics"]["train_tokens_per_s"], 2)
         row["wall_ratio_vs_first"] = round(row["wall_s"] / base["wall_s"], 2)
-        compared = [k for k in METRICS if ("loss" in k or "rewards" in k) and k in base["metrics"]]
+        compared = [k for k in METRICS[2:] if k in base["metrics"]]  # losses and reward metrics
         row["max_metric_diff_vs_first"] = max((abs(row["metrics"][k] - base["metrics"][k]) for k in compared),
                                               default=None)
         rows.append(row)

@@ -58,20 +58,24 @@ SHAPES = {
     "1b": dict(config=LLAMA_1B, batch=4, seq=2048, pairs=4, prompt=1024, completion=1024),
     "8b": dict(config=LLAMA_8B, batch=2, seq=2048, pairs=2, prompt=1024, completion=1024),
 }
-CASES = ("sft_lora", "sft_qlora", "dpo_lora", "dpo_qlora")
+CASES = ("sft_lora", "sft_qlora", "dpo_lora", "dpo_qlora", "rm_lora")  # rm: a reward model on the DPO pairs
 GOALS = {"speedup": 2.0, "sft_memory": 0.6, "dpo_memory_vs_sft": 1.1}
 
 
 # --- worker: one path of one case, in its own process ---------------------------------------------------------
 
 def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer over `t0 .. t{V-1}`: a text of N words is exactly N tokens (t0 pads, t1 ends)."""
+    """A word-level tokenizer: ids 0, 1, 2 are `<pad>`, `<eos>`, `<unk>`, and `w3 .. w{V-1}` the rest, so a text of N
+    words is exactly N tokens. (Special tokens are matched inside words before the split: named `t0`..`t2` with
+    words `t3`..., they cut every word that starts with them, `t1xx` into `t1` + `xx`, and texts came out ~40%
+    longer than their word counts: DPO rows were then truncated to `max_length` with prompt-heavy pairs.)"""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t2"))
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
 def lengths(rng, n: int, longest: int, real: bool, median: float) -> list[int]:
@@ -82,14 +86,14 @@ def lengths(rng, n: int, longest: int, real: bool, median: float) -> list[int]:
 
 
 def make_data(spec: dict, vocab: int):
-    """Random-token rows: SFT `input_ids`; DPO `prompt/chosen/rejected` texts of the word tokenizer."""
+    """Random-token rows: SFT `input_ids`; DPO and RM `prompt/chosen/rejected` texts of the word tokenizer."""
     import random
 
     from datasets import Dataset
 
     rng = random.Random(spec["seed"])
     shape, rows = spec["shape_cfg"], spec["rows"]
-    words = lambda n: [f"t{rng.randrange(3, vocab)}" for _ in range(n)]
+    words = lambda n: [f"w{rng.randrange(3, vocab)}" for _ in range(n)]
     if spec["case"].startswith("sft"):
         lens = lengths(rng, rows, shape["seq"], spec["data"] == "real", shape["seq"] / 3)
         return Dataset.from_list([{"input_ids": [rng.randrange(3, vocab) for _ in range(n)]} for n in lens])
@@ -97,8 +101,8 @@ def make_data(spec: dict, vocab: int):
     out = []
     for p in p_lens:
         c, r = lengths(rng, 2, shape["completion"], spec["data"] == "real", shape["completion"] / 3)
-        out.append({"prompt": " ".join(words(p)) + " ", "chosen": " ".join(words(c - 1) + ["t1"]),
-                    "rejected": " ".join(words(r - 1) + ["t1"])})
+        out.append({"prompt": " ".join(words(p)) + " ", "chosen": " ".join(words(c - 1) + ["<eos>"]),
+                    "rejected": " ".join(words(r - 1) + ["<eos>"])})
     return Dataset.from_list(out)
 
 
@@ -133,25 +137,36 @@ def build_model(spec: dict, device):
     torch.manual_seed(spec["seed"])
     cfg = transformers.LlamaConfig(**spec["shape_cfg"]["config"], pad_token_id=0, eos_token_id=1, bos_token_id=1)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = transformers.AutoModelForCausalLM
+    if spec["case"].startswith("rm"):  # a one-score head (num_labels 1), as TRL's RewardTrainer loads it
+        auto, cfg.num_labels = transformers.AutoModelForSequenceClassification, 1
     with device:
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        model = auto.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     if spec["case"].endswith("qlora"):
         quantize_nf4(model, torch.bfloat16)
     return model
 
 
 def lora_kwargs(spec):
-    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type=task_type(spec))
+
+
+def stage(spec) -> str:
+    return spec["case"].split("_")[0]
+
+
+def task_type(spec) -> str:
+    return "SEQ_CLS" if stage(spec) == "rm" else "CAUSAL_LM"  # SEQ_CLS: PEFT trains and saves the score head
 
 
 def trainer_args(spec: dict, out: str, cuda: bool):
     from align import config
 
-    dpo = spec["case"].startswith("dpo")
+    pairs = stage(spec) != "sft"
     shape = spec["shape_cfg"]
     common = dict(
         output_dir=out, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0), per_device_train_batch_size=shape[
-            "pairs" if dpo else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
+            "pairs" if pairs else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
         # window timing: one log line at the end of the timed steps (a log line reads the loss on the host)
         logging_steps=spec["warmup"] + spec["steps"] if spec.get("timing") == "window" else 1,
@@ -159,8 +174,10 @@ def trainer_args(spec: dict, out: str, cuda: bool):
         data_seed=spec["seed"], disable_tqdm=True, dataloader_num_workers=0, eval_strategy="no",
         use_liger_kernel=spec["path"] == "stock_liger",
     )
-    if dpo:
+    if stage(spec) == "dpo":
         return config.DPOArguments(max_length=shape["prompt"] + shape["completion"], beta=0.1, **common)
+    if stage(spec) == "rm":
+        return config.RewardArguments(max_length=shape["prompt"] + shape["completion"], **common)
     cls = config.SFTConfig if spec["path"].startswith("stock") else config.SFTArguments
     return cls(max_length=shape["seq"], assistant_only_loss=False, **common)
 
@@ -177,14 +194,15 @@ class Meter:
         self.torch, self.cuda, self.window = torch, cuda, window
         self.begin, self.end, self.batch_tokens = [], [], []
 
-    def count(self, collate, dpo: bool):
+    def count(self, collate, stage: str):
         def counted(examples):
-            if dpo:
-                n = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
-            else:
+            batch = collate(examples)
+            if stage == "sft":
                 n = sum(len(e["input_ids"]) for e in examples)
+            else:  # the tokens of TRL's padded pair rows (prompt + chosen, prompt + rejected), after any truncation
+                n = int(batch["attention_mask"].sum())
             self.batch_tokens.append(n)
-            return collate(examples)
+            return batch
 
         return counted
 
@@ -231,14 +249,14 @@ def worker(spec: dict) -> dict:
     data = make_data(spec, shape["config"]["vocab_size"])
     model = build_model(spec, device)
     build_s = time.perf_counter() - t0
-    dpo = spec["case"].startswith("dpo")
+    dpo, kind = spec["case"].startswith("dpo"), stage(spec)
     out = tempfile.mkdtemp(prefix="throughput-")
     args = trainer_args(spec, out, cuda)
     options, budget = (), None
     if spec["path"].startswith("stock"):
         from peft import LoraConfig
 
-        cls = trl.DPOTrainer if dpo else trl.SFTTrainer
+        cls = {"dpo": trl.DPOTrainer, "rm": trl.RewardTrainer, "sft": trl.SFTTrainer}[kind]
         kwargs = dict(ref_model=None) if dpo else {}
         torch.manual_seed(spec["seed"])  # the LoRA A initialisation, the same on both paths
         trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok,
@@ -247,17 +265,21 @@ def worker(spec: dict) -> dict:
         from align import config, modeling, stacking, training
 
         model_args = config.ModelArguments(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-                                           lora_target_modules=["all-linear"],
+                                           lora_target_modules=["all-linear"], lora_task_type=task_type(spec),
                                            load_in_4bit=spec["case"].endswith("qlora"))
-        options = speed.resolve(spec["align_options"], stage="dpo" if dpo else "sft", model_args=model_args)
+        options = speed.resolve(spec["align_options"], stage=kind, model_args=model_args)
         if model_args.load_in_4bit:  # what align's load_model does after loading a 4-bit base
             model = modeling.prepare_for_kbit_training(model, modeling.quantization_config(model_args))
         model = speed.prepare_model(model, options)
         torch.manual_seed(spec["seed"])
         model = stacking.attach_trainable_adapter(model, model_args)
         training.mark_base_frozen(model)
-        speed.prepare_args(args, options, stage="dpo" if dpo else "sft")
-        if dpo:
+        speed.prepare_args(args, options, stage=kind)
+        if kind == "rm":
+            from align.rm import AlignRewardTrainer as cls
+
+            trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
+        elif dpo:
             from align.dpo import AlignDPOTrainer as cls
 
             trainer = cls(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok)
@@ -271,7 +293,7 @@ def worker(spec: dict) -> dict:
             budget = speed.lean_budget(trainer, budget)
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
-    trainer.data_collator = meter.count(trainer.data_collator, dpo)
+    trainer.data_collator = meter.count(trainer.data_collator, kind)
     trainer.add_callback(meter.callback())
     profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0),
                             stack=spec.get("profile_stack", False))
@@ -594,7 +616,7 @@ def main(argv=None):
                 shape_cfg[k] = getattr(args, k)
         if args.seq:
             shape_cfg.update(seq=args.seq, prompt=args.seq // 2, completion=args.seq - args.seq // 2)
-        rows_per_step = shape_cfg["pairs" if case.startswith("dpo") else "batch"]
+        rows_per_step = shape_cfg["batch" if case.startswith("sft") else "pairs"]
         for path in paths:
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget

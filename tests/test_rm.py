@@ -74,14 +74,34 @@ def test_logged_accuracy_and_margin_weigh_every_pair_alike(tiny_llama, preferenc
     assert abs(sum(batch_means) / 3 - sum(margins) / 5) > 1e-4  # what TRL alone would have logged differs
 
 
-def test_reward_stage_takes_speedups_and_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path):
-    """`speedups` reaches the reward stage (it was ignored there): fused LoRA gives the plain per-step losses; an
-    option of another stage (padding_free) does not apply."""
+def test_reward_stage_takes_speedups_and_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """`speedups` reaches the reward stage: fused LoRA and the packed pair rows (`shared_prompt`: each pair's common
+    prefix once, no padding) give the plain per-step losses and held-out metrics; an option of another stage
+    (padding_free) does not apply. The packed layouts are planned in the collator, none in a forward."""
+    from align import speed
+
+    calls = {"layout": 0, "plan": 0, "packed": 0}
+    real_forward = speed._reward_pair_forward
+    monkeypatch.setattr(speed, "_reward_pair_forward", lambda *a, **k: (lambda out: calls.__setitem__(
+        "packed", calls["packed"] + (out is not None)) or out)(real_forward(*a, **k)))
+    for name, key in (("reward_pair_layout", "layout"), ("reward_host_plan", "plan")):
+        real = getattr(speed, name)
+        monkeypatch.setattr(speed, name, lambda *a, _real=real, _key=key, **k: calls.__setitem__(
+            _key, calls[_key] + 1) or _real(*a, **k))
     runs = [rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / s.replace(",", "_")), max_steps=4,
-                            eval_split_size=0, speedups=s)) for s in ("none", "fused_lora,padding_free")]
+                            eval_split_size=8, speedups=s)) for s in ("none", "fused_lora,padding_free",
+                                                                      "shared_prompt")]
     assert runs[0].align_speedups == () and runs[1].align_speedups == ("fused_lora",)
+    assert runs[2].align_speedups == ("shared_prompt",)
     fused = [m for m in runs[1].model.modules() if "forward" in vars(m)]  # LoRA layers given the fused forward
     assert len(fused) == 14 and not any("forward" in vars(m) for m in runs[0].model.modules())
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in runs]
     assert len(losses[0]) == 4 and len(set(losses[0])) > 1
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert losses[2] == pytest.approx(losses[0], abs=1e-5)
+    evals = [json.load(open(os.path.join(t.args.output_dir, "run.json")))["metrics"] for t in runs]
+    for key in ("eval_loss", "eval_accuracy", "eval_margin"):
+        assert evals[2][key] == pytest.approx(evals[0][key], abs=1e-5), key
+    # train batches (4, or 5 with the loader's one ahead) and eval batches, each planned once in the collator
+    assert calls["plan"] >= 4 + 2 and calls["layout"] == calls["plan"]
+    assert calls["packed"] >= 4 + 2  # and every forward of the shared_prompt run was a packed one

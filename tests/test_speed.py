@@ -61,7 +61,7 @@ def test_resolve():
     if not torch.cuda.is_available():  # CPU: the packed rows and their LM head (measured on 2 cores)
         assert speed.resolve("auto", "sft") == ("padding_free", "head_grad")
         assert speed.resolve("auto", "dpo") == ("shared_prompt", "head_grad")
-        assert speed.resolve("auto", "rm") == ()
+        assert speed.resolve("auto", "rm") == ("shared_prompt",)  # pairs packed; no LM head
     with pytest.raises(ValueError, match="unknown speedup 'fast'"):
         speed.resolve("compile,fast", "sft")
 
@@ -117,7 +117,8 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
         "padding_free", "compile", "lean", "fused_lora")
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
-    assert speed.resolve("auto,head_grad", "rm", model_args, one) == ("compile", "lean", "kbit_bf16", "fused_lora")
+    assert speed.resolve("auto,head_grad", "rm", model_args, one) == ("shared_prompt", "compile", "lean", "kbit_bf16",
+                                                                       "fused_lora")  # no LM head in a reward model
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
 
@@ -239,6 +240,89 @@ def test_shared_prompt_leaves_other_batches_alone():
     speed.use_segment_attention(model)
     speed._wrap_forward(model, speed._shared_prompt_forward)
     torch.testing.assert_close(peft_model(**other, fused_lm_head=True).log_probs, want, atol=1e-6, rtol=1e-6)
+
+
+def tiny_reward_model():
+    """Tiny Llama sequence classifier (pad token 0) with a SEQ_CLS LoRA adapter (B not zero) and a trained score."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="sdpa")
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                  task_type="SEQ_CLS"))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model, peft_model
+
+
+def reward_batch(pairs, pad=0):
+    """TRL's RewardTrainer batch: rows [chosen_1..chosen_B, rejected_1..rejected_B], right-padded with `pad`."""
+    rows = [torch.tensor(c) for c, _ in pairs] + [torch.tensor(r) for _, r in pairs]
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+REWARD_PAIRS = [
+    ([5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 20, 21]),  # common prefix of 4, then each its own
+    ([5, 6, 7, 30, 31, 32, 33, 34, 35], [5, 6, 7, 30]),  # the rejected row is a prefix of the chosen one
+    ([40, 41, 42], [40, 41, 42]),  # the same sequence twice
+    ([50, 51, 52, 53], [60, 61, 62, 63, 64, 65]),  # nothing shared
+    ([5, 6, 70, 71, 0], [5, 6, 80, 0]),  # real tokens ending in the pad id (eos = pad): scored one token earlier
+]
+
+
+def test_reward_pairs_row_gives_the_padded_scores():
+    """One packed row per batch, each pair's common prefix once, no pad tokens == TRL's padded rows through the
+    sequence classifier: the pooled scores and every adapter and score-head gradient to 1e-5."""
+    model, peft_model = tiny_reward_model()
+    batch = reward_batch(REWARD_PAIRS)
+    weights = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, 0.5, -1.5, 2.5, -3.5, 4.5])[:, None]
+
+    def run():
+        peft_model.zero_grad()
+        logits = peft_model(**batch, use_cache=False).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), grads(peft_model)
+
+    want, want_grads = run()
+    assert any("score" in k for k in want_grads) and any("lora_B" in k for k in want_grads)
+    speed.use_segment_attention(model)
+    speed._wrap_forward(model, speed._reward_pair_forward, fused_head_only=False)
+    got, got_grads = run()
+    # 7 + 2, 9 + 0, 3 + 0, 4 + 6, 5 + 2 tokens instead of 10 rows of 9
+    assert speed._layout_len == 38 and len(speed._layout) == 8
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_grads(got_grads, want_grads)
+    packed, pos, segments, pool = speed.reward_pair_layout(batch["input_ids"], batch["attention_mask"], 0)
+    assert pool.tolist() == [6, 17, 20, 24, 34, 8, 12, 20, 30, 36]
+    assert segments[1] == (7, 9, [(0, 4), (7, 9)]) and segments[5] == (25, 31, [(25, 31)])
+
+
+def test_reward_pairs_leave_other_batches_alone():
+    batch = reward_batch(REWARD_PAIRS[:2])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert speed.reward_pair_layout(ids[:3], mask[:3], 0) is None  # odd rows: not pairs
+    assert speed.reward_pair_layout(ids, mask, None) is None  # no pad token: transformers scores the last column
+    assert speed.reward_pair_layout(ids.flip(1), mask.flip(1), 0) is None  # left padding
+    # a plan made for other input ids is refused on the device
+    plan = speed.reward_host_plan(batch, pad_token_id=0)
+    assert plan.kind == "reward_pairs" and speed.host_plan(batch, ("shared_prompt",)) is None
+    other = ids.clone()
+    other[0, 0] = 99
+    with pytest.raises(RuntimeError, match="differ from its host plan"):
+        speed._reward_pair_forward(None, None, {"input_ids": other}, plan=plan)
+    # and a batch the layout refuses runs the plain forward
+    model, peft_model = tiny_reward_model()
+    left = dict(input_ids=ids.flip(1), attention_mask=mask.flip(1))
+    with torch.no_grad():
+        want = peft_model(**left).logits
+        speed.use_segment_attention(model)
+        speed._wrap_forward(model, speed._reward_pair_forward, fused_head_only=False)
+        torch.testing.assert_close(peft_model(**left).logits, want, atol=1e-6, rtol=1e-6)
 
 
 def test_fused_log_probs_equal_full_logits():

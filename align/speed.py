@@ -11,10 +11,13 @@ Options (a comma-separated list, `auto`, or `none`):
 - `padding_free` (SFT): a batch is one row of its samples back to back, no pad tokens (TRL's padding-free
   collator: position ids restart at each sample). Attention stays inside each sample: `segment attention` runs
   causal SDPA (the flash kernel) per sample, so no (tokens x tokens) mask is built and no token sees another sample.
-- `shared_prompt` (DPO): chosen and rejected share their prompt, so each pair is one row
+- `shared_prompt` (DPO, RM): chosen and rejected share their prompt, so each pair is one row
   `prompt | chosen | rejected` with the rejected tokens attending to the prompt and to themselves, not to the chosen
   ones. The prompt goes through the model once instead of twice, for the policy and for the reference forward; the
   per-token log-probabilities are put back where TRL's loss expects them, so every DPO loss type works unchanged.
+  For a reward model (RM) the same row per pair holds the chosen sequence and the rejected one after their common
+  prefix (the prompt, and whatever else they share): no pad tokens, the prefix once, and the score head applied to
+  the 2B pooled tokens only (transformers' rule: each sequence's rightmost token that is not the pad token).
 - `compile`: `torch.compile` of each decoder layer (one compiled graph shared by all layers): fused norms, RoPE,
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
@@ -27,8 +30,8 @@ Options (a comma-separated list, `auto`, or `none`):
   stay the trained ones), the scaling is folded into B, and B's product is added to the base output by one
   `addmm` (the GEMM accumulates into it) instead of three element-wise passes. With LoRA dropout, each adapter
   saves a one-byte keep-mask for its backward instead of its own dropped copy of the input (the dropped input is
-  recomputed); the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in distribution, not
-  bit for bit. Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants
+  recomputed); on a GPU the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in
+  distribution, not bit for bit (on a CPU both draw the same masks). Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants
   (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's forward.
 - `non_blocking`: the data loader copies each batch to the GPU from pinned memory without waiting (accelerate's
   `non_blocking`, TrainingArguments' `accelerator_config`). By default the copy of step N+1's batch waits until the
@@ -48,7 +51,7 @@ Options (a comma-separated list, `auto`, or `none`):
 
 `auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU
 (`torch_nf4` and `head_grad` join it once measured on a GPU) and `padding_free,shared_prompt,head_grad` on a CPU
-(the SmolLM2 demo stages: SFT 2.1x, DPO 2.6x tokens/s, same losses); `compile` and `lean` come with it only on
+(SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same losses); `compile` and `lean` come with it only on
 one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
 that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
 (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
@@ -694,6 +697,27 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None
 
 # --- DPO: one row per pair, prompt shared ---------------------------------------------------------------------
 
+def _pack_pairs(ids, lens: list[int], shared: list[int]):
+    """One row of B pairs from the right-padded rows `[chosen_1..chosen_B, rejected_1..rejected_B]` (host tensors):
+    each pair as its chosen row, then its rejected row after the `shared[i]` tokens the two begin with, at their
+    own positions, attending to that prefix and to themselves. Returns (ids, position ids, segments, the offset of
+    each pair in the row)."""
+    b = len(shared)
+    ids_parts, pos_parts, segments, offsets = [], [], [], []
+    o = 0
+    for i in range(b):
+        p, lc, lr = shared[i], lens[i], lens[b + i]
+        ids_parts += [ids[i, :lc], ids[b + i, p:lr]]
+        pos_parts += [torch.arange(lc), torch.arange(p, lr)]
+        segments.append((o, o + lc, [(o, o + lc)]))
+        if lr > p:
+            rest = (o + lc, o + lc + lr - p)
+            segments.append((*rest, ([(o, o + p)] if p else []) + [rest]))
+        offsets.append(o)
+        o += lc + lr - p
+    return torch.cat(ids_parts), torch.cat(pos_parts), segments, offsets
+
+
 def pair_layout(input_ids, attention_mask, labels):
     """Plan the shared-prompt row of a DPO batch `[chosen_1..chosen_B, rejected_1..rejected_B]` (right-padded).
 
@@ -718,18 +742,8 @@ def pair_layout(input_ids, attention_mask, labels):
             and ((input_ids[:b] == input_ids[b:]) | ~in_prompt).all()
             and (attention_mask.bool() == (ar[None] < lens[:, None])).all()):
         return None
-    lens_l, prompt_l = lens.tolist(), prompt.tolist()
-    ids_parts, pos_parts, segments, offsets = [], [], [], []
-    o = 0
-    for i in range(b):
-        p, lc, lr = prompt_l[i], lens_l[i], lens_l[b + i]
-        ids_parts += [input_ids[i, :lc], input_ids[b + i, p:lr]]
-        pos_parts += [torch.arange(lc), torch.arange(p, lr)]
-        segments.append((o, o + lc, [(o, o + lc)]))
-        if lr > p:
-            segments.append((o + lc, o + lc + lr - p, [(o, o + p), (o + lc, o + lc + lr - p)]))
-        offsets.append(o)
-        o += lc + lr - p
+    ids_packed, pos_packed, segments, offsets = _pack_pairs(input_ids, lens.tolist(), prompt[:b].tolist())
+    o = len(ids_packed)
     t = ar[:-1][None]
     off = torch.tensor(offsets)[:, None]
     p_t, lc_t = prompt[:b, None], lens[:b, None]
@@ -738,7 +752,7 @@ def pair_layout(input_ids, attention_mask, labels):
     hidden_index = torch.cat([chosen_idx, rejected_idx]).clamp(0, o - 1)
     mask = trained[:, 1:]
     flat = mask.flatten().nonzero().flatten()
-    host = (torch.cat(ids_parts), torch.cat(pos_parts), flat, hidden_index[mask], labels[:, 1:][mask])
+    host = (ids_packed, pos_packed, flat, hidden_index[mask], labels[:, 1:][mask])
     packed, pos, flat, rows, targets = (x.to(dev, non_blocking=True) for x in host)
     return packed, pos, segments, flat, rows, targets
 
@@ -817,20 +831,10 @@ def reward_pair_layout(input_ids, attention_mask, pad_token_id):
     differ = (ids[:b] != ids[b:]) | (ar[None] >= both[:, None])
     shared = torch.where(differ.any(1), differ.int().argmax(1), both).tolist()
     lens_l, last_l = lens.tolist(), last.tolist()
-    ids_parts, pos_parts, segments, pool_c, pool_r = [], [], [], [], []
-    o = 0
-    for i in range(b):
-        p, lc, lr = shared[i], lens_l[i], lens_l[b + i]
-        ids_parts += [ids[i, :lc], ids[b + i, p:lr]]
-        pos_parts += [torch.arange(lc), torch.arange(p, lr)]
-        segments.append((o, o + lc, [(o, o + lc)]))
-        if lr > p:
-            rest = (o + lc, o + lc + lr - p)
-            segments.append((*rest, ([(o, o + p)] if p else []) + [rest]))
-        pool_c.append(o + last_l[i])
-        pool_r.append(o + last_l[b + i] if last_l[b + i] < p else o + lc + last_l[b + i] - p)
-        o += lc + lr - p
-    host = (torch.cat(ids_parts), torch.cat(pos_parts), torch.tensor(pool_c + pool_r))
+    packed, pos, segments, offsets = _pack_pairs(ids, lens_l, shared)
+    pool_c = [o + t for o, t in zip(offsets, last_l[:b])]
+    pool_r = [o + t if t < p else o + lc + t - p for o, t, p, lc in zip(offsets, last_l[b:], shared, lens_l)]
+    host = (packed, pos, torch.tensor(pool_c + pool_r))
     packed, pos, pool = (x.to(dev, non_blocking=True) for x in host)
     return packed, pos, segments, pool
 

@@ -31,11 +31,22 @@ def layouts():
     for p, c, r in ((200, 300, 100), (50, 600, 700), (400, 5, 3)):  # prompt | chosen | rejected
         dpo += [(o, o + p + c, [(o, o + p + c)]), (o + p + c, o + p + c + r, [(o, o + p), (o + p + c, o + p + c + r)])]
         o += p + c + r
-    return {"sft": (sft, 1500), "dpo": (dpo, o)}
+    # reward-model pairs: shared prefix 200, the same sequence twice, nothing shared (rejected attends to itself)
+    g = torch.Generator().manual_seed(0)
+    pairs = [(500, 200, 350), (300, 300, 300), (100, 0, 120)]  # chosen length, common prefix, rejected length
+    chosen = [torch.randint(3, 1000, (c,), generator=g) for c, _, _ in pairs]
+    rejected = [torch.cat([ch[:p], torch.randint(1000, 2000, (r - p,), generator=g)]) for ch, (_, p, r) in
+                zip(chosen, pairs)]
+    rows = chosen + rejected
+    ids = torch.zeros(len(rows), max(len(x) for x in rows), dtype=torch.long)
+    for i, x in enumerate(rows):
+        ids[i, :len(x)] = x
+    packed, _, rm, _ = speed.reward_pair_layout(ids, (ids != 0).long(), 0)
+    return {"sft": (sft, 1500), "dpo": (dpo, o), "rm": (rm, len(packed))}
 
 
 @cuda
-@pytest.mark.parametrize("name", ["sft", "dpo"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "rm"])
 def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_calls(name):
     layout, t = layouts()[name]
     torch.manual_seed(0)

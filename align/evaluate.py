@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     how.add_argument("--device", default="auto")
     how.add_argument("--max_length", type=int, default=None, help="scoring window (default: the model's)")
+    how.add_argument("--pack_scoring", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                     help="score the options of a question (and a pair's responses) in packed rows, the shared "
+                          "context once (default true; false: one padded row per option, as lm-eval does)")
     how.add_argument("--max_new_tokens", type=int, default=128, help="win-rate response length")
     how.add_argument("--temperature", type=float, default=0.7)
     how.add_argument("--top_p", type=float, default=0.9)
@@ -85,6 +88,7 @@ def _settings(args):
     gen_batch_size = args.gen_batch_size or (64 if torch.cuda.is_available() and args.device != "cpu" else 8)
     return EvalSettings(batch_size=args.batch_size, gen_batch_size=gen_batch_size, dtype=args.dtype,
                         device=args.device, limit=args.limit, max_length=args.max_length,
+                        pack_scoring=args.pack_scoring,
                         cache_dir=None if args.no_cache else args.cache_dir, backend=args.backend,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         seed=args.seed)

@@ -85,6 +85,34 @@ def test_scorer_acc_and_acc_norm_match_hand_computation(tiny_lm, tokenizer, tmp_
     assert got["acc_stderr"] == pytest.approx(1 / 3)  # sample standard deviation of [1, 0, 1] / sqrt(3)
 
 
+def test_shared_contexts_are_scored_in_packed_rows(tiny_lm, tokenizer, monkeypatch):
+    """The options of a question share its context: they are scored in packed rows (the context once, several
+    questions per row, no padding) with the log-likelihoods and greedy flags of the padded batches to 1e-5; pairs
+    without a shared context, and pairs the window truncates, go the padded way."""
+    from align import speed
+
+    pairs = [(it["query"], " " + c) for it in MC_ITEMS for c in it["choices"]]
+    pairs += [("A lone context", " with its one continuation")]  # nothing shared
+    want = scorer.LogLikelihoodScorer(tiny_lm, tokenizer, batch_size=3, pack=False).loglikelihood(pairs)
+    packed = scorer.LogLikelihoodScorer(tiny_lm, tokenizer, batch_size=3, pack_tokens=40)
+    assert packed.pack
+    rows, padded = [], []
+    real_row, real_batch = packed._packed_row, packed._batch_logprobs
+    monkeypatch.setattr(packed, "_packed_row", lambda units, *a: rows.append(len(units)) or real_row(units, *a))
+    monkeypatch.setattr(packed, "_batch_logprobs", lambda r, k: padded.append(len(r)) or real_batch(r, k))
+    got = packed.loglikelihood(pairs)
+    assert sum(rows) == 3 and len(rows) >= 2 and padded == [1]  # 3 questions in rows of <= 40 tokens; the lone pair
+    assert speed._layout is None
+    for g, w in zip(got, want):
+        assert g.logprob == pytest.approx(w.logprob, abs=1e-5) and (g.greedy, g.n_tokens) == (w.greedy, w.n_tokens)
+    assert len({round(g.logprob, 3) for g in got}) == len(got)  # every option scored on its own
+    # a window that cuts most rows on the left: those go the padded way (packed, they would keep the whole context)
+    short = [scorer.LogLikelihoodScorer(tiny_lm, tokenizer, batch_size=3, max_length=12, pack=p).loglikelihood(pairs)
+             for p in (True, False)]
+    assert [g.logprob for g in short[0]] == pytest.approx([g.logprob for g in short[1]], abs=1e-5)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(short[1], want)) > 0.1  # truncation matters here
+
+
 def test_schema_lambada_and_perplexity_match_hand_computation(tiny_lm, tokenizer, tmp_path):
     stem = "The cup fell off the table because the"
     schema = {"context_options": [stem + " cup", stem + " table"], "continuation": "was slippery.", "gold": 1}

@@ -83,9 +83,10 @@ def reference_mode(model):
         raise ValueError("implicit rewards need a PEFT model: the policy adapter on its base")
 
 
-def implicit_reward_accuracy(model, tokenizer, pairs: list[dict], beta: float, batch_size: int = 8) -> dict:
+def implicit_reward_accuracy(model, tokenizer, pairs: list[dict], beta: float, batch_size: int = 8,
+                             pack: bool = True) -> dict:
     """Share of pairs whose chosen response gets the higher DPO implicit reward, with mean rewards and margin."""
-    scorer = LogLikelihoodScorer(model, tokenizer, batch_size=batch_size)
+    scorer = LogLikelihoodScorer(model, tokenizer, batch_size=batch_size, pack=pack)
     tokenized = [pair_token_ids(tokenizer, p) for p in pairs]
     pol_c, pol_r = response_logps(scorer, tokenized)
     with reference_mode(model) as reference:

@@ -38,6 +38,7 @@ class EvalSettings:
     device: str = "auto"
     limit: int | None = None  # at most this many rows per task (on top of the suite's own limits)
     max_length: int | None = None  # scoring window; default: the model's max_position_embeddings
+    pack_scoring: bool = True  # options sharing a context scored in packed rows (same numbers, scorer.py)
     cache_dir: str | None = field(default_factory=default_cache_dir)  # None: no cache
     backend: str = "native"  # native | lm-eval (general tasks through lm-evaluation-harness)
     max_new_tokens: int = 128  # win-rate responses
@@ -103,7 +104,8 @@ class ModelSession:
         docs = load_docs(task)
         if task.format == "gsm8k":
             return tasks.score_gsm8k(model, tokenizer, task, docs, batch_size=self.settings.gen_batch_size)
-        ll = scorer.LogLikelihoodScorer(model, tokenizer, self.settings.batch_size, self.settings.max_length)
+        ll = scorer.LogLikelihoodScorer(model, tokenizer, self.settings.batch_size, self.settings.max_length,
+                                        pack=self.settings.pack_scoring)
         if task.format == "perplexity":
             return tasks.score_perplexity(ll, docs)
         return scorer.score_choice_task(ll, task, docs)
@@ -144,7 +146,8 @@ class ModelSession:
         if hit is None:
             model, tokenizer = self.loaded
             hit = preference.implicit_reward_accuracy(model, tokenizer, pairs, beta=self.ref.beta or 0.1,
-                                                      batch_size=self.settings.batch_size)
+                                                      batch_size=self.settings.batch_size,
+                                                      pack=self.settings.pack_scoring)
             self.cache.put(key, hit)
         return hit
 

@@ -9,6 +9,12 @@ encoded whole (the tokenizer's default special tokens) and the continuation toke
 context's own encoding; too long inputs lose tokens on the left. So the same prompts give the same numbers as
 `lm-eval` (tests/test_eval.py cross-checks it), and every model is scored on exactly the same text.
 
+Continuations that share their context (a multiple-choice question's options, a preference pair's two responses)
+are scored in packed rows where the model supports segment attention (`align.speed`): the context once, each
+continuation after it at its own positions attending to the context and to itself, several questions back to back
+in one row, no padding. The log-likelihoods are those of the padded rows (tests: to 1e-5 in fp32); lm-eval runs
+every option's context again.
+
 Metrics, as lm-eval defines them:
     acc       the choice with the highest log-likelihood is the gold one
     acc_norm  the same with each log-likelihood divided by the choice's length in characters (without delimiter)
@@ -48,11 +54,14 @@ def model_device(model) -> torch.device:
 class LogLikelihoodScorer:
     """Batched continuation log-likelihoods under a causal LM (eval mode, no grad)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, pack: bool = True,
+                 pack_tokens: int = 4096):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length or model_max_length(model)
+        self.pack_tokens = pack_tokens  # tokens per packed row (and LM-head rows per row)
+        self.pack = pack and packed_scoring_supported(model)
 
     def encode_pair(self, context: str, continuation: str,
                     add_special_tokens: bool = True) -> tuple[list[int], list[int]]:
@@ -75,8 +84,11 @@ class LogLikelihoodScorer:
         for ctx, cont in pairs:
             ctx = ctx or [self._prefix_token()]
             inputs.append(((ctx + cont)[-(self.max_length + 1):][:-1], len(cont), cont))
-        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))  # similar lengths batch together
         out: list[LogLikelihood | None] = [None] * len(inputs)
+        rest = range(len(inputs))
+        if self.pack:
+            rest = self._score_packed([(ctx or [self._prefix_token()], cont) for ctx, cont in pairs], out)
+        order = sorted(rest, key=lambda i: -len(inputs[i][0]))  # similar lengths batch together
         for start in range(0, len(order), self.batch_size):
             idx = order[start: start + self.batch_size]
             keep = max(inputs[i][1] for i in idx)
@@ -84,13 +96,65 @@ class LogLikelihoodScorer:
             for row, i in enumerate(idx):
                 n_cont, cont = inputs[i][1], inputs[i][2]
                 lp = logprobs[row, keep - n_cont:]  # the predictions of the continuation tokens
-                target = torch.tensor(cont, device=lp.device)
-                out[i] = LogLikelihood(
-                    logprob=lp.gather(-1, target[:, None]).sum().item(),
-                    greedy=bool((lp.argmax(-1) == target).all()),
-                    n_tokens=n_cont,
-                )
+                out[i] = _likelihood(lp, cont)
         return out  # type: ignore[return-value]
+
+    def _score_packed(self, pairs: list[tuple[list[int], list[int]]], out: list) -> list[int]:
+        """Score, into `out`, the pairs whose context another pair shares (and that need no truncation), in packed
+        rows; returns the indices of the others (scored in padded batches)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if len(ctx) + len(cont) <= self.max_length + 1:
+                groups.setdefault(tuple(ctx), []).append(i)
+        units = [(list(ctx), idx) for ctx, idx in groups.items() if len(idx) > 1]
+        packed = {i for _, idx in units for i in idx}
+        row, size, preds = [], 0, 0
+        for ctx, idx in units:
+            tokens = len(ctx) + sum(len(pairs[i][1]) - 1 for i in idx)
+            n_pred = sum(len(pairs[i][1]) for i in idx)
+            if row and (size + tokens > self.pack_tokens or preds + n_pred > self.pack_tokens):
+                self._packed_row(row, pairs, out)
+                row, size, preds = [], 0, 0
+            row.append((ctx, idx))
+            size, preds = size + tokens, preds + n_pred
+        if row:
+            self._packed_row(row, pairs, out)
+        return [i for i in range(len(pairs)) if i not in packed]
+
+    def _packed_row(self, units: list[tuple[list[int], list[int]]], pairs, out: list) -> None:
+        """One packed row: per unit its context, then each continuation's input tokens (all but the last) at the
+        positions after the context, attending to the context and to themselves."""
+        from align import speed
+
+        ids, pos, segments, pred_rows, spans = [], [], [], [], []
+        for ctx, idx in units:
+            o, lc = len(ids), len(ctx)
+            ids += ctx
+            pos += range(lc)
+            segments.append((o, o + lc, [(o, o + lc)]))
+            for i in idx:
+                cont = pairs[i][1]
+                s = len(ids)
+                ids += cont[:-1]
+                pos += range(lc, lc + len(cont) - 1)
+                if len(cont) > 1:
+                    segments.append((s, len(ids), [(o, o + lc), (s, len(ids))]))
+                first = len(pred_rows)
+                pred_rows += [o + lc - 1] + list(range(s, len(ids)))  # the positions predicting cont's tokens
+                spans.append((i, first, len(pred_rows)))
+        device = model_device(self.model)
+        rows = torch.tensor(pred_rows, device=device)
+        speed.set_layout(segments, len(ids))
+        try:
+            with speed._no_mask_building():
+                logits = self.model(input_ids=torch.tensor([ids], device=device),
+                                    position_ids=torch.tensor([pos], device=device), logits_to_keep=rows,
+                                    use_cache=False, **speed.packed_attention_kwargs(device)).logits[0]
+        finally:
+            speed.set_layout(None)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for i, a, b in spans:
+            out[i] = _likelihood(logprobs[a:b], pairs[i][1])
 
     def _batch_logprobs(self, rows: list[list[int]], keep: int) -> torch.Tensor:
         """Log-softmax of the last `keep` positions of each row. Rows are left-padded (position ids follow the
@@ -111,6 +175,30 @@ class LogLikelihoodScorer:
     def _prefix_token(self) -> int:
         tok = self.tokenizer
         return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+
+def _likelihood(lp: torch.Tensor, cont: list[int]) -> LogLikelihood:
+    """A continuation's log-likelihood from the log-softmax rows `lp` that predict its tokens."""
+    target = torch.tensor(cont, device=lp.device)
+    return LogLikelihood(logprob=lp.gather(-1, target[:, None]).sum().item(),
+                         greedy=bool((lp.argmax(-1) == target).all()), n_tokens=len(cont))
+
+
+def packed_scoring_supported(model) -> bool:
+    """Whether `model` can score packed rows: a transformers causal LM with SDPA attention and plain causal
+    self-attention (switched here to align's segment attention, which is SDPA whenever no layout is set)."""
+    from align import speed
+
+    base = speed._causal_lm(model)
+    config = getattr(base, "config", None)
+    if config is None or not hasattr(base, "set_attn_implementation"):
+        return False
+    if config._attn_implementation == speed.ATTENTION:
+        return True
+    if config._attn_implementation != "sdpa" or not speed.supports_segment_attention(config):
+        return False
+    speed.use_segment_attention(base)
+    return True
 
 
 def _stderr(values: list[float]) -> float:

@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stage_speedups import REPO, timed_run
+
 DEMO = os.path.join(REPO, "outputs", "demo")
 TASK_TIME = re.compile(r"align: (\S+) / (\S+): ([0-9.]+)s")
 
@@ -26,11 +26,7 @@ def run(pack: bool, models: list[str], extra: list[str], out: str) -> dict:
     cmd = [sys.executable, os.path.join(REPO, "align", "evaluate.py"), "--models", *models, "--output_dir", out,
            "--no_cache", "--pack_scoring", str(pack).lower(), *extra]
     print(f"[eval_speed] pack_scoring={pack} ...", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    wall = round(time.perf_counter() - t0, 1)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    proc, wall = timed_run(cmd)
     tasks = {f"{m}/{t}": float(s) for m, t, s in TASK_TIME.findall(proc.stderr + proc.stdout)}
     with open(os.path.join(out, "results.json")) as fh:
         results = json.load(fh)

@@ -30,15 +30,21 @@ def demo_args() -> tuple[list[str], list[str]]:
     return lines[0].split(), lines[1].split()
 
 
-def run_stage(stage: str, recipe: str, out: str, speedups: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, os.path.join(REPO, "align", f"{stage}.py"), "--config", recipe, "--output_dir", out,
-           "--resume", "false", "--speedups", speedups, *extra]
-    print(f"[stage_speedups] {stage} {speedups} ...", flush=True)
+def timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run `cmd` in the repository (its own process), output captured; its wall seconds. Exits on a failure."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = round(time.perf_counter() - t0, 1)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return proc, wall
+
+
+def run_stage(stage: str, recipe: str, out: str, speedups: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "align", f"{stage}.py"), "--config", recipe, "--output_dir", out,
+           "--resume", "false", "--speedups", speedups, *extra]
+    print(f"[stage_speedups] {stage} {speedups} ...", flush=True)
+    _, wall = timed_run(cmd)
     with open(os.path.join(out, "run.json")) as fh:
         run = json.load(fh)
     metrics = {k: run["metrics"][k] for k in METRICS if k in run["metrics"]}

@@ -145,11 +145,14 @@ class LogLikelihoodScorer:
         device = model_device(self.model)
         rows = torch.tensor(pred_rows, device=device)
         speed.set_layout(segments, len(ids))
+        inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                      use_cache=False, **speed.packed_attention_kwargs(device))
         try:
             with speed._no_mask_building():
-                logits = self.model(input_ids=torch.tensor([ids], device=device),
-                                    position_ids=torch.tensor([pos], device=device), logits_to_keep=rows,
-                                    use_cache=False, **speed.packed_attention_kwargs(device)).logits[0]
+                try:
+                    logits = self.model(**inputs, logits_to_keep=rows).logits[0]
+                except TypeError:  # a model without `logits_to_keep`
+                    logits = self.model(**inputs).logits[0, rows]
         finally:
             speed.set_layout(None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)

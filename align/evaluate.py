@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     how.add_argument("--device", default="auto")
     how.add_argument("--max_length", type=int, default=None, help="scoring window (default: the model's)")
-    how.add_argument("--pack_scoring", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                     help="score the options of a question (and a pair's responses) in packed rows, the shared "
-                          "context once (default true; false: one padded row per option, as lm-eval does)")
+    how.add_argument("--pack_scoring", type=lambda v: v if v == "auto" else v.lower() in ("1", "true", "yes"),
+                     default="auto", help="score the options of a question (and a pair's responses) in packed "
+                     "rows, the shared context once: true, false (one padded row per option, as lm-eval does) or "
+                     "auto (default: on a CPU, where it was measured)")
     how.add_argument("--max_new_tokens", type=int, default=128, help="win-rate response length")
     how.add_argument("--temperature", type=float, default=0.7)
     how.add_argument("--top_p", type=float, default=0.9)

@@ -84,7 +84,7 @@ def reference_mode(model):
 
 
 def implicit_reward_accuracy(model, tokenizer, pairs: list[dict], beta: float, batch_size: int = 8,
-                             pack: bool = True) -> dict:
+                             pack: bool | str = "auto") -> dict:
     """Share of pairs whose chosen response gets the higher DPO implicit reward, with mean rewards and margin."""
     scorer = LogLikelihoodScorer(model, tokenizer, batch_size=batch_size, pack=pack)
     tokenized = [pair_token_ids(tokenizer, p) for p in pairs]

@@ -38,7 +38,7 @@ class EvalSettings:
     device: str = "auto"
     limit: int | None = None  # at most this many rows per task (on top of the suite's own limits)
     max_length: int | None = None  # scoring window; default: the model's max_position_embeddings
-    pack_scoring: bool = True  # options sharing a context scored in packed rows (same numbers, scorer.py)
+    pack_scoring: bool | str = "auto"  # options sharing a context in packed rows (same numbers; scorer.py)
     cache_dir: str | None = field(default_factory=default_cache_dir)  # None: no cache
     backend: str = "native"  # native | lm-eval (general tasks through lm-evaluation-harness)
     max_new_tokens: int = 128  # win-rate responses

@@ -13,7 +13,8 @@ Continuations that share their context (a multiple-choice question's options, a 
 are scored in packed rows where the model supports segment attention (`align.speed`): the context once, each
 continuation after it at its own positions attending to the context and to itself, several questions back to back
 in one row, no padding. The log-likelihoods are those of the padded rows (tests: to 1e-5 in fp32); lm-eval runs
-every option's context again.
+every option's context again. `pack="auto"` packs on a CPU, where it was measured (the demo's report 1.95x); on a
+GPU name it (`pack=True`, evaluate.py `--pack_scoring true`) until it is measured there.
 
 Metrics, as lm-eval defines them:
     acc       the choice with the highest log-likelihood is the gold one
@@ -54,14 +55,16 @@ def model_device(model) -> torch.device:
 class LogLikelihoodScorer:
     """Batched continuation log-likelihoods under a causal LM (eval mode, no grad)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None, pack: bool = True,
-                 pack_tokens: int = 4096):
+    def __init__(self, model, tokenizer, batch_size: int = 16, max_length: int | None = None,
+                 pack: bool | str = "auto", pack_tokens: int = 4096):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length or model_max_length(model)
         self.pack_tokens = pack_tokens  # tokens per packed row (and LM-head rows per row)
-        self.pack = pack and packed_scoring_supported(model)
+        if pack == "auto":
+            pack = model_device(model).type == "cpu"
+        self.pack = bool(pack) and packed_scoring_supported(model)
 
     def encode_pair(self, context: str, continuation: str,
                     add_special_tokens: bool = True) -> tuple[list[int], list[int]]:

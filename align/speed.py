@@ -41,16 +41,18 @@ Options (a comma-separated list, `auto`, or `none`):
 - `torch_nf4` (4-bit base, with `compile`): bitsandbytes' NF4 linear layers computed with torch ops
   (`align/nf4.py`): inside a compiled layer inductor fuses the dequantization into one kernel per weight instead
   of bitsandbytes' ops with Python per call (twice per weight per forward, again in the backward); bit for bit
-  bitsandbytes' dequantized weight, and like it no bf16 copy of a weight kept for the backward.
+  bitsandbytes' dequantized weight, and like it no bf16 copy of a weight kept for the backward. On an H200
+  (same call): 1B QLoRA 41.4k -> 58.5k tokens/s, 8B QLoRA 13.1k -> 13.8k, at 0.53x / 0.59x stock's peak memory.
 - `head_grad` (with `padding_free` or `shared_prompt`, a frozen LM head): the packed forwards' LM head builds the
   hidden-state gradient of each token's log-probability in its forward (`align/head_grad.py`): two
-  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU; on
-  a GPU once measured there (benchmarks/README.md).
+  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU. Not
+  on a GPU: there the head alone ran 1.30x (1B) / 1.43x (8B) faster, but whole 1B steps did not gain beyond the
+  run-to-run spread (SFT +1%, DPO +4%, QLoRA -20%; benchmarks/README.md).
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora` on a CUDA GPU
-(`torch_nf4` and `head_grad` join it once measured on a GPU) and `padding_free,shared_prompt,head_grad` on a CPU
+`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a CUDA GPU
+and `padding_free,shared_prompt,head_grad` on a CPU
 (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same losses); `compile` and `lean` come with it only on
 one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
 that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
@@ -77,7 +79,7 @@ logger = logging.getLogger("align")
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
            "head_grad", "non_blocking")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora")
+AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = "align_segments"  # the attention implementation registered for padding_free / shared_prompt
 _STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm")}

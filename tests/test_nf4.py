@@ -42,7 +42,7 @@ def _model(tiny_llama, torch_nf4):
 
 def _step(model, ids):
     model.zero_grad()
-    logits = model(input_ids=ids).logits.float()
+    logits = model(input_ids=ids.to(model.device)).logits.float()
     logits.square().mean().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -65,8 +65,8 @@ def test_compiled_4bit_layers_trace_the_dequantization(tiny_llama):
     the compiled forward saves about what bitsandbytes' own eager forward saves."""
     from torch._dynamo.utils import counters
 
-    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     plain = _model(tiny_llama, False)
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1)).to(plain.device)
     saved_bnb = saved_activations.saved_activation_mib(plain, lambda: plain(input_ids=ids).logits)
     model = _model(tiny_llama, True)
     want, want_grads = _step(model, ids)

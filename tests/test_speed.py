@@ -104,21 +104,21 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model_args = SimpleNamespace(load_in_4bit=True)
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
-    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora")
+    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
     assert speed.resolve("auto", "sft", model_args, one) == full
     assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt",) + full[1:]
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == ("padding_free", "kbit_bf16", "fused_lora")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
-        "padding_free", "compile", "kbit_bf16", "fused_lora")
-    # named, not in auto (not yet measured on a GPU); each left out where it cannot act
-    assert speed.resolve("auto,torch_nf4,head_grad", "sft", model_args, one) == full + ("torch_nf4", "head_grad")
-    assert speed.resolve("auto,torch_nf4", "sft", SimpleNamespace(load_in_4bit=False), one) == (
+        "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4")
+    # torch_nf4 (in auto) only on a 4-bit base with compile; head_grad named (not in a GPU's auto)
+    assert speed.resolve("auto,head_grad", "sft", model_args, one) == full + ("head_grad",)
+    assert speed.resolve("auto", "sft", SimpleNamespace(load_in_4bit=False), one) == (
         "padding_free", "compile", "lean", "fused_lora")
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
-    assert speed.resolve("auto,head_grad", "rm", model_args, one) == ("shared_prompt", "compile", "lean", "kbit_bf16",
-                                                                       "fused_lora")  # no LM head in a reward model
+    assert speed.resolve("auto,head_grad", "rm", model_args, one) == (
+        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")  # no LM head in a reward model
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
 

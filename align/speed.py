@@ -186,13 +186,11 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         # policy must be scored the same way for the step-0 loss to stay exactly log 2
         logger.info("speedups: shared_prompt left out (sharded LM head or precomputed reference log-probs)")
         segments.remove("shared_prompt")
-    if segments and model.config._attn_implementation not in ("sdpa", "eager", ATTENTION):
-        # flash attention packs by itself (TRL passes cu_seq_lens); it has no shared-prompt layout
-        logger.info("speedups: %s attention kept; shared_prompt left out", model.config._attn_implementation)
-        segments = []
-    elif segments and not supports_segment_attention(model.config):
-        # padding-free batches still train correctly: transformers builds the packed block-diagonal mask
-        logger.info("speedups: segment attention left out (sliding window, softcap or MoE); shared_prompt off")
+    # flash attention packs by itself (TRL passes cu_seq_lens) but has no shared-prompt layout; without segment
+    # attention, padding-free batches still train correctly (transformers builds the packed block-diagonal mask)
+    why = segments and segment_attention_blocker(model)
+    if why:
+        logger.info("speedups: segment attention left out (%s); shared_prompt off", why)
         segments = []
     if segments:
         use_segment_attention(model)
@@ -517,6 +515,19 @@ def supports_segment_attention(config) -> bool:
         return False
     scales = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")  # TRL's head applies them
     return all(getattr(text, k, None) in (None, 1.0) for k in scales) and not hasattr(text, "num_experts_per_tok")
+
+
+def segment_attention_blocker(model, kinds=("sdpa", "eager")) -> str | None:
+    """Why `model` (a transformers causal LM) cannot switch to segment attention, or None when it can: its
+    attention must be one of `kinds` (or segment attention already) and plain causal (`supports_segment_attention`)."""
+    impl = model.config._attn_implementation
+    if impl == ATTENTION:
+        return None
+    if impl not in kinds:
+        return f"{impl} attention kept"
+    if not supports_segment_attention(model.config):
+        return "sliding window, softcap or MoE"
+    return None
 
 
 def use_segment_attention(model) -> None:

@@ -196,12 +196,9 @@ def packed_scoring_supported(model) -> bool:
     from align import speed
 
     base = speed._causal_lm(model)
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(base, "set_attn_implementation"):
+    if getattr(base, "config", None) is None or not hasattr(base, "set_attn_implementation"):
         return False
-    if config._attn_implementation == speed.ATTENTION:
-        return True
-    if config._attn_implementation != "sdpa" or not speed.supports_segment_attention(config):
+    if speed.segment_attention_blocker(base, kinds=("sdpa",)):
         return False
     speed.use_segment_attention(base)
     return True

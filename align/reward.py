@@ -73,17 +73,20 @@ class RewardScorer:
 
     @torch.no_grad()
     def score_ids(self, batch_ids: list[list[int]]) -> torch.Tensor:
-        """Scores of already tokenized sequences (right-padded here)."""
+        """Scores of already tokenized sequences, in their order. Batches are formed from sequences of similar
+        length (sorted, longest first) and right-padded, so little padding is computed."""
         device = next(self.model.parameters()).device
-        out = []
-        for i in range(0, len(batch_ids), self.batch_size):
-            chunk = batch_ids[i : i + self.batch_size]
+        pad = self.tokenizer.pad_token_id
+        order = sorted(range(len(batch_ids)), key=lambda i: -len(batch_ids[i]))
+        scores = torch.empty(len(batch_ids))
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            chunk = [batch_ids[i] for i in rows]
             width = max(len(x) for x in chunk)
-            pad = self.tokenizer.pad_token_id
             ids = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
-            out.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+            scores[rows] = self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu()
+        return scores
 
     def score(self, prompts, responses: list[str]) -> torch.Tensor:
         if len(prompts) != len(responses):

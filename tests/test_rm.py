@@ -105,3 +105,24 @@ def test_reward_stage_takes_speedups_and_keeps_the_losses(tiny_llama, preference
     # train batches (4, or 5 with the loader's one ahead) and eval batches, each planned once in the collator
     assert calls["plan"] >= 4 + 2 and calls["layout"] == calls["plan"]
     assert calls["packed"] >= 4 + 2  # and every forward of the shared_prompt run was a packed one
+
+
+def test_scorer_batches_similar_lengths_and_keeps_the_input_order():
+    """score_ids forms batches of similar lengths (less padding computed) and returns scores in input order."""
+    from types import SimpleNamespace
+
+    class SumOfTokens(torch.nn.Module):  # a stand-in reward model: score = sum of unmasked ids; records widths
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.shapes = []
+
+        def forward(self, input_ids, attention_mask):
+            self.shapes.append(tuple(input_ids.shape))
+            return SimpleNamespace(logits=(input_ids * attention_mask).sum(1, keepdim=True).float())
+
+    seqs = [[1] * 2, [2] * 9, [3] * 3, [4] * 8, [5] * 1, [6] * 7]
+    model = SumOfTokens()
+    scores = RewardScorer(model, SimpleNamespace(pad_token_id=0), batch_size=2).score_ids(seqs)
+    assert scores.tolist() == [float(sum(s)) for s in seqs]
+    assert model.shapes == [(2, 9), (2, 7), (2, 2)]  # in input order the batches would be 2x9, 2x8, 2x7

@@ -466,7 +466,25 @@ def test_report_from_saved_results(tmp_path):
     assert "25.000 (Δbase +5.000, Δfull -5.000)" in sft_row  # perplexity: reported, never flagged
     assert "**0.555 (Δbase -0.045, Δfull -0.015)** ⚠" in sft_row  # general average
     assert "0.800" in sft_row and "0.625" in sft_row  # preference accuracy and win rate in the same table
-    assert "`sft`: average drop +0.045" in md and "exceeds" in md
+    assert "`sft`: average drop +0.045 over 2 general tasks" in md and "exceeds" in md  # no stderr for every task
+    # with every task's standard error: the average drop's, and whether it is within noise
+    saved = saved_results()
+    for model, ses in (("base", (0.05, 0.04)), ("sft", (0.05, 0.04))):
+        saved["scores"][model]["arc"]["acc_norm_stderr"], saved["scores"][model]["piqa"]["acc_stderr"] = ses
+    se = (2 * 0.05**2 + 2 * 0.04**2) ** 0.5 / 2
+    saved["settings"] = {"limit": 20}
+    path.write_text(json.dumps(saved))
+    assert evaluate.main(["--report_from", str(path), "--output_dir", str(tmp_path / "r2")]) == 0
+    md2 = (tmp_path / "r2" / "report.md").read_text()
+    assert f"threshold 0.02); standard error {se:.3f}, so within noise of no change" in md2
+    assert "At most 20 examples per task (`--limit`): one example moves a task's score by 0.050" in md2
+    assert "examples per task" not in md  # no limit given
+    saved["scores"]["base"]["arc"]["acc_norm_stderr"] = saved["scores"]["sft"]["arc"]["acc_norm_stderr"] = 0.001
+    saved["scores"]["base"]["piqa"]["acc_stderr"] = saved["scores"]["sft"]["piqa"]["acc_stderr"] = 0.001
+    path.write_text(json.dumps(saved))
+    assert evaluate.main(["--report_from", str(path), "--output_dir", str(tmp_path / "r3")]) == 0
+    md3 = (tmp_path / "r3" / "report.md").read_text()
+    assert "threshold 0.02); standard error 0.001; largest drop" in md3
     assert "![Training curves: sft](plots/training_sft.png)" in md
     assert (tmp_path / "r" / "plots" / "general_suite.png").stat().st_size > 1000
     html = (tmp_path / "r" / "report.html").read_text()

@@ -236,15 +236,40 @@ def _header_lines(results: dict) -> list[str]:
                  + (f"; full fine-tune: `{results['full']}`." if results.get("full") else "; no full fine-tune."))
     lines.append(f"{FLAG} marks a general-suite drop of more than {results.get('forgetting_threshold', 0.02):g} "
                  "against the baseline.")
+    limit = (results.get("settings") or {}).get("limit")
+    if limit:
+        lines.append(f"At most {limit} examples per task (`--limit`): one example moves a task's score by "
+                     f"{1 / limit:.3f}; each score's standard error is in results.json.")
     return lines
+
+
+def average_drop_stderr(results: dict, name: str, tasks) -> float | None:
+    """Standard error of `name`'s average general-suite drop against the baseline: the per-task standard errors of
+    both models combined as independent (an upper bound: both saw the same examples); None when one is missing."""
+    metric = {t["name"]: t.get("metric") for t in (results.get("suite") or {}).get("tasks", [])}
+    scores = results.get("scores") or {}
+    variance = 0.0
+    for task in tasks:
+        for model in (results.get("baseline"), name):
+            se = ((scores.get(model) or {}).get(task) or {}).get(f"{metric.get(task)}_stderr")
+            if se is None:
+                return None
+            variance += float(se) ** 2
+    return math.sqrt(variance) / len(tasks) if tasks else None
 
 
 def _forgetting_lines(results: dict) -> list[str]:
     out = []
     for name, f in (results.get("forgetting") or {}).items():
         verdict = f"{FLAG} exceeds" if f["exceeded"] else "within"
+        se = average_drop_stderr(results, name, list(f["drops"]))
+        noise = ""
+        if se is not None:
+            noise = f"; standard error {se:.3f}"
+            if abs(f["average_drop"]) < 2 * se:
+                noise += ", so within noise of no change (more examples per task would tell)"
         out.append(f"`{name}`: average drop {_fmt(f['average_drop'], True)} over {len(f['drops'])} general tasks "
-                   f"({verdict} the threshold {f['threshold']:g}); largest drop: {f['worst_task']} "
+                   f"({verdict} the threshold {f['threshold']:g}){noise}; largest drop: {f['worst_task']} "
                    f"({_fmt(f['drops'][f['worst_task']], True)})")
     return out
 

@@ -477,6 +477,22 @@ def compare(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def median_run(repeats: list[dict]) -> dict:
+    """One path's repeats as one run: the repeat with the median tokens/s (its losses, memory and profile), with
+    every repeat's tokens/s and the spread ((max - min) / median) recorded; a failed repeat fails the run."""
+    if len(repeats) == 1:
+        return repeats[0]
+    failed = next((r for r in repeats if "error" in r), None)
+    if failed:
+        return failed
+    ordered = sorted(repeats, key=lambda r: r["tokens_per_s"])
+    run = dict(ordered[(len(ordered) - 1) // 2])
+    values = [r["tokens_per_s"] for r in repeats]
+    run.update(repeats_tokens_per_s=values, repeat_spread=(max(values) - min(values)) / run["tokens_per_s"],
+               wall_s=round(sum(r["wall_s"] for r in repeats), 1))
+    return run
+
+
 def _rows(r):
     """Rows of the run's data: recorded, else implied by its number of logged steps (one batch per step)."""
     return r.get("rows") or len(r.get("losses", []))
@@ -487,7 +503,8 @@ def _summary(r):
         return None
     if "error" in r:
         return {"error": r["error"][-500:]}
-    return {k: r.get(k) for k in ("tokens_per_s", "step_s_mean", "peak_allocated_gib", "peak_reserved_gib")}
+    return {k: r.get(k) for k in ("tokens_per_s", "step_s_mean", "peak_allocated_gib", "peak_reserved_gib",
+                                  "repeats_tokens_per_s", "repeat_spread")}
 
 
 def _f(x, fmt):
@@ -511,7 +528,9 @@ def markdown(result: dict) -> str:
     ]
     for row in result["comparisons"]:
         s, a = row["stock"] or {"error": "not run"}, row["other"] or {}
-        tps = lambda d: "error" if "error" in d else _f(d.get("tokens_per_s"), ",.0f")
+        tps = lambda d: "error" if "error" in d else _f(d.get("tokens_per_s"), ",.0f") + (
+            f" (median of {len(d['repeats_tokens_per_s'])}, spread {d['repeat_spread']:.0%})"
+            if d.get("repeats_tokens_per_s") else "")
         peak = lambda d: "error" if "error" in d else (
             f"{_f(d.get('peak_allocated_gib'), '.1f')} ({_f(d.get('peak_reserved_gib'), '.1f')})")
         lines.append(
@@ -581,6 +600,8 @@ def main(argv=None):
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved across paths; the "
+                    "median (lower middle) is reported with every repeat's tokens/s and their spread")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per worker process")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
@@ -617,7 +638,8 @@ def main(argv=None):
         if args.seq:
             shape_cfg.update(seq=args.seq, prompt=args.seq // 2, completion=args.seq - args.seq // 2)
         rows_per_step = shape_cfg["batch" if case.startswith("sft") else "pairs"]
-        for path in paths:
+        repeated = {}
+        for path in [p for _ in range(args.repeats) for p in paths]:  # interleaved: stock, align, stock, align...
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
             spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
@@ -633,7 +655,8 @@ def main(argv=None):
                 f"{r['tokens_per_s']:,.0f} tok/s, peak {_f(r.get('peak_allocated_gib'), '.1f')} GiB, "
                 f"losses {[round(x, 4) for x in r['losses'][:4]]}")
             print(f"[throughput] {shape} {case} {path}: {msg} ({r['wall_s']} s)", flush=True)
-            runs.append(r)
+            repeated.setdefault(path, []).append(r)
+        runs += [median_run(rs) for rs in repeated.values()]
 
     if args.merge and not runs:
         with open(args.merge[0]) as fh:

@@ -783,3 +783,22 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if want_grads is not None:
         assert_same_grads(got_grads, want_grads)
+
+
+def test_throughput_repeats_report_the_median_run_and_the_spread():
+    """`--repeats`: a path's runs become the run with the median tokens/s (its own losses and memory), with every
+    repeat's tokens/s and the spread; one failed repeat fails the path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    runs = [dict(path="align", tokens_per_s=t, peak_allocated_gib=g, wall_s=10.0)
+            for t, g in ((90.0, 1.0), (120.0, 2.0), (100.0, 3.0))]
+    run = throughput.median_run(runs)
+    assert run["tokens_per_s"] == 100.0 and run["peak_allocated_gib"] == 3.0  # the median run, whole
+    assert run["repeats_tokens_per_s"] == [90.0, 120.0, 100.0] and run["repeat_spread"] == pytest.approx(0.3)
+    assert run["wall_s"] == 30.0
+    assert throughput.median_run(runs[:2])["tokens_per_s"] == 90.0  # an even count takes the lower middle
+    assert "error" in throughput.median_run(runs + [dict(path="align", error="boom", wall_s=1.0)])
+    assert throughput.median_run(runs[:1]) is runs[0]

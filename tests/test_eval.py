@@ -467,6 +467,7 @@ def test_report_from_saved_results(tmp_path):
     assert "**0.555 (Δbase -0.045, Δfull -0.015)** ⚠" in sft_row  # general average
     assert "0.800" in sft_row and "0.625" in sft_row  # preference accuracy and win rate in the same table
     assert "`sft`: average drop +0.045 over 2 general tasks" in md and "exceeds" in md  # no stderr for every task
+    assert "| 0.800 | 10 | standard error 0.126, margin +0.300" in md  # sqrt(0.8 * 0.2 / 10)
     # with every task's standard error: the average drop's, and whether it is within noise
     saved = saved_results()
     for model, ses in (("base", (0.05, 0.04)), ("sft", (0.05, 0.04))):

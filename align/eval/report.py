@@ -274,14 +274,23 @@ def _forgetting_lines(results: dict) -> list[str]:
     return out
 
 
+def _accuracy_stderr(accuracy: float, n: int) -> str:
+    """The binomial standard error of an accuracy over `n` pairs, as report text."""
+    return f"standard error {math.sqrt(accuracy * (1 - accuracy) / n):.3f}" if n else ""
+
+
 def _preference_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, p in (results.get("preference") or {}).items():
         if "implicit_reward_accuracy" in p:
-            rows.append([name, "implicit reward accuracy (DPO)", _fmt(p["implicit_reward_accuracy"]), str(p["n"]),
-                         f"margin {_fmt(p['reward_margin'], True)}, beta {p['beta']:g}, reference {p['reference']}"])
+            acc = p["implicit_reward_accuracy"]
+            rows.append([name, "implicit reward accuracy (DPO)", _fmt(acc), str(p["n"]),
+                         f"{_accuracy_stderr(acc, p['n'])}, margin {_fmt(p['reward_margin'], True)}, "
+                         f"beta {p['beta']:g}, reference {p['reference']}"])
         else:
-            rows.append([name, "pairwise accuracy (reward model)", _fmt(p["pairwise_accuracy"]), str(p["n"]), ""])
+            acc = p["pairwise_accuracy"]
+            rows.append([name, "pairwise accuracy (reward model)", _fmt(acc), str(p["n"]),
+                         _accuracy_stderr(acc, p["n"])])
     return rows
 
 

@@ -46,7 +46,7 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
-    from align import speed
+    from align import fused_lora, speed
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(num_hidden_layers=layers, **LLAMA_1B)
@@ -55,7 +55,7 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what TRL's SFTTrainer installs
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     if fused:
-        speed.use_fused_lora(model)
+        fused_lora.use_fused_lora(model)
     if compiled:
         speed.compile_layers(model.get_base_model())
     model.train()

@@ -89,7 +89,7 @@ def test_shared_contexts_are_scored_in_packed_rows(tiny_lm, tokenizer, monkeypat
     """The options of a question share its context: they are scored in packed rows (the context once, several
     questions per row, no padding) with the log-likelihoods and greedy flags of the padded batches to 1e-5; pairs
     without a shared context, and pairs the window truncates, go the padded way."""
-    from align import speed
+    from align import packed_attention
 
     pairs = [(it["query"], " " + c) for it in MC_ITEMS for c in it["choices"]]
     pairs += [("A lone context", " with its one continuation")]  # nothing shared
@@ -102,7 +102,7 @@ def test_shared_contexts_are_scored_in_packed_rows(tiny_lm, tokenizer, monkeypat
     monkeypatch.setattr(packed, "_batch_logprobs", lambda r, k: padded.append(len(r)) or real_batch(r, k))
     got = packed.loglikelihood(pairs)
     assert sum(rows) == 3 and len(rows) >= 2 and padded == [1]  # 3 questions in rows of <= 40 tokens; the lone pair
-    assert speed._layout is None
+    assert packed_attention._layout is None
     for g, w in zip(got, want):
         assert g.logprob == pytest.approx(w.logprob, abs=1e-5) and (g.greedy, g.n_tokens) == (w.greedy, w.n_tokens)
     assert len({round(g.logprob, 3) for g in got}) == len(got)  # every option scored on its own

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
-from align import speed
+from align import fused_lora, packed_attention, speed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -24,7 +24,7 @@ VOCAB = 300
 @pytest.fixture(autouse=True)
 def _plain_attention_afterwards():
     yield
-    speed.set_layout(None)
+    packed_attention.set_layout(None)
 
 
 def tiny_lora_model(outputs=("log_probs",)):
@@ -148,7 +148,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, head_grad, monkeypatc
     want, want_grads = want.item(), grads(peft_model)
     peft_model.zero_grad()
 
-    speed.use_segment_attention(model)
+    packed_attention.use_segment_attention(model)
     speed._wrap_forward(model, functools.partial(speed._packed_sample_forward, head_grad=head_grad))
     heads = []
     real_head = speed.fused_head
@@ -159,7 +159,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, head_grad, monkeypatc
     for kwargs in ({}, {speed.PLAN_KEY: plan}):
         loss = peft_model(**packed, **kwargs, fused_lm_head=True).loss
         loss.backward()
-        assert [s[:2] for s in speed._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1]))
+        assert [s[:2] for s in packed_attention._layout] == [(sum(lengths[:i]), sum(lengths[:i + 1]))
                                                   for i in range(len(lengths))]
         assert loss.item() == pytest.approx(want, abs=1e-5)
         assert_same_grads(grads(peft_model), want_grads)
@@ -178,7 +178,7 @@ def test_padding_free_batch_gives_the_padded_loss(lengths, head_grad, monkeypatc
     with pytest.raises(RuntimeError, match="labels differ from its host plan"):
         peft_model(**wrong, **{speed.PLAN_KEY: plan}, fused_lm_head=True)
     peft_model(**padded, fused_lm_head=True)  # a padded batch through the same model still gets its mask
-    assert speed._layout is None
+    assert packed_attention._layout is None
 
 
 def pair_batch(prompts=(5, 3), chosen=(4, 6), rejected=(2, 5), same_prompt=True):
@@ -217,11 +217,11 @@ def test_shared_prompt_row_gives_the_pair_log_probs(head_grad):
         return out, ref, grads(peft_model)
 
     want, want_ref, want_grads = run()
-    speed.use_segment_attention(model)
+    packed_attention.use_segment_attention(model)
     speed._wrap_forward(model, functools.partial(speed._shared_prompt_forward, head_grad=head_grad))
     got, got_ref, got_grads = run()
     # one row: prompt 5 + chosen 4 + rejected 2, then prompt 3 + chosen 6 + rejected 5 (instead of 4 rows of 11)
-    assert speed._layout_len == 25 and len(speed._layout) == 4
+    assert packed_attention._layout_len == 25 and len(packed_attention._layout) == 4
     for name in outputs:
         torch.testing.assert_close(getattr(got, name).float(), getattr(want, name).float(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_ref, want_ref, atol=1e-5, rtol=1e-5)
@@ -237,7 +237,7 @@ def test_shared_prompt_leaves_other_batches_alone():
     other = pair_batch(same_prompt=False)
     assert speed.pair_layout(**other) is None
     want = peft_model(**other, fused_lm_head=True).log_probs
-    speed.use_segment_attention(model)
+    packed_attention.use_segment_attention(model)
     speed._wrap_forward(model, speed._shared_prompt_forward)
     torch.testing.assert_close(peft_model(**other, fused_lm_head=True).log_probs, want, atol=1e-6, rtol=1e-6)
 
@@ -290,11 +290,11 @@ def test_reward_pairs_row_gives_the_padded_scores():
 
     want, want_grads = run()
     assert any("score" in k for k in want_grads) and any("lora_B" in k for k in want_grads)
-    speed.use_segment_attention(model)
+    packed_attention.use_segment_attention(model)
     speed._wrap_forward(model, speed._reward_pair_forward, fused_head_only=False)
     got, got_grads = run()
     # 7 + 2, 9 + 0, 3 + 0, 4 + 6, 5 + 2 tokens instead of 10 rows of 9
-    assert speed._layout_len == 38 and len(speed._layout) == 8
+    assert packed_attention._layout_len == 38 and len(packed_attention._layout) == 8
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert_same_grads(got_grads, want_grads)
     packed, pos, segments, pool = speed.reward_pair_layout(batch["input_ids"], batch["attention_mask"], 0)
@@ -320,7 +320,7 @@ def test_reward_pairs_leave_other_batches_alone():
     left = dict(input_ids=ids.flip(1), attention_mask=mask.flip(1))
     with torch.no_grad():
         want = peft_model(**left).logits
-        speed.use_segment_attention(model)
+        packed_attention.use_segment_attention(model)
         speed._wrap_forward(model, speed._reward_pair_forward, fused_head_only=False)
         torch.testing.assert_close(peft_model(**left).logits, want, atol=1e-6, rtol=1e-6)
 
@@ -472,7 +472,7 @@ def test_throughput_benchmark_runs_both_paths(tmp_path):
 def _lora_forward_and_grads(peft_model, ids, fused: bool):
     model = peft_model
     if fused:
-        assert speed.use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
+        assert fused_lora.use_fused_lora(model) == 14  # 7 linear layers x 2 decoder layers
     out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
     out.sum().backward()
     g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -529,7 +529,7 @@ def test_fused_lora_makes_no_fp32_copy_of_the_activations():
             if "lora_" not in n:
                 p.data = p.data.to(torch.bfloat16)  # bf16 base, fp32 LoRA weights: PEFT's default
         if fused:
-            speed.use_fused_lora(peft_model)
+            fused_lora.use_fused_lora(peft_model)
         counter = FP32Copies(min_numel=ids.numel() * 64)  # one layer input: tokens x hidden
         with torch.autocast("cpu", dtype=torch.bfloat16), counter:
             outs[fused] = peft_model(input_ids=ids).logits.float()
@@ -552,7 +552,7 @@ def test_fused_lora_leaves_lora_bias_and_dora_to_peft():
             m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                 init_lora_weights=False, **extra))
             models.append(m)
-        assert speed.use_fused_lora(models[1]) == 7
+        assert fused_lora.use_fused_lora(models[1]) == 7
         with torch.no_grad():
             torch.testing.assert_close(models[1](input_ids=ids).logits, models[0](input_ids=ids).logits)
 
@@ -573,7 +573,7 @@ def test_compiled_layers_with_fused_lora_match_eager_peft(budget):
             torch._dynamo.reset()
             base, model = tiny_lora_model()
             if fast:
-                speed.use_fused_lora(model)
+                fused_lora.use_fused_lora(model)
                 speed.compile_layers(base, memory_budget=b)
             model(input_ids=ids, labels=ids, fused_lm_head=True)  # compile before counting
             model.zero_grad()
@@ -605,7 +605,7 @@ def test_fused_lora_dropout_saves_a_mask_not_a_copy():
     x = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(4, 16, requires_grad=True)
     torch.manual_seed(7)
-    out = speed._DropoutLinear.apply(x, w, 0.25)
+    out = fused_lora._DropoutLinear.apply(x, w, 0.25)
     out.square().sum().backward()
     got = (out.detach(), x.grad.clone(), w.grad.clone())
     x.grad = w.grad = None
@@ -624,7 +624,7 @@ def test_fused_lora_dropout_saves_a_mask_not_a_copy():
         base = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
         if fused:
-            speed.use_fused_lora(model)
+            fused_lora.use_fused_lora(model)
         model.train()
         ids = torch.randint(0, VOCAB, (4, 128))
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -659,7 +659,7 @@ def test_fused_lora_on_a_4bit_base_is_as_close_to_fp32_as_peft(tiny_llama, kbit_
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.05)
         if fused:
-            assert speed.use_fused_lora(model) > 0
+            assert fused_lora.use_fused_lora(model) > 0
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=ids).logits.float()
         logits.square().mean().backward()
@@ -750,10 +750,10 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
     else:
         plain = batch = pair_batch()
         forward = speed._shared_prompt_forward
-        monkeypatch.setattr(speed, "_varlen", _cpu_varlen_op)
-        monkeypatch.setattr(speed, "_varlen_device", lambda device: True)
-        monkeypatch.setattr(speed, "_VARLEN_DTYPES", (torch.float32,))
-        monkeypatch.setattr(speed, "_varlen_fns", None)
+        monkeypatch.setattr(packed_attention, "_varlen", _cpu_varlen_op)
+        monkeypatch.setattr(packed_attention, "_varlen_device", lambda device: True)
+        monkeypatch.setattr(packed_attention, "_VARLEN_DTYPES", (torch.float32,))
+        monkeypatch.setattr(packed_attention, "_varlen_fns", None)
 
     def run(inputs):
         peft_model.zero_grad()
@@ -765,7 +765,7 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
         return out.loss.detach(), grads(peft_model)
 
     want, want_grads = run(plain)
-    speed.use_segment_attention(model)
+    packed_attention.use_segment_attention(model)
     speed._wrap_forward(model, forward)
     try:
         torch._dynamo.reset()
@@ -779,7 +779,7 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
         torch._dynamo.reset()
     assert breaks == {}, breaks
     assert frames >= 1
-    assert speed.packed_attention_kwargs(torch.device("cpu"))  # the forward ran from the layers' arguments
+    assert packed_attention.packed_attention_kwargs(torch.device("cpu"))  # the forward ran from the layers' arguments
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if want_grads is not None:
         assert_same_grads(got_grads, want_grads)

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from align import speed
+from align import packed_attention, speed
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,13 +56,13 @@ def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_call
     g = torch.randn(1, t, 32, 64, device="cuda", dtype=torch.bfloat16)
     results = {}
     for use in (True, False):
-        speed._use_varlen = use
-        speed.set_layout(layout, t)
-        out, _ = speed.segment_attention(None, q, k, v, None, scaling=64 ** -0.5)
+        packed_attention._use_varlen = use
+        packed_attention.set_layout(layout, t)
+        out, _ = packed_attention.segment_attention(None, q, k, v, None, scaling=64 ** -0.5)
         grads = torch.autograd.grad(out, (q, k, v), g)
         results[use] = (out.float(), [x.float() for x in grads])
-    speed._use_varlen = True
-    speed.set_layout(None)
+    packed_attention._use_varlen = True
+    packed_attention.set_layout(None)
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     ref = dense_reference(q32, k32, v32, layout)
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())

@@ -127,7 +127,7 @@ class LogLikelihoodScorer:
     def _packed_row(self, units: list[tuple[list[int], list[int]]], pairs, out: list) -> None:
         """One packed row: per unit its context, then each continuation's input tokens (all but the last) at the
         positions after the context, attending to the context and to themselves."""
-        from align import speed
+        from align import packed_attention
 
         ids, pos, segments, pred_rows, spans = [], [], [], [], []
         for ctx, idx in units:
@@ -147,17 +147,17 @@ class LogLikelihoodScorer:
                 spans.append((i, first, len(pred_rows)))
         device = model_device(self.model)
         rows = torch.tensor(pred_rows, device=device)
-        speed.set_layout(segments, len(ids))
+        packed_attention.set_layout(segments, len(ids))
         inputs = dict(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                      use_cache=False, **speed.packed_attention_kwargs(device))
+                      use_cache=False, **packed_attention.packed_attention_kwargs(device))
         try:
-            with speed._no_mask_building():
+            with packed_attention.no_mask_building():
                 try:
                     logits = self.model(**inputs, logits_to_keep=rows).logits[0]
                 except TypeError:  # a model without `logits_to_keep`
                     logits = self.model(**inputs).logits[0, rows]
         finally:
-            speed.set_layout(None)
+            packed_attention.set_layout(None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for i, a, b in spans:
             out[i] = _likelihood(logprobs[a:b], pairs[i][1])
@@ -193,14 +193,14 @@ def _likelihood(lp: torch.Tensor, cont: list[int]) -> LogLikelihood:
 def packed_scoring_supported(model) -> bool:
     """Whether `model` can score packed rows: a transformers causal LM with SDPA attention and plain causal
     self-attention (switched here to align's segment attention, which is SDPA whenever no layout is set)."""
-    from align import speed
+    from align import packed_attention, speed
 
     base = speed._causal_lm(model)
     if getattr(base, "config", None) is None or not hasattr(base, "set_attn_implementation"):
         return False
-    if speed.segment_attention_blocker(base, kinds=("sdpa",)):
+    if packed_attention.segment_attention_blocker(base, kinds=("sdpa",)):
         return False
-    speed.use_segment_attention(base)
+    packed_attention.use_segment_attention(base)
     return True
 
 

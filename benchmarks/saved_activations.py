@@ -41,7 +41,8 @@ def qkv_saving_attention(module, query, key, value, attention_mask, **kwargs):
                       **kwargs)
 
 
-def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: bool = False) -> float:
+def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: bool = False,
+              memory_budget: float | None = None) -> float:
     import transformers
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -57,7 +58,8 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
     if fused:
         fused_lora.use_fused_lora(model)
     if compiled:
-        speed.compile_layers(model.get_base_model())
+        torch._dynamo.reset()  # the layers of every model share one code object: compile afresh for this budget
+        speed.compile_layers(model.get_base_model(), memory_budget=memory_budget)
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -89,14 +91,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--lean_budgets", default=None, help="comma list: instead of the four paths, `compile,fused_lora` "
+                   "with `lean` at each budget (and without lean), dropout 0; writes saved_activations_lean_cpu.json")
     args = p.parse_args(argv)
     runs = []
-    paths = {"stock PEFT": (False, False), "align fused_lora": (True, False), "align compile": (False, True),
-             "align compile,fused_lora": (True, True)}
-    for dropout in (0.0, 0.05):
-        for path, (fused, compiled) in paths.items():
+    paths = {"stock PEFT": (False, False, None), "align fused_lora": (True, False, None),
+             "align compile": (False, True, None), "align compile,fused_lora": (True, True, None)}
+    dropouts = (0.0, 0.05)
+    if args.lean_budgets:
+        paths = {"stock PEFT": (False, False, None), "align compile,fused_lora": (True, True, None), **{
+            f"align compile,fused_lora,lean@{b}": (True, True, float(b)) for b in args.lean_budgets.split(",")}}
+        dropouts = (0.0,)
+    for dropout in dropouts:
+        for path, (fused, compiled, budget) in paths.items():
             t0 = time.time()
-            one, two = (saved_mib(n, args.tokens, dropout, fused, compiled) for n in (1, 2))
+            one, two = (saved_mib(n, args.tokens, dropout, fused, compiled, budget) for n in (1, 2))
             run = {"path": path, "lora_dropout": dropout,
                    "per_layer_mib": round(two - one, 2), "outside_layers_mib": round(2 * one - two, 2),
                    "16_layers_gib": round((2 * one - two + 16 * (two - one)) / 1024, 3)}
@@ -115,7 +124,7 @@ def main(argv=None) -> int:
                                "attention saves q, k, v as flash attention does on a GPU)"},
               "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "saved_activations_cpu.json")
+    path = os.path.join(args.out, "saved_activations_lean_cpu.json" if args.lean_budgets else "saved_activations_cpu.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh, indent=2)

@@ -165,7 +165,7 @@ def trainer_args(spec: dict, out: str, cuda: bool):
     pairs = stage(spec) != "sft"
     shape = spec["shape_cfg"]
     common = dict(
-        output_dir=out, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0), per_device_train_batch_size=shape[
+        output_dir=out, max_steps=spec["warmup"] + spec["steps"] + spec.get("profile_steps", 0) + bool(spec.get("memory_step")), per_device_train_batch_size=shape[
             "pairs" if pairs else "batch"], gradient_accumulation_steps=1, learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to="none",
         # window timing: one log line at the end of the timed steps (a log line reads the loss on the host)
@@ -299,6 +299,9 @@ def worker(spec: dict) -> dict:
                             stack=spec.get("profile_stack", False))
     if profiler.steps:
         trainer.add_callback(profiler.callback())
+    memory = {}
+    if spec.get("memory_step") and cuda:  # the step after the timed (and profiled) ones
+        trainer.add_callback(memory_step_callback(torch, spec["warmup"] + spec["steps"] + profiler.steps, memory))
     setup_s = time.perf_counter() - t0
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -320,6 +323,7 @@ def worker(spec: dict) -> dict:
         versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__,
                       peft=__import__("peft").__version__),
         profile=profiler.summary(meter) if profiler.steps else None,
+        memory_step=memory or None,
         dynamo=_dynamo_counters(),
     )
 
@@ -342,6 +346,26 @@ PROFILE_CATEGORIES = (
     ("4-bit dequantize", r"dequant|kgemm_4bit|bnb"),
     ("elementwise / reduce", r"elementwise|vectorized|reduce|unrolled|softmax|norm|silu|mul|add|cat|index|rsqrt|pow|mean"),
 )
+
+
+def memory_step_callback(torch, step: int, out: dict):
+    """A trainer callback that records the allocator history of optimizer step `step` (0-based) into `out`
+    (`memory_peak.summarize`: the step's peak and what holds it)."""
+    import memory_peak
+    from transformers import TrainerCallback
+
+    rec = memory_peak.Recorder(torch)
+
+    class _CB(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == step and not out:
+                rec.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == step + 1 and not out:
+                out.update(rec.stop())
+
+    return _CB()
 
 
 class StepProfiler:
@@ -554,6 +578,14 @@ def markdown(result: dict) -> str:
                 leaves = "; ".join(f"{x['frame']} {x['ms_per_step']:.1f}" for x in g["by_leaf"][:6])
                 lines.append(f"  - GPU waiting for the CPU {g['cpu_bound_idle_ms_per_step']:.1f} ms per step, issued "
                              f"from: {leaves}")
+    recorded = [r for r in result["runs"] if r.get("memory_step")]
+    if recorded:
+        lines += ["", "What holds a step's peak (`--memory_step`: the allocator history of one step after the timed "
+                  "ones; GiB live at its peak by the code that allocated them, beyond what was live before it):", ""]
+        for r in recorded:
+            m = r["memory_step"]
+            sites = "; ".join(f"{s} {g:.2f}" for s, g in m["by_site"][:8])
+            lines.append(f"- {key(r)}: peak {m['peak_gib']:.2f} GiB, {m['before_gib']:.2f} before the step: {sites}")
     errors = [r for r in result["runs"] if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {key(r)}: {r['error'][-300:]!r}" for r in errors]
@@ -600,6 +632,8 @@ def main(argv=None):
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
+    ap.add_argument("--memory_step", action="store_true", help="CUDA: record the allocator history of one more step "
+                    "after the timed ones and report what holds its peak (benchmarks/memory_peak.py)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved across paths; the "
                     "median (lower middle) is reported with every repeat's tokens/s and their spread")
     ap.add_argument("--seed", type=int, default=0)
@@ -643,7 +677,8 @@ def main(argv=None):
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
             spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
-                        rows=rows_per_step * (args.steps + args.warmup + args.profile), align_options=options, data=args.data,
+                        rows=rows_per_step * (args.steps + args.warmup + args.profile + args.memory_step),
+                        align_options=options, data=args.data, memory_step=args.memory_step,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,

@@ -802,3 +802,28 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert throughput.median_run(runs[:2])["tokens_per_s"] == 90.0  # an even count takes the lower middle
     assert "error" in throughput.median_run(runs + [dict(path="align", error="boom", wall_s=1.0)])
     assert throughput.median_run(runs[:1]) is runs[0]
+
+
+def test_memory_peak_replays_the_allocator_history_to_its_peak():
+    """benchmarks/memory_peak.py: the peak of a step's allocator events and the blocks live there, by allocating site
+    (the innermost frame in the libraries a step runs through)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import memory_peak
+
+    def frames(*names):
+        return [{"filename": f"/x/site-packages/{n.split(':')[0]}", "line": 1, "name": n.split(":")[1]} for n in names]
+
+    gib = 1024**3
+    trace = [
+        dict(action="alloc", addr=1, size=2 * gib, frames=frames("torch/functional.py:mm", "trl/kernels.py:chunk")),
+        dict(action="alloc", addr=2, size=1 * gib, frames=frames("align/speed.py:fused_head")),
+        dict(action="free_requested", addr=1, size=2 * gib, frames=[]),
+        dict(action="free_completed", addr=1, size=2 * gib, frames=[]),  # peak (3 GiB) was before this free
+        dict(action="alloc", addr=3, size=1 * gib, frames=frames("align/speed.py:fused_head")),
+        dict(action="free_completed", addr=99, size=4 * gib, frames=[]),  # allocated before the history began
+    ]
+    peak, live = memory_peak.live_at_peak(trace)
+    assert peak == 3 * gib and sorted(ev["addr"] for ev in live) == [1, 2]
+    summary = memory_peak.summarize(trace, before_bytes=5 * gib)
+    assert summary["peak_gib"] == 8.0 and summary["before_gib"] == 5.0
+    assert summary["by_site"] == [["kernels.py:1 chunk", 2.0], ["speed.py:1 fused_head", 1.0]]

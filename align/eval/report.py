@@ -284,9 +284,9 @@ def _preference_rows(results: dict) -> list[list[str]]:
     for name, p in (results.get("preference") or {}).items():
         if "implicit_reward_accuracy" in p:
             acc = p["implicit_reward_accuracy"]
-            rows.append([name, "implicit reward accuracy (DPO)", _fmt(acc), str(p["n"]),
-                         f"{_accuracy_stderr(acc, p['n'])}, margin {_fmt(p['reward_margin'], True)}, "
-                         f"beta {p['beta']:g}, reference {p['reference']}"])
+            details = [_accuracy_stderr(acc, p["n"]), f"margin {_fmt(p['reward_margin'], True)}",
+                       f"beta {p['beta']:g}", f"reference {p['reference']}"]
+            rows.append([name, "implicit reward accuracy (DPO)", _fmt(acc), str(p["n"]), ", ".join(filter(None, details))])
         else:
             acc = p["pairwise_accuracy"]
             rows.append([name, "pairwise accuracy (reward model)", _fmt(acc), str(p["n"]),

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--dtype", default="float32", help="compute dtype: float32, bfloat16, float16")
     how.add_argument("--device", default="auto")
     how.add_argument("--max_length", type=int, default=None, help="scoring window (default: the model's)")
-    how.add_argument("--pack_scoring", type=lambda v: v if v == "auto" else v.lower() in ("1", "true", "yes"),
-                     default="auto", help="score the options of a question (and a pair's responses) in packed "
+    how.add_argument("--pack_scoring", type=lambda v: {"auto": "auto", "true": True, "false": False}.get(v, v),
+                     choices=("auto", True, False), default="auto", help="score the options of a question (and a pair's responses) in packed "
                      "rows, the shared context once: true, false (one padded row per option, as lm-eval does) or "
                      "auto (default: on a CPU, where it was measured)")
     how.add_argument("--max_new_tokens", type=int, default=128, help="win-rate response length")

@@ -403,6 +403,16 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None
     )
 
 
+def _packed_hidden(model, packed, pos, segments):
+    """The backbone's last hidden states (T, d) of one packed row (`packed` ids at positions `pos`), attention kept
+    inside `segments`."""
+    packed_attention.set_layout(segments, packed.shape[0])
+    backbone = getattr(model, model.base_model_prefix)
+    with packed_attention.no_mask_building():
+        return backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
+                        **packed_attention.packed_attention_kwargs(packed.device)).last_hidden_state[0]
+
+
 # --- DPO: one row per pair, prompt shared ---------------------------------------------------------------------
 
 def _pack_pairs(ids, lens: list[int], shared: list[int]):
@@ -493,11 +503,7 @@ def _shared_prompt_forward(inner, model, kwargs, plan=None, outputs=_DPO_OUTPUTS
     if plan is None:
         return None
     packed, pos, segments, flat, rows, targets = plan
-    packed_attention.set_layout(segments, packed.shape[0])
-    backbone = getattr(model, model.base_model_prefix)
-    with packed_attention.no_mask_building():
-        hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
-                          **packed_attention.packed_attention_kwargs(packed.device)).last_hidden_state[0]
+    hidden = _packed_hidden(model, packed, pos, segments)
     return fused_head(model, hidden, rows, targets, flat, labels[:, 1:] != -100, outputs, head_grad=head_grad)
 
 
@@ -573,11 +579,7 @@ def _reward_pair_forward(inner, model, kwargs, plan=None):
     from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
     packed, pos, segments, pool = layout
-    packed_attention.set_layout(segments, packed.shape[0])
-    backbone = getattr(model, model.base_model_prefix)
-    with packed_attention.no_mask_building():
-        hidden = backbone(input_ids=packed[None], position_ids=pos[None], use_cache=False,
-                          **packed_attention.packed_attention_kwargs(packed.device)).last_hidden_state[0]
+    hidden = _packed_hidden(model, packed, pos, segments)
     return SequenceClassifierOutputWithPast(logits=model.score(hidden.index_select(0, pool)))
 
 

@@ -10,7 +10,7 @@ context's own encoding; too long inputs lose tokens on the left. So the same pro
 `lm-eval` (tests/test_eval.py cross-checks it), and every model is scored on exactly the same text.
 
 Continuations that share their context (a multiple-choice question's options, a preference pair's two responses)
-are scored in packed rows where the model supports segment attention (`align.speed`): the context once, each
+are scored in packed rows where the model supports segment attention (`align.packed_attention`): the context once, each
 continuation after it at its own positions attending to the context and to itself, several questions back to back
 in one row, no padding. The log-likelihoods are those of the padded rows (tests: to 1e-5 in fp32); lm-eval runs
 every option's context again. `pack="auto"` packs on a CPU, where it was measured (the demo's report 1.95x); on a
@@ -83,14 +83,12 @@ class LogLikelihoodScorer:
         """Like `loglikelihood`, for pairs already tokenized (e.g. through a chat template)."""
         if any(not cont for _, cont in pairs):
             raise ValueError("a continuation encodes to no tokens")
-        inputs = []
-        for ctx, cont in pairs:
-            ctx = ctx or [self._prefix_token()]
-            inputs.append(((ctx + cont)[-(self.max_length + 1):][:-1], len(cont), cont))
+        pairs = [(ctx or [self._prefix_token()], cont) for ctx, cont in pairs]
+        inputs = [((ctx + cont)[-(self.max_length + 1):][:-1], len(cont), cont) for ctx, cont in pairs]
         out: list[LogLikelihood | None] = [None] * len(inputs)
         rest = range(len(inputs))
         if self.pack:
-            rest = self._score_packed([(ctx or [self._prefix_token()], cont) for ctx, cont in pairs], out)
+            rest = self._score_packed(pairs, out)
         order = sorted(rest, key=lambda i: -len(inputs[i][0]))  # similar lengths batch together
         for start in range(0, len(order), self.batch_size):
             idx = order[start: start + self.batch_size]

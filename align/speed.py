@@ -53,6 +53,13 @@ Options (a comma-separated list, `auto`, or `none`):
   `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU. Not
   on a GPU: there the head alone ran 1.30x (1B) / 1.43x (8B) faster, but whole 1B steps did not gain beyond the
   run-to-run spread (SFT +1%, DPO +4%, QLoRA -20%; benchmarks/README.md).
+- `fp8` (bf16 LoRA, one process): the frozen base linear layers multiply in FP8 (`align/fp8.py`): the weight held
+  as two e4m3 copies with row-wise scales (as many bytes as bf16), activations and output gradients quantized per
+  token, `torch._scaled_mm` with bf16 output; adapters, attention, norms and the LM head stay as they were. Twice
+  the bf16 matmul rate on Hopper GPUs. Not in `auto`: it changes the numerics (FP8 rounding, ~4% per matmul; on a
+  tiny model the first loss moves 0.7%), so it is a choice. The DPO reference goes through the same FP8 base (step-0
+  loss still log 2). Left out with a 4-bit / 8-bit base, under DeepSpeed / FSDP / DDP and with a separate
+  reference model.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -75,13 +82,13 @@ import logging
 
 import torch
 
-from align import fused_lora, packed_attention
+from align import fp8, fused_lora, packed_attention
 from align import head_grad as grad_in_forward
 
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking")
+           "head_grad", "non_blocking", "fp8")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
@@ -126,6 +133,14 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             continue
         if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not model_args.load_in_4bit:
             continue
+        if name == "fp8":
+            why = (f"a {'4' if model_args.load_in_4bit else '8'}-bit base keeps its own kernels"
+                   if model_args is not None and (model_args.load_in_4bit or model_args.load_in_8bit) else
+                   "the base is trained (no LoRA)" if model_args is not None and not model_args.use_peft else
+                   torch.cuda.is_available() and fp8.device_supports_fp8("cuda"))
+            if why:
+                logger.info("speedups: fp8 left out (%s)", why)
+                continue
         if name in ("lean", "torch_nf4") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)
             continue
@@ -224,6 +239,19 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
             options = tuple(o for o in options if o != "fused_lora")
         else:
             fused_lora.use_fused_lora(trainer.model)
+    if "fp8" in options:
+        from align import launch
+
+        engine = launch.distributed_engine(trainer.args)
+        if engine != "none" or getattr(trainer, "ref_model", None) is not None:
+            # DeepSpeed casts every floating-point parameter to bf16 and DDP / FSDP broadcast or shard them, e4m3
+            # ones included: measured on one process only. A separate reference model would stay bf16 and no
+            # longer match the policy at step 0.
+            logger.info("speedups: fp8 left out (%s)", f"under {engine}" if engine != "none" else
+                        "separate reference model")
+            options = tuple(o for o in options if o != "fp8")
+        else:
+            fp8.use_fp8(trainer.model)
     if "torch_nf4" in options and "compile" in options:
         from align import nf4
 

@@ -68,6 +68,64 @@ class NF4Linear(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None, None, None
 
 
+def _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed: bool):
+    """The 4-bit weight as e4m3 with one scale per output row: (values (N, K), or their transpose (K, N) laid out
+    row-major, and the fp32 scales (N,)). NF4's code spans [-1, 1], so a row's largest magnitude is at most the
+    largest absmax of its blocks: read from the scales without a pass over the weight when the blocks tile rows."""
+    from align import fp8
+
+    w = dequantize(packed, code, absmax, blocksize, shape, torch.float32, nested)
+    n, k = shape
+    if k % blocksize == 0:
+        if nested is not None:
+            absmax_code, absmax_scale, absmax_blocksize, offset = nested
+            absmax = _blockwise(absmax_code[absmax.long()], absmax_scale, absmax_blocksize) + offset
+        amax = absmax.float().view(n, k // blocksize).amax(-1)
+    else:
+        amax = w.abs().amax(-1)
+    scale = amax.clamp(min=1e-12) / fp8.E4M3_MAX
+    q = w / scale[:, None]
+    q = q.t().contiguous() if transposed else q
+    return q.clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3), scale
+
+
+class NF4Fp8Linear(torch.autograd.Function):
+    """`F.linear(x, dequantize(weight))` for a frozen 4-bit weight, the matmuls in FP8 (`align/fp8.py`): the weight
+    dequantized straight to e4m3 with row-wise scales (no bf16 copy written), `x` per token; the backward
+    dequantizes again, into the transposed layout, and folds the weight's row scales into the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, bias, code, absmax, blocksize, shape, dtype, nested):
+        from align import fp8
+
+        w_q, w_scale = _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed=False)
+        if nested is None:
+            ctx.save_for_backward(packed, code, absmax)
+        else:
+            ctx.save_for_backward(packed, code, absmax, nested[0], nested[1], nested[3])
+        ctx.meta = (blocksize, shape, None if nested is None else nested[2])
+        lead = x.shape[:-1]
+        x_q, x_scale = fp8.quantize_rows(x.reshape(-1, x.shape[-1]))
+        out = fp8._mm(x_q, x_scale, w_q, w_scale[None], torch.bfloat16, fast_accum=True).view(*lead, shape[0])
+        return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from align import fp8
+
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 9
+        packed, code, absmax, *rest = ctx.saved_tensors
+        blocksize, shape, absmax_blocksize = ctx.meta
+        nested = None if absmax_blocksize is None else (rest[0], rest[1], absmax_blocksize, rest[2])
+        w_t, w_scale = _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed=True)
+        lead = grad.shape[:-1]
+        g_q, g_scale = fp8.quantize_rows(grad.reshape(-1, grad.shape[-1]).float() * w_scale[None])
+        ones = torch.ones(1, shape[1], dtype=torch.float32, device=grad.device)
+        grad_x = fp8._mm(g_q, g_scale, w_t, ones, torch.bfloat16, fast_accum=False)
+        return (grad_x.view(*lead, shape[1]).to(grad.dtype),) + (None,) * 8
+
+
 def supported(module) -> bool:
     """A bitsandbytes NF4 linear layer in its standard packing (not CPU-repacked)."""
     state = getattr(getattr(module, "weight", None), "quant_state", None)
@@ -82,12 +140,14 @@ def _forward(self, x):
     code, absmax, blocksize, shape, dtype, nested = _state_args(self.weight.quant_state)
     compute = getattr(self, "compute_dtype", None) or x.dtype
     bias = None if self.bias is None else self.bias.to(compute)
-    out = NF4Linear.apply(x.to(compute), self.weight.data, bias, code, absmax, blocksize, shape, dtype, nested)
+    fn = NF4Fp8Linear if getattr(self, "align_fp8", False) and shape[0] % 16 == 0 and shape[1] % 16 == 0 else NF4Linear
+    out = fn.apply(x.to(compute), self.weight.data, bias, code, absmax, blocksize, shape, dtype, nested)
     return out.to(x.dtype)
 
 
-def use_torch_nf4(model) -> int:
-    """Give every bitsandbytes NF4 `Linear4bit` of `model` the torch-ops forward; returns how many layers."""
+def use_torch_nf4(model, fp8: bool = False) -> int:
+    """Give every bitsandbytes NF4 `Linear4bit` of `model` the torch-ops forward; returns how many layers. `fp8`:
+    its matmuls in FP8 (`NF4Fp8Linear`; layers whose sizes do not divide by 16 keep bf16)."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -96,6 +156,7 @@ def use_torch_nf4(model) -> int:
     for module in model.modules():
         if isinstance(module, Linear4bit) and supported(module):
             module.forward = types.MethodType(_forward, module)
+            module.align_fp8 = fp8
             count += 1
-    logger.info("speedups: NF4 linear layers as torch ops on %d layers", count)
+    logger.info("speedups: NF4 linear layers as torch ops on %d layers%s", count, " (FP8 matmuls)" if fp8 else "")
     return count

@@ -53,13 +53,14 @@ Options (a comma-separated list, `auto`, or `none`):
   `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU. Not
   on a GPU: there the head alone ran 1.30x (1B) / 1.43x (8B) faster, but whole 1B steps did not gain beyond the
   run-to-run spread (SFT +1%, DPO +4%, QLoRA -20%; benchmarks/README.md).
-- `fp8` (bf16 LoRA, one process): the frozen base linear layers multiply in FP8 (`align/fp8.py`): the weight held
+- `fp8` (LoRA, one process): the frozen base linear layers multiply in FP8 (`align/fp8.py`): a bf16 weight held
   as two e4m3 copies with row-wise scales (as many bytes as bf16), activations and output gradients quantized per
   token, `torch._scaled_mm` with bf16 output; adapters, attention, norms and the LM head stay as they were. Twice
-  the bf16 matmul rate on Hopper GPUs. Not in `auto`: it changes the numerics (FP8 rounding, ~4% per matmul; on a
-  tiny model the first loss moves 0.7%), so it is a choice. The DPO reference goes through the same FP8 base (step-0
-  loss still log 2). Left out with a 4-bit / 8-bit base, under DeepSpeed / FSDP / DDP and with a separate
-  reference model.
+  the bf16 matmul rate on Hopper GPUs. A 4-bit base (with `torch_nf4` and `compile`) is dequantized straight to
+  e4m3 inside the compiled layer (`nf4.NF4Fp8Linear`). Not in `auto`: it changes the numerics (FP8 rounding, ~4%
+  per matmul; on a tiny model the first loss moves 0.7%), so it is a choice. The DPO reference goes through the
+  same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
+  separate reference model.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -134,8 +135,10 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
         if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not model_args.load_in_4bit:
             continue
         if name == "fp8":
-            why = (f"a {'4' if model_args.load_in_4bit else '8'}-bit base keeps its own kernels"
-                   if model_args is not None and (model_args.load_in_4bit or model_args.load_in_8bit) else
+            kbit = model_args is not None and (model_args.load_in_4bit or model_args.load_in_8bit)
+            why = ("an 8-bit base keeps bitsandbytes' kernels" if kbit and model_args.load_in_8bit else
+                   "a 4-bit base multiplies in FP8 through torch_nf4 and compile"
+                   if kbit and not {"torch_nf4", "compile"} <= set(names) else
                    "the base is trained (no LoRA)" if model_args is not None and not model_args.use_peft else
                    torch.cuda.is_available() and fp8.device_supports_fp8("cuda"))
             if why:
@@ -255,7 +258,7 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
     if "torch_nf4" in options and "compile" in options:
         from align import nf4
 
-        nf4.use_torch_nf4(model)
+        nf4.use_torch_nf4(model, fp8="fp8" in options)
     budget = lean_budget(trainer, lean_memory_budget) if "lean" in options else None
     if "compile" in options:
         compile_layers(model, memory_budget=budget)

@@ -138,6 +138,8 @@ def test_resolve_leaves_fp8_out_where_it_does_not_apply():
     for kbit in ({"load_in_4bit": True}, {"load_in_8bit": True}, {"use_peft": False}):
         args = config.ModelArguments(model_name_or_path="m", **{"use_peft": True, **kbit})
         assert speed.resolve("fp8", "dpo", args) == ()
+    qlora = config.ModelArguments(model_name_or_path="m", use_peft=True, load_in_4bit=True)
+    assert speed.resolve("compile,torch_nf4,fp8", "sft", qlora) == ("compile", "torch_nf4", "fp8")
 
 
 def test_stages_with_fp8_keep_the_losses_and_dpo_starts_at_log2(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):

@@ -164,3 +164,33 @@ def test_stages_with_fp8_keep_the_losses_and_dpo_starts_at_log2(tiny_llama, chat
                             eval_split_size=0, sft_adapter=str(tmp_path / "fp8"), learning_rate=1e-3))
     assert run.align_speedups == ("fp8",)
     assert losses(run)[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < fp8.MIN_CAPABILITY,
+                    reason="FP8 tensor cores: CUDA compute capability 8.9+")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp8_on_a_gpu_runs_the_fp8_kernels_close_to_bf16(compiled):
+    """On an FP8 GPU (cuBLASLt's row-wise FP8, under inductor when compiled): a bf16 LoRA model with `fp8` gives
+    the bf16 model's loss within 1% and LoRA gradients at cosine > 0.99."""
+    import torch._dynamo
+
+    ids = _batch().cuda()
+    out = []
+    try:
+        for use in (False, True):
+            torch._dynamo.reset()
+            base, model = tiny_lora_model(outputs=("log_probs",))
+            model = model.cuda().to(torch.bfloat16)
+            if use:
+                assert fp8.use_fp8(model) == 14
+            fused_lora.use_fused_lora(model)
+            if compiled:
+                speed.compile_layers(base)
+            loss = -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.float().mean()
+            loss.backward()
+            out.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}))
+    finally:
+        torch._dynamo.reset()
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-2)
+    for n, g in out[0][1].items():
+        assert F.cosine_similarity(out[1][1][n].flatten(), g.flatten(), dim=0) > 0.99, n

@@ -25,8 +25,31 @@ from trl import DPOTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, DPOTrainer):
-    """TRL's DPOTrainer that stops on a NaN/inf loss and weights its logged metrics by pairs."""
+class ReferenceFirst:
+    """DPO's reference log-probabilities before the policy forward, not after it.
+
+    TRL's DPO loss runs the policy forward (which keeps its activations for the backward) and then the reference
+    forward under `no_grad`, so the reference's working memory (each layer's hidden states and MLP intermediates,
+    the LM head's tiles) comes on top of every activation the policy holds. Here the reference log-probabilities
+    are computed first, with TRL's own `compute_ref_log_probs`, and handed to TRL's loss as precomputed ones for
+    this batch: the same values (no grad, the same weights and autocast), and the step's peak is the larger of the
+    two forwards' needs instead of their sum."""
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if self.precompute_ref_logps or "ref_chosen_logps" in inputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        chosen, rejected = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
+        self.precompute_ref_logps = True  # read by TRL's loss for this call only
+        try:
+            return super()._compute_loss(model, dict(inputs, ref_chosen_logps=chosen, ref_rejected_logps=rejected),
+                                         return_outputs)
+        finally:
+            self.precompute_ref_logps = False
+
+
+class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, ReferenceFirst, DPOTrainer):
+    """TRL's DPOTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs and computes the
+    reference log-probabilities before the policy forward."""
 
 
 def main(argv=None):

@@ -215,6 +215,12 @@ def main(argv=None):
         )
         print(f"ppo: wrote {args.output_dir} (run manifest {path}; reward {metrics.get('reward_before', float('nan')):.4f}"
               f" -> {metrics['reward_after']:.4f}, KL {metrics['kl_after']:.4f})")
+    # A barrier before tearing down: gloo's worker thread destroys a finished collective's tensors (the adapter
+    # fingerprints' all-gather) under the GIL, and the DDP reducer freed at exit destroys the process group while
+    # holding the GIL and waiting for that thread: without the barrier (whose wait releases the GIL), a process
+    # could hang at exit after its work was done (about one two-process CPU run in 45; py-spy showed
+    # ~ProcessGroupGloo waiting on a mutex held by the worker thread, which waited for the GIL).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return roles, metrics
 

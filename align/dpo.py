@@ -33,10 +33,13 @@ class ReferenceFirst:
     the LM head's tiles) comes on top of every activation the policy holds. Here the reference log-probabilities
     are computed first, with TRL's own `compute_ref_log_probs`, and handed to TRL's loss as precomputed ones for
     this batch: the same values (no grad, the same weights and autocast), and the step's peak is the larger of the
-    two forwards' needs instead of their sum."""
+    two forwards' needs instead of their sum. On with the `ref_first` speedup (`speed.finish` sets
+    `reference_first`); off, TRL's order."""
+
+    reference_first = False
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.precompute_ref_logps or "ref_chosen_logps" in inputs:
+        if not self.reference_first or self.precompute_ref_logps or "ref_chosen_logps" in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
         chosen, rejected = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
         self.precompute_ref_logps = True  # read by TRL's loss for this call only

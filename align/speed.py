@@ -23,6 +23,9 @@ Options (a comma-separated list, `auto`, or `none`):
   For a reward model (RM) the same row per pair holds the chosen sequence and the rejected one after their common
   prefix (the prompt, and whatever else they share): no pad tokens, the prefix once, and the score head applied to
   the 2B pooled tokens only (transformers' rule: each sequence's rightmost token that is not the pad token).
+- `ref_first` (DPO): the reference log-probabilities are computed before the policy forward, not after it as in
+  TRL (`align/dpo.py` `ReferenceFirst`): the reference forward's working memory no longer comes on top of every
+  activation the policy keeps for its backward. Same values.
 - `compile`: `torch.compile` of each decoder layer (one compiled graph shared by all layers): fused norms, RoPE,
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
@@ -64,8 +67,8 @@ Options (a comma-separated list, `auto`, or `none`):
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a CUDA GPU
-and `padding_free,shared_prompt,head_grad` on a CPU
+`auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a
+CUDA GPU and `padding_free,shared_prompt,ref_first,head_grad` on a CPU
 (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same losses); `compile` and `lean` come with it only on
 one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
 that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
@@ -89,12 +92,12 @@ from align import head_grad as grad_in_forward
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking", "fp8")
+           "head_grad", "non_blocking", "fp8", "ref_first")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
-AUTO_CUDA = ("padding_free", "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
-AUTO_CPU = ("padding_free", "shared_prompt", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
+AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
+AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION
-_STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm")}
+_STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm"), "ref_first": ("dpo",)}
 _PACKED_HEAD = {"sft": "padding_free", "dpo": "shared_prompt"}  # the option whose forward runs align's LM head
 _DPO_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")  # what TRL's DPOTrainer asks its fused head for
 _SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")  # and TRL's SFTTrainer
@@ -242,6 +245,8 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
             options = tuple(o for o in options if o != "fused_lora")
         else:
             fused_lora.use_fused_lora(trainer.model)
+    if hasattr(trainer, "reference_first"):  # align's DPO trainer (align/dpo.py `ReferenceFirst`)
+        trainer.reference_first = "ref_first" in options
     if "fp8" in options:
         from align import launch
 

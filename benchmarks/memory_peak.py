@@ -1,7 +1,8 @@
-"""What holds a CUDA training step's peak memory: torch's allocator history of one step, replayed to its peak, the
-blocks live there grouped by the code that allocated them.
+"""What holds a training step's peak memory: the allocations of one step, replayed to its peak, the blocks live
+there grouped by the code that allocated them.
 
-    rec = memory_peak.Recorder(torch)      # torch.cuda.memory._record_memory_history with Python stacks
+    rec = memory_peak.Recorder(torch)      # CUDA: torch.cuda.memory._record_memory_history with Python stacks
+    rec = memory_peak.CpuRecorder(torch)   # CPU: every tensor storage an op creates, freed when torch frees it
     rec.start(); <one training step>; summary = rec.stop()
 
 `summary`: {"peak_gib": allocated at the step's peak (what was live before the step plus the step's own
@@ -79,3 +80,70 @@ class Recorder:
         traces = snap.get("device_traces") or [[]]
         trace = traces[cuda.current_device()] if len(traces) > cuda.current_device() else traces[0]
         return summarize(trace, self.before)
+
+
+class CpuRecorder:
+    """`Recorder` for the CPU: torch.profiler's allocation events of one step (`profile_memory`, each with its
+    address, signed size and the ops and Python frames it happened under) as the allocator history. `before` is
+    what the step can see live when it starts: the parameters, their gradients and the optimizer's state tensors
+    of the modules and optimizers in `track`."""
+
+    def __init__(self, torch, track=()):
+        self.torch, self.track = torch, track
+        self.before, self.prof = 0, None
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        seen: set = set()
+        self.before = 0
+        for obj in self.track:  # modules and optimizers
+            tensors = list(obj.parameters()) if hasattr(obj, "parameters") else []
+            tensors += [p.grad for p in tensors if p.grad is not None]
+            for state in getattr(obj, "state", {}).values():
+                tensors += [v for v in state.values() if isinstance(v, self.torch.Tensor)]
+            for t in tensors:
+                key = t.untyped_storage().data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    self.before += t.untyped_storage().nbytes()
+        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True)
+        self.prof.__enter__()
+
+    def stop(self) -> dict:
+        self.prof.__exit__(None, None, None)
+        return summarize(allocation_trace(self.prof), self.before)
+
+
+def _frame(name: str) -> dict:
+    """A profiler Python-function event name, `path/file.py(123): function`, as a snapshot frame."""
+    head, _, func = name.partition("): ")
+    path, _, line = head.rpartition("(")
+    return {"filename": path, "line": int(line) if line.isdigit() else 0, "name": func}
+
+
+def allocation_trace(prof) -> list[dict]:
+    """The CPU allocation events of a finished `torch.profiler.profile(profile_memory=True, with_stack=True)`, in
+    time order, as the CUDA snapshot's trace events (`alloc` / `free_completed`, with Python frames innermost
+    first)."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and str(e.extra_fields.device) == "cpu":
+            events.append(e)
+    trace = []
+    for e in sorted(events, key=lambda e: e.start_time_ns):
+        a = e.extra_fields
+        if a.alloc_size < 0:
+            trace.append({"action": "free_completed", "addr": a.ptr, "size": -a.alloc_size})
+            continue
+        frames, p = [], e.parent
+        while p is not None:
+            if p.tag == _EventType.PyCall:
+                frames.append(_frame(p.name))
+            p = p.parent
+        trace.append({"action": "alloc", "addr": a.ptr, "size": a.alloc_size, "frames": frames})
+    return trace

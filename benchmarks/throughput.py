@@ -300,8 +300,9 @@ def worker(spec: dict) -> dict:
     if profiler.steps:
         trainer.add_callback(profiler.callback())
     memory = {}
-    if spec.get("memory_step") and cuda:  # the step after the timed (and profiled) ones
-        trainer.add_callback(memory_step_callback(torch, spec["warmup"] + spec["steps"] + profiler.steps, memory))
+    if spec.get("memory_step"):  # the step after the timed (and profiled) ones
+        trainer.add_callback(memory_step_callback(torch, spec["warmup"] + spec["steps"] + profiler.steps, memory,
+                                                  cuda))
     setup_s = time.perf_counter() - t0
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -348,17 +349,20 @@ PROFILE_CATEGORIES = (
 )
 
 
-def memory_step_callback(torch, step: int, out: dict):
-    """A trainer callback that records the allocator history of optimizer step `step` (0-based) into `out`
-    (`memory_peak.summarize`: the step's peak and what holds it)."""
+def memory_step_callback(torch, step: int, out: dict, cuda: bool = True):
+    """A trainer callback that records the allocations of optimizer step `step` (0-based) into `out`
+    (`memory_peak.summarize`: the step's peak and what holds it): the CUDA allocator's history, or on a CPU every
+    tensor storage the step's ops create (`memory_peak.CpuRecorder`)."""
     import memory_peak
     from transformers import TrainerCallback
 
-    rec = memory_peak.Recorder(torch)
+    rec = memory_peak.Recorder(torch) if cuda else None
 
     class _CB(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            nonlocal rec
             if state.global_step == step and not out:
+                rec = rec or memory_peak.CpuRecorder(torch, track=[m for m in (model, optimizer) if m is not None])
                 rec.start()
 
         def on_step_end(self, args, state, control, **kw):
@@ -632,7 +636,7 @@ def main(argv=None):
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
-    ap.add_argument("--memory_step", action="store_true", help="CUDA: record the allocator history of one more step "
+    ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step (CUDA: the allocator's history; CPU: tensor storages) "
                     "after the timed ones and report what holds its peak (benchmarks/memory_peak.py)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved across paths; the "
                     "median (lower middle) is reported with every repeat's tokens/s and their spread")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from align import dpo, sft, stacking
 from align.manifest import read_json
 
-from .test_sft import base_state, sft_argv
+from .test_sft import base_state, losses, sft_argv
 
 
 def dpo_argv(model, data, out, **overrides):
@@ -154,3 +154,29 @@ def test_qlora_dpo_from_a_qlora_sft_adapter_starts_at_log2(tiny_llama, chat_json
     metrics = read_json(os.path.join(out, "run.json"))["metrics"]
     assert metrics["before_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["before_eval_rewards/margins"] == 0.0
+
+
+@pytest.mark.parametrize("from_sft", [True, False])  # reference = the SFT adapter's frozen copy; = the base
+def test_ref_first_computes_the_reference_before_the_policy_with_trls_losses(
+        from_sft, tiny_llama, sft_adapter, preference_jsonl, tmp_path, monkeypatch):
+    """`ref_first`: in every training step the reference forward (no grad) runs before the policy forward (grad),
+    TRL's order reversed, and the losses are TRL's (to 1e-6, and log 2 at step 0)."""
+    import transformers
+
+    calls = []
+    real = transformers.LlamaModel.forward  # the decoder, under TRL's and PEFT's forwards
+    monkeypatch.setattr(transformers.LlamaModel, "forward",
+                        lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or real(self, *a, **k))
+    parent = dict(sft_adapter=sft_adapter) if from_sft else {}
+    runs = {}
+    for spec in ("none", "ref_first"):
+        calls.clear()
+        runs[spec] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec), max_steps=3,
+                                       speedups=spec, eval_split_size=0, learning_rate=1e-2, **parent))
+        order = [(calls[i], calls[i + 1]) for i in range(0, len(calls), 2)]
+        assert len(calls) == 6 and set(order) == ({(False, True)} if spec == "ref_first" else {(True, False)})
+    assert runs["ref_first"].align_speedups == ("ref_first",) and runs["ref_first"].reference_first
+    assert not runs["none"].reference_first
+    got, want = losses(runs["ref_first"]), losses(runs["none"])
+    assert got == pytest.approx(want, abs=1e-6) and got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert len(set(want)) == 3  # the policy moved

@@ -60,7 +60,7 @@ def test_resolve():
         assert speed.resolve("non_blocking,liger", "sft") == ()  # GPU only
     if not torch.cuda.is_available():  # CPU: the packed rows and their LM head (measured on 2 cores)
         assert speed.resolve("auto", "sft") == ("padding_free", "head_grad")
-        assert speed.resolve("auto", "dpo") == ("shared_prompt", "head_grad")
+        assert speed.resolve("auto", "dpo") == ("shared_prompt", "ref_first", "head_grad")
         assert speed.resolve("auto", "rm") == ("shared_prompt",)  # pairs packed; no LM head
     with pytest.raises(ValueError, match="unknown speedup 'fast'"):
         speed.resolve("compile,fast", "sft")
@@ -106,7 +106,7 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
     full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
     assert speed.resolve("auto", "sft", model_args, one) == full
-    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt",) + full[1:]
+    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "ref_first") + full[1:]
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == ("padding_free", "kbit_bf16", "fused_lora")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
@@ -827,3 +827,33 @@ def test_memory_peak_replays_the_allocator_history_to_its_peak():
     summary = memory_peak.summarize(trace, before_bytes=5 * gib)
     assert summary["peak_gib"] == 8.0 and summary["before_gib"] == 5.0
     assert summary["by_site"] == [["kernels.py:1 chunk", 2.0], ["speed.py:1 fused_head", 1.0]]
+
+
+def _allocate_and_free(torch_):
+    a = torch_.empty(2**28)  # 1 GiB (not touched: no pages are written)
+    b = torch_.empty(2**29)  # 2 GiB: the peak, 3 GiB, is here
+    del a
+    c = torch_.empty(2**28)
+    return b, c
+
+
+def test_cpu_memory_recorder_finds_the_peak_and_who_holds_it():
+    """benchmarks/memory_peak.py `CpuRecorder`: the profiler's CPU allocation events replayed to the peak (3 GiB of
+    tensors live at once, the first GiB freed before the last one), plus what was live before (the tracked
+    parameters, gradients and optimizer state), by allocating site."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import memory_peak
+
+    lin = torch.nn.Linear(8192, 8192, bias=False)  # 0.25 GiB of weight
+    opt = torch.optim.Adam(lin.parameters())
+    lin(torch.ones(1, 8192)).sum().backward()
+    opt.step()  # + gradient + two Adam moments (and a step count)
+    rec = memory_peak.CpuRecorder(torch, track=[lin, opt])
+    rec.start()
+    kept = _allocate_and_free(torch)
+    summary = rec.stop()
+    assert summary["before_gib"] == pytest.approx(1.0, abs=0.002)  # weight, gradient, two Adam moments
+    assert summary["peak_gib"] == pytest.approx(4.0, abs=0.002)
+    site, gib = summary["by_site"][0]
+    assert "_allocate_and_free" in site and gib == pytest.approx(3.0, abs=0.002), summary
+    assert kept[0].nbytes == 2 * 2**30

@@ -47,6 +47,22 @@ def _step(model, ids):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _compiled_steps(model, ids, measure=None):
+    """Compile the decoder layers of `model` and take two steps: (logits, LoRA gradients, graph breaks, what
+    `measure()` returns while the layers are compiled)."""
+    from torch._dynamo.utils import counters
+
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        speed.compile_layers(speed._causal_lm(model))
+        for _ in range(2):
+            out, grads = _step(model, ids)
+        return out, grads, dict(counters["graph_break"]), measure() if measure else None
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torch_nf4_layers_give_bitsandbytes_outputs_and_lora_gradients(tiny_llama):
     """Eager: a 4-bit LoRA model with the torch-ops NF4 forward gives bitsandbytes' logits and LoRA gradients (the
     same dequantized weights, the same bf16 matmuls), and only LoRA weights get gradients."""
@@ -63,23 +79,14 @@ def test_compiled_4bit_layers_trace_the_dequantization(tiny_llama):
     """Under torch.compile the decoder layers trace the torch-ops dequantization (no bitsandbytes op in the graph:
     no graph break) and give the eager values; the backward saves no bf16 copy of a weight (it dequantizes again):
     the compiled forward saves about what bitsandbytes' own eager forward saves."""
-    from torch._dynamo.utils import counters
 
     plain = _model(tiny_llama, False)
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1)).to(plain.device)
     saved_bnb = saved_activations.saved_activation_mib(plain, lambda: plain(input_ids=ids).logits)
     model = _model(tiny_llama, True)
     want, want_grads = _step(model, ids)
-    try:
-        torch._dynamo.reset()
-        counters.clear()
-        speed.compile_layers(speed._causal_lm(model))
-        for _ in range(2):
-            got, got_grads = _step(model, ids)
-        breaks = dict(counters["graph_break"])
-        saved = saved_activations.saved_activation_mib(model, lambda: model(input_ids=ids).logits)
-    finally:
-        torch._dynamo.reset()
+    got, got_grads, breaks, saved = _compiled_steps(
+        model, ids, lambda: saved_activations.saved_activation_mib(model, lambda: model(input_ids=ids).logits))
     assert breaks == {}, breaks
     weights_mib = sum(m.weight.quant_state.shape.numel() * 2 for m in model.modules()
                       if isinstance(m, bnb.nn.Linear4bit)) / 2**20
@@ -144,7 +151,6 @@ def test_fp8_4bit_layers_train_only_the_adapter_and_compile_without_breaks(token
     only LoRA weights get gradients, pointing their way (cosine > 0.99); compiled layers trace it with no graph
     break and give the eager FP8 values."""
     import torch.nn.functional as F
-    from torch._dynamo.utils import counters
 
     from align.testing import make_tiny_model
 
@@ -159,15 +165,7 @@ def test_fp8_4bit_layers_train_only_the_adapter_and_compile_without_breaks(token
     assert got_grads.keys() == want_grads.keys() and all("lora_" in n for n in got_grads)
     for n in want_grads:
         assert F.cosine_similarity(got_grads[n].flatten(), want_grads[n].flatten(), dim=0) > 0.99, n
-    try:
-        torch._dynamo.reset()
-        counters.clear()
-        speed.compile_layers(speed._causal_lm(model))
-        for _ in range(2):
-            compiled, compiled_grads = _step(model, ids)
-        breaks = dict(counters["graph_break"])
-    finally:
-        torch._dynamo.reset()
+    compiled, compiled_grads, breaks, _ = _compiled_steps(model, ids)
     assert breaks == {}, breaks
     assert ((compiled - got).norm() / got.norm()) < 1e-2
     for n in got_grads:

@@ -364,8 +364,9 @@ def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, cha
 
     runs = [dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / f"dpo_{s}"), max_steps=3, speedups=s,
                               eval_split_size=0, sft_adapter=str(tmp_path / "plain"), learning_rate=1e-3))
-            for s in ("none", "fused_lora", "shared_prompt,head_grad")]
-    assert runs[1].align_speedups == ("fused_lora",) and runs[2].align_speedups == ("shared_prompt", "head_grad")
+            for s in ("none", "fused_lora", "shared_prompt,ref_first,head_grad")]
+    assert runs[1].align_speedups == ("fused_lora",)
+    assert runs[2].align_speedups == ("shared_prompt", "ref_first", "head_grad") and runs[2].reference_first
     assert losses(runs[0])[0] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 0
     assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-5) and len(set(losses(runs[0]))) > 1
     assert losses(runs[2]) == pytest.approx(losses(runs[0]), abs=1e-5)

@@ -61,7 +61,8 @@ Options (a comma-separated list, `auto`, or `none`):
   token, `torch._scaled_mm` with bf16 output; adapters, attention, norms and the LM head stay as they were. Twice
   the bf16 matmul rate on Hopper GPUs. A 4-bit base (with `torch_nf4` and `compile`) is dequantized straight to
   e4m3 inside the compiled layer (`nf4.NF4Fp8Linear`). Not in `auto`: it changes the numerics (FP8 rounding, ~4%
-  per matmul; on a tiny model the first loss moves 0.7%), so it is a choice. The DPO reference goes through the
+  per matmul), so it is a choice: on SmolLM2-135M-Instruct the assistant-token loss moves 1.2% (next-token KL 0.027),
+  where an NF4 (QLoRA) base moves it 12.7% (KL 0.25; `benchmarks/fp8_numerics.py`). The DPO reference goes through the
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
   separate reference model.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,

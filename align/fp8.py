@@ -31,11 +31,16 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper and later: FP8 tensor cores
 
 
+def to_e4m3(scaled: torch.Tensor) -> torch.Tensor:
+    """Values already divided by their scale, as e4m3 (saturating: a plain cast turns the out-of-range into NaN)."""
+    return scaled.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`x` (M, K) as e4m3 values (M, K), row-major, and one fp32 scale per row (M, 1): x ~ values * scale."""
     amax = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / E4M3_MAX
-    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    return to_e4m3(x.float() / scale), scale
 
 
 def _mm(a_q, a_scale, b_q, b_scale, out_dtype, fast_accum: bool) -> torch.Tensor:

@@ -33,13 +33,36 @@ def dequantize(packed, code, absmax, blocksize: int, shape, dtype, nested=None) 
     """The weight of a bitsandbytes 4-bit tensor: `packed` (uint8, two 4-bit indices per byte, high nibble first),
     `code` its 16 values, `absmax` one scale per `blocksize` elements; `nested` = (absmax_code, absmax_scale,
     absmax_blocksize, offset) when the scales are themselves 8-bit quantized (double quantization)."""
-    if nested is not None:
-        absmax_code, absmax_scale, absmax_blocksize, offset = nested
-        absmax = _blockwise(absmax_code[absmax.long()], absmax_scale, absmax_blocksize) + offset
+    absmax = block_scales(absmax, nested)
     u = packed.flatten()
     idx = torch.stack([u >> 4, u & 15], -1).flatten()
     n = shape[0] * shape[1]
     return _blockwise(code[idx.long()][:n], absmax, blocksize).view(shape).to(dtype)
+
+
+def block_scales(absmax, nested=None) -> torch.Tensor:
+    """One scale per block: `absmax` itself, or dequantized from its 8-bit code (double quantization)."""
+    if nested is None:
+        return absmax
+    absmax_code, absmax_scale, absmax_blocksize, offset = nested
+    return _blockwise(absmax_code[absmax.long()], absmax_scale, absmax_blocksize) + offset
+
+
+def _save_weight(ctx, packed, code, absmax, blocksize, shape, dtype, nested) -> None:
+    """Keep a 4-bit weight (packed values and statistics, no dequantized copy) for the backward."""
+    if nested is None:
+        ctx.save_for_backward(packed, code, absmax)
+    else:  # the 8-bit scales' code, their scales and offset
+        ctx.save_for_backward(packed, code, absmax, nested[0], nested[1], nested[3])
+    ctx.meta = (blocksize, shape, dtype, None if nested is None else nested[2])
+
+
+def _saved_weight(ctx):
+    """What `_save_weight` kept: (packed, code, absmax, blocksize, shape, dtype, nested)."""
+    packed, code, absmax, *rest = ctx.saved_tensors
+    blocksize, shape, dtype, absmax_blocksize = ctx.meta
+    nested = None if absmax_blocksize is None else (rest[0], rest[1], absmax_blocksize, rest[2])
+    return packed, code, absmax, blocksize, shape, dtype, nested
 
 
 def _state_args(state):
@@ -52,19 +75,12 @@ class NF4Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, bias, code, absmax, blocksize, shape, dtype, nested):
-        if nested is None:
-            ctx.save_for_backward(packed, code, absmax)
-        else:  # the 8-bit scales' code, their scales and offset
-            ctx.save_for_backward(packed, code, absmax, nested[0], nested[1], nested[3])
-        ctx.meta = (blocksize, shape, dtype, None if nested is None else nested[2])
+        _save_weight(ctx, packed, code, absmax, blocksize, shape, dtype, nested)
         return F.linear(x, dequantize(packed, code, absmax, blocksize, shape, dtype, nested).to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad):
-        packed, code, absmax, *rest = ctx.saved_tensors
-        blocksize, shape, dtype, absmax_blocksize = ctx.meta
-        nested = None if absmax_blocksize is None else (rest[0], rest[1], absmax_blocksize, rest[2])
-        grad_x = grad @ dequantize(packed, code, absmax, blocksize, shape, dtype, nested).to(grad.dtype)
+        grad_x = grad @ dequantize(*_saved_weight(ctx)).to(grad.dtype)
         return grad_x, None, None, None, None, None, None, None, None
 
 
@@ -77,16 +93,12 @@ def _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed: bool
     w = dequantize(packed, code, absmax, blocksize, shape, torch.float32, nested)
     n, k = shape
     if k % blocksize == 0:
-        if nested is not None:
-            absmax_code, absmax_scale, absmax_blocksize, offset = nested
-            absmax = _blockwise(absmax_code[absmax.long()], absmax_scale, absmax_blocksize) + offset
-        amax = absmax.float().view(n, k // blocksize).amax(-1)
+        amax = block_scales(absmax, nested).float().view(n, k // blocksize).amax(-1)
     else:
         amax = w.abs().amax(-1)
     scale = amax.clamp(min=1e-12) / fp8.E4M3_MAX
     q = w / scale[:, None]
-    q = q.t().contiguous() if transposed else q
-    return q.clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX).to(fp8.E4M3), scale
+    return fp8.to_e4m3(q.t().contiguous() if transposed else q), scale
 
 
 class NF4Fp8Linear(torch.autograd.Function):
@@ -99,11 +111,7 @@ class NF4Fp8Linear(torch.autograd.Function):
         from align import fp8
 
         w_q, w_scale = _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed=False)
-        if nested is None:
-            ctx.save_for_backward(packed, code, absmax)
-        else:
-            ctx.save_for_backward(packed, code, absmax, nested[0], nested[1], nested[3])
-        ctx.meta = (blocksize, shape, None if nested is None else nested[2])
+        _save_weight(ctx, packed, code, absmax, blocksize, shape, dtype, nested)
         lead = x.shape[:-1]
         x_q, x_scale = fp8.quantize_rows(x.reshape(-1, x.shape[-1]))
         out = fp8._mm(x_q, x_scale, w_q, w_scale[None], torch.bfloat16, fast_accum=True).view(*lead, shape[0])
@@ -115,9 +123,7 @@ class NF4Fp8Linear(torch.autograd.Function):
 
         if not ctx.needs_input_grad[0]:
             return (None,) * 9
-        packed, code, absmax, *rest = ctx.saved_tensors
-        blocksize, shape, absmax_blocksize = ctx.meta
-        nested = None if absmax_blocksize is None else (rest[0], rest[1], absmax_blocksize, rest[2])
+        packed, code, absmax, blocksize, shape, _, nested = _saved_weight(ctx)
         w_t, w_scale = _fp8_weight(packed, code, absmax, blocksize, shape, nested, transposed=True)
         lead = grad.shape[:-1]
         g_q, g_scale = fp8.quantize_rows(grad.reshape(-1, grad.shape[-1]).float() * w_scale[None])

@@ -141,7 +141,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
         if name == "fp8":
             kbit = model_args is not None and (model_args.load_in_4bit or model_args.load_in_8bit)
             why = ("an 8-bit base keeps bitsandbytes' kernels" if kbit and model_args.load_in_8bit else
-                   "a 4-bit base multiplies in FP8 through torch_nf4 and compile"
+                   "a 4-bit base takes FP8 only through torch_nf4 with compile"
                    if kbit and not {"torch_nf4", "compile"} <= set(names) else
                    "the base is trained (no LoRA)" if model_args is not None and not model_args.use_peft else
                    torch.cuda.is_available() and fp8.device_supports_fp8("cuda"))

@@ -351,8 +351,8 @@ PROFILE_CATEGORIES = (
 
 def memory_step_callback(torch, step: int, out: dict, cuda: bool = True):
     """A trainer callback that records the allocations of optimizer step `step` (0-based) into `out`
-    (`memory_peak.summarize`: the step's peak and what holds it): the CUDA allocator's history, or on a CPU every
-    tensor storage the step's ops create (`memory_peak.CpuRecorder`)."""
+    (`memory_peak.summarize`: the step's peak and what holds it): the CUDA allocator's history, or on a CPU the
+    profiler's allocation events (`memory_peak.CpuRecorder`)."""
     import memory_peak
     from transformers import TrainerCallback
 
@@ -636,8 +636,9 @@ def main(argv=None):
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
-    ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step (CUDA: the allocator's history; CPU: tensor storages) "
-                    "after the timed ones and report what holds its peak (benchmarks/memory_peak.py)")
+    ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step after the "
+                    "timed ones (CUDA: the allocator's history; CPU: the profiler's allocation events) and report "
+                    "what holds its peak (benchmarks/memory_peak.py)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved across paths; the "
                     "median (lower middle) is reported with every repeat's tokens/s and their spread")
     ap.add_argument("--seed", type=int, default=0)

@@ -194,3 +194,38 @@ def test_fp8_on_a_gpu_runs_the_fp8_kernels_close_to_bf16(compiled):
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-2)
     for n, g in out[0][1].items():
         assert F.cosine_similarity(out[1][1][n].flatten(), g.flatten(), dim=0) > 0.99, n
+
+
+def test_the_gpus_auto_set_with_fp8_runs_the_stages(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
+    """What a GPU user with `auto,fp8` gets, on the CPU: packed rows, reference first, compiled layers with
+    recomputation and fused LoRA, plus FP8 base layers. SFT's first loss within 1% of the same set without fp8,
+    both falling; DPO from that adapter starts at log 2 and its loss falls."""
+    import torch._dynamo
+
+    from align import dpo, sft
+
+    from .test_dpo import dpo_argv
+    from .test_sft import losses, sft_argv
+
+    gpu_auto = "padding_free,shared_prompt,ref_first,compile,lean,fused_lora"
+    runs = {}
+    try:
+        for spec in (gpu_auto, gpu_auto + ",fp8"):
+            torch._dynamo.reset()
+            runs[spec] = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / f"sft{len(runs)}"), max_steps=4,
+                                           speedups=spec, eval_split_size=0))
+        torch._dynamo.reset()
+        run = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / "dpo"), max_steps=3,
+                                speedups=gpu_auto + ",fp8", eval_split_size=0, sft_adapter=str(tmp_path / "sft1"),
+                                learning_rate=1e-3))
+    finally:
+        import torch._functorch.config as functorch
+
+        functorch.activation_memory_budget = 1.0  # lean's budget is process-wide
+        torch._dynamo.reset()
+    got, want = losses(runs[gpu_auto + ",fp8"]), losses(runs[gpu_auto])
+    assert runs[gpu_auto + ",fp8"].align_speedups == ("padding_free", "compile", "lean", "fused_lora", "fp8")
+    assert got[0] == pytest.approx(want[0], rel=1e-2) and got[-1] < got[0] - 1 and want[-1] < want[0] - 1
+    assert run.align_speedups == ("shared_prompt", "ref_first", "compile", "lean", "fused_lora", "fp8")
+    dpo_losses = losses(run)
+    assert dpo_losses[0] == pytest.approx(math.log(2), abs=1e-6) and dpo_losses[-1] < dpo_losses[0]

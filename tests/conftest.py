@@ -3,6 +3,8 @@
 import json
 import os
 import random
+import signal
+import subprocess
 
 import pytest
 
@@ -85,3 +87,18 @@ def synthetic_preference_rows(n=48, seed=0):
 @pytest.fixture(scope="session")
 def preference_jsonl(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("pref") / "pairs.jsonl", synthetic_preference_rows())
+
+
+def run_launcher(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` for torchrun / accelerate launches: the launcher runs
+    in its own session, and a timeout kills the whole session (its worker processes too, which `subprocess.run`
+    would leave running) before `TimeoutExpired` is raised with the output so far."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from align import config, dpo, launch, modeling, rm, sft
 from align.manifest import read_json
 
-from .conftest import REPO
+from .conftest import REPO, run_launcher
 from .test_dpo import dpo_argv
 from .test_rm import rm_argv
 from .test_sft import sft_argv
@@ -554,8 +554,8 @@ def test_fsdp2_keeps_fp32_log_probs_and_gradient_reduction(tmp_path):
     seen = {}
     for mode in ("stock", "fix"):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-        proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "1", str(script), mode], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=300, check=False)
+        proc = run_launcher([torchrun, "--standalone", "--nproc_per_node", "1", str(script), mode], timeout=300,
+                            cwd=REPO, env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         seen[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["stock"]["dtype"] == "torch.bfloat16" and seen["stock"]["max_err"] > 0.01, seen  # rounded
@@ -706,21 +706,10 @@ def test_two_cpu_processes_train_the_one_process_adapter(
     (tmp_path / "two_process_runs.py").write_text(TWO_PROCESS_RUNS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            os.path.join(ACCELERATE_DIR, "cpu_2proc.yaml"),
-            str(tmp_path / "two_process_runs.py"),
-            str(tmp_path / "runs.json"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    proc = run_launcher(
+        [ACCELERATE, "launch", "--config_file", os.path.join(ACCELERATE_DIR, "cpu_2proc.yaml"),
+         str(tmp_path / "two_process_runs.py"), str(tmp_path / "runs.json")],
+        timeout=600, cwd=REPO, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -791,7 +780,7 @@ def test_fsdp2_config_two_cpu_processes_train_save_and_match_one_process(tiny_ll
     env = dict(os.environ, OMP_NUM_THREADS="1", **FSDP2_ENV)
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "align/sft.py"] + sft_argv(
         tiny_llama, chat_jsonl, two, per_device_train_batch_size=2, **common)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    proc = run_launcher(cmd, timeout=400, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert launch.check_saved_adapter(two)["tensors"] > 0
     history = read_json(os.path.join(two, "trainer_state.json"))["log_history"]
@@ -806,7 +795,7 @@ def test_fsdp2_config_two_cpu_processes_train_save_and_match_one_process(tiny_ll
                       **common))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "align/dpo.py"] + dpo_argv(
         tiny_llama, preference_jsonl, dpo_two, per_device_train_batch_size=2, sft_adapter=one, **common)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    proc = run_launcher(cmd, timeout=400, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = read_json(os.path.join(dpo_two, "run.json"))["metrics"]
     assert metrics["before_eval_loss"] == pytest.approx(0.6931472, abs=1e-5)  # reference = policy at step 0
@@ -818,7 +807,7 @@ def test_fsdp2_config_two_cpu_processes_train_save_and_match_one_process(tiny_ll
     rm.main(rm_argv(tiny_llama, preference_jsonl, rm_one, per_device_train_batch_size=4, **common))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "align/rm.py"] + rm_argv(
         tiny_llama, preference_jsonl, rm_two, per_device_train_batch_size=2, **common)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400, check=False)
+    proc = run_launcher(cmd, timeout=400, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert any("score" in k for k in load_file(os.path.join(rm_two, "adapter_model.safetensors")))
     assert max_diff(rm_one, rm_two) < FSDP2_ATOL
@@ -859,3 +848,30 @@ def test_launch_matrix_random_rows_fit_and_references_spread_over_gpus(tmp_path,
             for w in waves]
     assert gpus == [["0", "1"], ["0"], [None], [None]]
     assert [len(w) for w in launch_matrix.waves(jobs, 2)] == [2, 2, 1]  # --parallel 2: plain groups
+
+
+def test_a_timed_out_launch_takes_its_workers_with_it():
+    """tests' `run_launcher`: on a timeout the launcher's whole session is killed, the worker it started too
+    (`subprocess.run` kills only the launcher and leaves its workers running), and the output so far comes with
+    the `TimeoutExpired`."""
+    import time
+
+    launcher = ("import subprocess, sys, time\n"
+                "w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+                "print(w.pid, flush=True)\n"
+                "time.sleep(120)\n")
+    with pytest.raises(subprocess.TimeoutExpired) as err:
+        run_launcher([sys.executable, "-c", launcher], timeout=5)
+    worker = int(err.value.stdout.split()[0])
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while running(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not running(worker)

@@ -3,7 +3,6 @@ reward adapters untouched, shared-base reward equal to RewardScorer), resume, an
 
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from align.rl import rewards
 from align.rl import roles as roles_lib
 from align.testing import make_tiny_model
 
-from .conftest import REPO
+from .conftest import REPO, run_launcher
 from .test_rm import rm_argv
 from .test_sft import base_state, sft_argv
 
@@ -311,20 +310,16 @@ def test_two_processes_keep_the_same_adapters(word_model, preference_jsonl, tmp_
         out = str(tmp_path / f"ddp{attempt}")
         cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "align/ppo.py"] + ppo_argv(
             word_model, preference_jsonl, out, max_steps=2, per_device_train_batch_size=2, mini_batch_size=1)
-        # its own session, so a timeout kills torchrun's workers too, not torchrun alone (orphans kept running)
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=300)
+            proc = run_launcher(cmd, timeout=300, cwd=REPO, env=env)
             break
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        except subprocess.TimeoutExpired as err:
             if attempt == 1:
                 raise
-            print(f"2-process PPO run timed out, retrying: {proc.communicate()[0][-2000:]}")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    hashes = dict(re.findall(r"ppo: process (\d) trainable weights sha256 ([0-9a-f]{64})", stdout))
-    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], stdout[-2000:]
+            print(f"2-process PPO run timed out, retrying: {str(err.stdout)[-2000:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hashes = dict(re.findall(r"ppo: process (\d) trainable weights sha256 ([0-9a-f]{64})", proc.stdout))
+    assert set(hashes) == {"0", "1"} and hashes["0"] == hashes["1"], proc.stdout[-2000:]
     run = read_json(os.path.join(out, "run.json"))
     assert run["processes"] == 2 and run["trainable_sha256"] == hashes["0"]
     saved = load_file(os.path.join(out, "adapter_model.safetensors"))

@@ -70,8 +70,9 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
 
 def saved_activation_mib(model, forward) -> float:
     """MiB that autograd saves for the backward while `forward()` runs: each storage once, `model`'s own weights
-    left out (saved too, but not activations). The output is held until counted: its graph keeps them alive."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    and buffers left out (saved too, but resident anyway: e.g. the FP8 layers' transposed weights, `align/fp8.py`).
+    The output is held until counted: its graph keeps them alive."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict = {}
 
     def pack(t):

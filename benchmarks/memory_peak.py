@@ -2,7 +2,7 @@
 there grouped by the code that allocated them.
 
     rec = memory_peak.Recorder(torch)      # CUDA: torch.cuda.memory._record_memory_history with Python stacks
-    rec = memory_peak.CpuRecorder(torch)   # CPU: every tensor storage an op creates, freed when torch frees it
+    rec = memory_peak.CpuRecorder(torch)   # CPU: torch.profiler's allocation events (address, size, Python frames)
     rec.start(); <one training step>; summary = rec.stop()
 
 `summary`: {"peak_gib": allocated at the step's peak (what was live before the step plus the step's own

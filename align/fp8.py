@@ -20,6 +20,7 @@ adapter switched off) runs through the same FP8 base, so the policy and the refe
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -119,10 +120,23 @@ def is_fp8(module) -> bool:
 
 
 def device_supports_fp8(device) -> str | None:
-    """Why FP8 matmuls do not run fast on `device`, or None."""
+    """Why FP8 matmuls do not run (fast) on `device`, or None. On a CPU they run (slowly: for tests) where this
+    torch's `_scaled_mm` takes row-wise scales there (torch 2.13 does; 2.11 takes one scale per tensor only)."""
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
         return f"compute capability {torch.cuda.get_device_capability(device)} < {MIN_CAPABILITY}"
+    if device.type == "cpu":
+        return _cpu_rowwise_missing()
+    return None
+
+
+@functools.cache
+def _cpu_rowwise_missing() -> str | None:
+    a = torch.ones(16, 16).to(E4M3)
+    try:
+        _mm(a, torch.ones(16, 1), a, torch.ones(1, 16), torch.bfloat16, fast_accum=False)
+    except RuntimeError:
+        return f"torch {torch.__version__} has no row-wise FP8 matmul on the CPU (one scale per tensor only)"
     return None
 
 

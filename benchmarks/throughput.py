@@ -53,6 +53,9 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 # per shape: model config, SFT batch x length, DPO pairs per batch and prompt / completion lengths
 SHAPES = {
     "tiny": dict(config=TINY, batch=2, seq=64, pairs=2, prompt=32, completion=32),
+    # Llama-3.2-1B's 16 layers at tiny widths: on a CPU a step's time is then mostly the host's (Python, dispatch),
+    # the part a GPU waits for when it is idle
+    "host1b": dict(config=dict(TINY, num_hidden_layers=16), batch=4, seq=64, pairs=4, prompt=32, completion=32),
     # SmolLM2-135M's shape, sized for a CPU run (its vocabulary head is a fifth of the model)
     "smollm2": dict(config=SMOLLM2_135M, batch=2, seq=512, pairs=2, prompt=256, completion=256),
     "1b": dict(config=LLAMA_1B, batch=4, seq=2048, pairs=4, prompt=1024, completion=1024),
@@ -604,6 +607,17 @@ def gpu_tag(device: str) -> str:
     return "cpu" if d == "cpu" else "".join(c if c.isalnum() else "_" for c in d)[:24]
 
 
+def _model_config(text: str) -> dict:
+    """`key=value,...` (ints, floats, true/false) as a dict."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model_config: {item!r} is not key=value")
+        out[k.strip()] = json.loads(v.lower() if v.lower() in ("true", "false") else v)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="sft_lora,sft_qlora,dpo_lora", help=f"comma list of {', '.join(CASES)}")
@@ -620,6 +634,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, help="SFT rows per batch (default: the shape's)")
     ap.add_argument("--pairs", type=int, help="DPO pairs per batch (default: the shape's)")
     ap.add_argument("--seq", type=int, help="SFT row length; DPO prompt and completion are half of it each")
+    ap.add_argument("--model_config", default="",
+                    help="`key=value,...` over the shape's model config (e.g. num_hidden_layers=2,vocab_size=32768)")
     ap.add_argument("--lr", type=float, default=2e-4, help="SFT learning rate")
     ap.add_argument("--dpo_lr", type=float, default=5e-6, help="DPO learning rate (higher makes the DPO loss jump "
                     "around on random data, and the loss comparison meaningless)")
@@ -671,6 +687,9 @@ def main(argv=None):
         if shape not in SHAPES or case not in CASES:
             raise SystemExit(f"unknown shape or case {shape}:{case}; shapes {list(SHAPES)}, cases {list(CASES)}")
         shape_cfg = dict(SHAPES[shape])
+        named = f"{shape}[{args.model_config}]" if args.model_config else shape  # its own rows in the results
+        if args.model_config:
+            shape_cfg["config"] = {**shape_cfg["config"], **_model_config(args.model_config)}
         for k in ("batch", "pairs"):
             if getattr(args, k):
                 shape_cfg[k] = getattr(args, k)
@@ -681,7 +700,7 @@ def main(argv=None):
         for path in [p for _ in range(args.repeats) for p in paths]:  # interleaved: stock, align, stock, align...
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
-            spec = dict(shape=shape, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
+            spec = dict(shape=named, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
                         rows=rows_per_step * (args.steps + args.warmup + args.profile + args.memory_step),
                         align_options=options, data=args.data, memory_step=args.memory_step,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,

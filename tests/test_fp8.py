@@ -11,11 +11,18 @@ from align import config, fp8, fused_lora, speed
 
 from .test_speed import VOCAB, tiny_lora_model
 
+# row-wise FP8 matmuls on this machine's CPU (the tiny models' device) and on the stages' device
+on_cpu = pytest.mark.skipif(fp8.device_supports_fp8("cpu") is not None, reason=str(fp8.device_supports_fp8("cpu")))
+STAGE_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+on_stage_device = pytest.mark.skipif(fp8.device_supports_fp8(STAGE_DEVICE) is not None,
+                                     reason=str(fp8.device_supports_fp8(STAGE_DEVICE)))
+
 
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@on_cpu
 def test_fp8_linear_is_close_to_the_bf16_matmul_in_the_fp8_kernels_layouts(monkeypatch):
     """Forward and input gradient within FP8 rounding of bf16 (measured 3.7% relative, e4m3 has 3 mantissa bits);
     every `_scaled_mm` gets what the CUDA kernels require (a row-major e4m3 left operand, a column-major right one,
@@ -63,6 +70,7 @@ def _batch():
     return torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
 
 
+@on_cpu
 def test_fp8_base_trains_only_the_adapter_and_keeps_the_loss():
     """On a tiny LoRA Llama: all 14 base layers go to FP8 and hold 2 bytes per weight (the two e4m3 copies) with no
     floating-point copy of the weight left; the loss is within 1% of the fp32 model's and the LoRA gradients point
@@ -104,6 +112,7 @@ def test_fp8_base_trains_only_the_adapter_and_keeps_the_loss():
         t.view(torch.uint8)) for b, (w, t) in zip(bases, before_fp8))
 
 
+@on_cpu
 def test_fp8_layers_save_no_more_activations_than_bf16_ones():
     """The FP8 base matmul keeps nothing of `x` for its backward (only the resident weight copies): a compiled
     tiny bf16 LoRA model with `fused_lora` saves the same activation bytes with and without `fp8`."""
@@ -134,6 +143,7 @@ def test_fp8_layers_save_no_more_activations_than_bf16_ones():
     assert saved[0] > 0 and saved[1] <= saved[0], saved
 
 
+@on_cpu
 def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
     """`compile` + `fused_lora` + `fp8` (inductor on the CPU): the eager FP8 model's log-probs (measured equal to
     1e-6) and LoRA gradients (0.3% apart: the compiled quantization rounds in another order), no graph break."""
@@ -161,8 +171,12 @@ def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
         assert _rel(results[1][1][n], g) < 2e-2, n
 
 
-def test_resolve_leaves_fp8_out_where_it_does_not_apply():
+def test_resolve_leaves_fp8_out_where_it_does_not_apply(monkeypatch):
     lora = config.ModelArguments(model_name_or_path="m", use_peft=True)
+    monkeypatch.setattr(fp8, "device_supports_fp8", lambda device: "no FP8 here")
+    assert speed.resolve("fp8", "sft", lora) == ()  # a device without (row-wise) FP8 matmuls
+    monkeypatch.setattr(fp8, "device_supports_fp8", lambda device: None)
+    monkeypatch.setattr(speed, "_torch_version", lambda: (2, 13))  # torch_nf4 on this CPU (test_speed.py)
     assert "fp8" in speed.resolve("fp8", "sft", lora)
     assert "fp8" not in speed.resolve("auto", "sft", lora)  # opt-in: it changes the numerics
     for kbit in ({"load_in_4bit": True}, {"load_in_8bit": True}, {"use_peft": False}):
@@ -172,6 +186,7 @@ def test_resolve_leaves_fp8_out_where_it_does_not_apply():
     assert speed.resolve("compile,torch_nf4,fp8", "sft", qlora) == ("compile", "torch_nf4", "fp8")
 
 
+@on_stage_device
 def test_stages_with_fp8_keep_the_losses_and_dpo_starts_at_log2(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
     """SFT with the FP8 base: the first loss within 1% of the plain run's, the mean over 6 steps at learning rate
     3e-2 within 2% (the two runs' paths drift apart step by step: measured 0.7% and 0.1%, last step 3%), falling as
@@ -226,6 +241,7 @@ def test_fp8_on_a_gpu_runs_the_fp8_kernels_close_to_bf16(compiled):
         assert F.cosine_similarity(out[1][1][n].flatten(), g.flatten(), dim=0) > 0.99, n
 
 
+@on_stage_device
 def test_the_gpus_auto_set_with_fp8_runs_the_stages(tiny_llama, chat_jsonl, preference_jsonl, tmp_path):
     """What a GPU user with `auto,fp8` gets, on the CPU: packed rows, reference first, compiled layers with
     recomputation and fused LoRA, plus FP8 base layers. SFT's first loss within 1% of the same set without fp8,

@@ -121,6 +121,12 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
         "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")  # no LM head in a reward model
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch 2.11's CPU compiler gets torch_nf4 wrong
+    monkeypatch.setattr(speed, "_torch_version", lambda: (2, 11))
+    assert speed.resolve("compile,torch_nf4", "sft", model_args, one) == ("compile",)
+    monkeypatch.setattr(speed, "_torch_version", lambda: (2, 13))
+    assert speed.resolve("compile,torch_nf4", "sft", model_args, one) == ("compile", "torch_nf4")
 
 
 @pytest.mark.parametrize("head_grad", [False, True])  # TRL's head kernel; the gradient built in the forward
@@ -788,7 +794,7 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
 
 def test_throughput_repeats_report_the_median_run_and_the_spread():
     """`--repeats`: a path's runs become the run with the median tokens/s (its own losses and memory), with every
-    repeat's tokens/s and the spread; one failed repeat fails the path."""
+    repeat's tokens/s and the spread; one failed repeat fails the path. `--model_config` parses key=value."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
@@ -803,6 +809,11 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert throughput.median_run(runs[:2])["tokens_per_s"] == 90.0  # an even count takes the lower middle
     assert "error" in throughput.median_run(runs + [dict(path="align", error="boom", wall_s=1.0)])
     assert throughput.median_run(runs[:1]) is runs[0]
+    # --model_config: the shape's model config changed key by key (ints, floats, booleans)
+    assert throughput._model_config("num_hidden_layers=2,rms_norm_eps=1e-6,tie_word_embeddings=False") == dict(
+        num_hidden_layers=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    with pytest.raises(SystemExit, match="not key=value"):
+        throughput._model_config("num_hidden_layers")
 
 
 def test_memory_peak_replays_the_allocator_history_to_its_peak():

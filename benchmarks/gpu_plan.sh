@@ -7,7 +7,7 @@
 # carrying .whl (bash ../shared/tools/gpu-wheels.sh) and .cache/test-tokenizer (benchmarks/README.md). Then merge
 # each call's throughput JSON into benchmarks/results/throughput_<gpu>.json with `throughput.py --merge`.
 #
-#   fp8_a    CUDA tests of the FP8 / NF4 paths, then fp8 against stock and auto: 1B SFT LoRA and 1B DPO, 2 repeats
+#   fp8_a    CUDA tests of the FP8 / NF4 paths, then fp8 against stock and auto: 1B SFT LoRA and 1B DPO
 #   fp8_b    the same for 8B SFT LoRA and 8B SFT QLoRA
 #   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
@@ -24,7 +24,7 @@ case $CALL in
   fp8_a)
     $PY -m pytest -q tests/test_fp8.py tests/test_nf4.py tests/test_speed_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align --align_variants "$FP8" \
-        --repeats 2 $W --timeout 150 --out "$OUT" ;;
+        $W --timeout 150 --out "$OUT" ;;
   fp8_b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT" ;;
@@ -33,9 +33,11 @@ case $CALL in
         --timeout 150 --out "$OUT"
     [ -d .cache/models/SmolLM2-135M-Instruct ] && $PY benchmarks/fp8_numerics.py --out "$OUT/fp8_numerics.json" ;;
   memory)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align \
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --memory_step $W --timeout 200 \
+        --out "$OUT/auto"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align_noref --memory_step $W --timeout 200 \
         --align_variants "noref=padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4" \
-        --memory_step $W --timeout 200 --out "$OUT" ;;
+        --out "$OUT/noref" ;;
   host)
     $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 \
         --timing window --timeout 120 --out "$OUT" ;;

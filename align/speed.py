@@ -65,6 +65,11 @@ Options (a comma-separated list, `auto`, or `none`):
   where an NF4 (QLoRA) base moves it 12.7% (KL 0.25; `benchmarks/fp8_numerics.py`). The DPO reference goes through the
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
   separate reference model.
+- `cudagraphs` (with `compile`, CUDA; opt-in, not yet measured): the compiled layers run as CUDA graphs
+  (`torch.compile` mode `reduce-overhead`): each layer's kernels are replayed with one launch instead of one launch
+  per kernel, for steps whose GPU waits on the host. Graphs are recorded per shape, so it is meant for fixed-length
+  rows; layers compiled with dynamic shapes (lengths that vary) run without graphs. The graphs keep their own memory
+  pool, so the peak can grow.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -86,6 +91,7 @@ import itertools
 import logging
 
 import torch
+from transformers import TrainerCallback
 
 from align import fp8, fused_lora, packed_attention
 from align import head_grad as grad_in_forward
@@ -93,7 +99,7 @@ from align import head_grad as grad_in_forward
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking", "fp8", "ref_first")
+           "head_grad", "non_blocking", "fp8", "ref_first", "cudagraphs")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
@@ -153,14 +159,14 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: torch_nf4 left out (torch %s's CPU compiler gets it wrong; 2.13 does not)",
                         torch.__version__)
             continue
-        if name in ("lean", "torch_nf4") and "compile" not in names:
+        if name in ("lean", "torch_nf4", "cudagraphs") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)
             continue
         if name == "head_grad" and _PACKED_HEAD.get(stage) not in names:
             logger.info("speedups: head_grad works through align's own LM head (%s); left out",
                         _PACKED_HEAD.get(stage, "not in this stage"))
             continue
-        if name in ("liger", "non_blocking") and not torch.cuda.is_available():
+        if name in ("liger", "non_blocking", "cudagraphs") and not torch.cuda.is_available():
             logger.info("speedups: %s needs a CUDA GPU; left out", name)
             continue
         kept.append(name)
@@ -277,7 +283,9 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         nf4.use_torch_nf4(model, fp8="fp8" in options)
     budget = lean_budget(trainer, lean_memory_budget) if "lean" in options else None
     if "compile" in options:
-        compile_layers(model, memory_budget=budget)
+        compile_layers(model, memory_budget=budget, cudagraphs="cudagraphs" in options)
+        if "cudagraphs" in options:
+            trainer.add_callback(_CudaGraphSteps())
     trainer.align_speedups = tuple(options)
     trainer.align_lean_memory_budget = budget
 
@@ -632,10 +640,11 @@ def _reward_pair_forward(inner, model, kwargs, plan=None):
 
 # --- compile -------------------------------------------------------------------------------------------------
 
-def compile_layers(model, memory_budget: float | None = None) -> None:
+def compile_layers(model, memory_budget: float | None = None, cudagraphs: bool = False) -> None:
     """`torch.compile` each decoder layer in place. With `inline_inbuilt_nn_modules` (torch >= 2.5) the layers share
     one compiled graph; shapes that vary between batches are compiled as dynamic after the first change.
-    `memory_budget` (0-1): the fraction of the activations the partitioner may save (the rest is recomputed)."""
+    `memory_budget` (0-1): the fraction of the activations the partitioner may save (the rest is recomputed).
+    `cudagraphs`: run the compiled layers as CUDA graphs (mode `reduce-overhead`), except dynamic-shape ones."""
     import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
@@ -644,6 +653,16 @@ def compile_layers(model, memory_budget: float | None = None) -> None:
     # Round to bf16 where eager rounds: the policy (training graph) and the reference (no-grad graph, adapter off)
     # then give the same log-probabilities at step 0, as in eager mode, instead of differing by fusion choices.
     inductor.emulate_precision_casts = True
+    if cudagraphs:
+        inductor.triton.cudagraph_skip_dynamic_graphs = True  # one recording per length would pile up memory
     backbone = getattr(model, model.base_model_prefix)
     for layer in backbone.layers:
-        layer.compile()
+        layer.compile(mode="reduce-overhead" if cudagraphs else None)
+
+
+class _CudaGraphSteps(TrainerCallback):
+    """Each optimizer step starts a new CUDA-graph generation (`cudagraph_mark_step_begin`), so the graphs' output
+    buffers of the last step may be reused (torch's rule for loops over graphed code)."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()

@@ -12,7 +12,8 @@
 #   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
-#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide
+#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; and the
+#            `cudagraphs` option (compiled layers replayed as CUDA graphs) there and on the 1B shape
 set -eu
 CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|memory|host}
 OUT=${OUT:-/tmp/out}/$CALL
@@ -39,7 +40,10 @@ case $CALL in
         --align_variants "noref=padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4" \
         --out "$OUT/noref" ;;
   host)
-    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 \
-        --timing window --timeout 120 --out "$OUT" ;;
+    $PY -m pytest -q tests/test_speed_cuda.py -k cudagraphs 2>&1 | tail -5 | tee "$OUT/tests.txt"
+    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align \
+        --align_variants "cg=auto,cudagraphs" --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT/host"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --align_variants "cg=auto,cudagraphs" \
+        $W --timeout 150 --out "$OUT/1b" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -58,6 +58,7 @@ def test_resolve():
     assert speed.resolve("lean", "sft") == ()  # lean works through compile
     if not torch.cuda.is_available():
         assert speed.resolve("non_blocking,liger", "sft") == ()  # GPU only
+        assert speed.resolve("compile,cudagraphs", "sft") == ("compile",)
     if not torch.cuda.is_available():  # CPU: the packed rows and their LM head (measured on 2 cores)
         assert speed.resolve("auto", "sft") == ("padding_free", "head_grad")
         assert speed.resolve("auto", "dpo") == ("shared_prompt", "ref_first", "head_grad")
@@ -869,3 +870,31 @@ def test_cpu_memory_recorder_finds_the_peak_and_who_holds_it():
     site, gib = summary["by_site"][0]
     assert "_allocate_and_free" in site and gib == pytest.approx(3.0, abs=0.002), summary
     assert kept[0].nbytes == 2 * 2**30
+
+
+def test_cudagraphs_compiles_the_layers_to_replay_as_graphs_and_marks_each_step(monkeypatch):
+    """`cudagraphs`: kept only with compile on a CUDA GPU; each decoder layer compiled in mode `reduce-overhead`
+    (dynamic-shape graphs left without graphs) and each optimizer step starts a new graph generation. The GPU run
+    itself: tests/test_speed_cuda.py."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert speed.resolve("compile,cudagraphs", "sft") == ("compile", "cudagraphs")
+    assert speed.resolve("cudagraphs", "dpo") == ()  # works through compile
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert speed.resolve("compile,cudagraphs", "dpo") == ("compile",)
+
+    import torch._inductor.config as inductor
+
+    modes = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw.get("mode")))
+    monkeypatch.setattr(inductor.triton, "cudagraph_skip_dynamic_graphs", False)
+    base, _ = tiny_lora_model()
+    speed.compile_layers(base)
+    assert modes == [None, None]
+    speed.compile_layers(base, cudagraphs=True)
+    assert modes[2:] == ["reduce-overhead"] * 2 and inductor.triton.cudagraph_skip_dynamic_graphs
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    callback = speed._CudaGraphSteps()
+    for _ in range(3):
+        callback.on_step_begin(None, None, None)
+    assert len(marks) == 3

@@ -142,3 +142,43 @@ def test_dpo_first_waits_for_the_gpu_in_trls_metrics(tiny_llama, preference_json
     where = f"steps {steps}, first sync in: {' > '.join(f.name for f in frames)}"
     assert steps[-1] == 2 and frames[-1].name == "_compute_loss", where
     assert frames[-1].filename.replace("\\", "/").endswith("trl/trainer/dpo_trainer.py"), where
+
+
+@cuda
+def test_cudagraphs_replays_the_compiled_layers_with_the_same_losses():
+    """`cudagraphs` on a GPU: the compiled layers of a bf16 LoRA model run as CUDA graphs (none skipped) over four
+    optimizer steps on fixed-length rows, and the losses equal the compiled run without graphs (1e-3)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from .test_speed import VOCAB, tiny_lora_model
+
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    runs = []
+    try:
+        for graphs in (False, True):
+            torch._dynamo.reset()
+            counters.clear()
+            base, model = tiny_lora_model()
+            model = model.cuda().to(torch.bfloat16)
+            speed.compile_layers(base, cudagraphs=graphs)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            losses = []
+            for _ in range(4):
+                if graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                loss = -model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.float().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            from torch._inductor import cudagraph_trees
+
+            manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
+            recorded = manager is not None and sum(len(nodes) for nodes in manager.roots.values())
+            runs.append((losses, dict(counters["inductor"]), recorded))
+    finally:
+        torch._dynamo.reset()
+    assert runs[1][0] == pytest.approx(runs[0][0], abs=1e-3) and runs[1][0][-1] < runs[1][0][0]
+    assert not runs[1][1].get("cudagraph_skips"), runs[1][1]
+    assert not runs[0][2] and runs[1][2], (runs[0][2], runs[1][2])  # graphs recorded with the option only

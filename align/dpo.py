@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+import torch
 from trl import DPOTrainer
 
 from align import config, data, modeling, speed, stacking, training
@@ -50,9 +51,98 @@ class ReferenceFirst:
             self.precompute_ref_logps = False
 
 
-class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, ReferenceFirst, DPOTrainer):
-    """TRL's DPOTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs and computes the
-    reference log-probabilities before the policy forward."""
+class DeferredDPOMetrics(training.DeferredTokenCount):
+    """DPOTrainer mixin: a training step's loss as TRL computes it, its logged metrics kept on the device and read
+    once per log line.
+
+    TRL's `_compute_loss` reads about a dozen numbers on the host after the policy forward (`.item()` per metric,
+    a boolean index for the mean logits, `if count > 0`), each a wait for the GPU: the host cannot queue the
+    backward while the forward runs. Here, for TRL's default loss (`sigmoid`, reverse KL, no length weighting,
+    `ld_alpha` or MoE aux loss), the same loss is computed (the reference first or after the policy forward, as
+    `ReferenceFirst` says) and each metric is appended as a device scalar; `log` reads them all in one transfer
+    before TRL averages them. Evaluation, other loss types and `return_outputs` go to TRL's own `_compute_loss`."""
+
+    def _deferred_dpo_applies(self, return_outputs) -> bool:
+        return (self.model.training and not return_outputs and list(self.loss_types) == ["sigmoid"]
+                and self.f_divergence_type == "reverse_kl" and self.ld_alpha is None and not self.use_weighting
+                and not self.aux_loss_enabled)
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        if not self._deferred_dpo_applies(return_outputs):
+            return super()._compute_loss(model, inputs, return_outputs)
+        reference = self.model if self.ref_model is None else self.ref_model
+        given = self.precompute_ref_logps or "ref_chosen_logps" in inputs
+        if given:
+            ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif getattr(self, "reference_first", False):
+            ref = self.compute_ref_log_probs(reference, inputs)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                                      "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        if not given and not getattr(self, "reference_first", False):  # TRL's order: the reference after
+            ref = self.compute_ref_log_probs(reference, inputs)
+        mask = completion_mask[..., 1:]
+        seq_len = mask.size(1)  # prompt-learning PEFT prepends virtual tokens: keep the real tokens' positions
+        chosen_logps, rejected_logps = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        chosen_logratios, rejected_logratios = chosen_logps - ref[0], rejected_logps - ref[1]
+        loss = -torch.nn.functional.logsigmoid(self.beta * (chosen_logratios - rejected_logratios)).mean()
+        loss = loss * self.loss_weights[0]
+        with torch.no_grad():
+            self._defer_dpo_metrics(inputs, outputs, mask, chosen_logps, rejected_logps,
+                                    self.beta * chosen_logratios, self.beta * rejected_logratios)
+        return loss
+
+    def _defer_dpo_metrics(self, inputs, outputs, mask, chosen_logps, rejected_logps, chosen_rewards,
+                           rejected_rewards) -> None:
+        """TRL's training metrics of one batch (same keys and formulas, gathered the same way), as device scalars."""
+        seq_len = mask.size(1)
+        gather, summed = self.accelerator.gather, (lambda x: self.accelerator.gather_for_metrics(x).sum())
+
+        def ratio(num, den):  # TRL: num / den if den > 0 else 0.0
+            return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+
+        metrics = self._metrics["train"]
+        entropy = outputs.entropy[:, -seq_len:].detach()
+        metrics["entropy"].append(ratio(summed((entropy * mask).sum()).float(), summed(mask.sum())))
+        self._queue_tokens(device_count=inputs["attention_mask"].sum())  # summed over processes when counted
+        chosen_mask, rejected_mask = mask.bool().chunk(2, dim=0)
+        chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)
+        for key, logits, m in (("logits/chosen", chosen_logits, chosen_mask),
+                               ("logits/rejected", rejected_logits, rejected_mask)):
+            total = torch.where(m, logits, torch.zeros_like(logits)).sum()  # TRL: logits[m].sum(), a host wait
+            metrics[key].append(ratio(summed(total).float(), summed(m.sum())))
+        chosen_top1 = outputs.is_top1[:, -seq_len:].chunk(2, dim=0)[0]
+        metrics["mean_token_accuracy"].append(ratio(summed((chosen_top1 & chosen_mask).sum()).float(),
+                                                    summed(chosen_mask.sum())))
+        metrics["rewards/chosen"].append(gather(chosen_rewards).mean())
+        metrics["rewards/rejected"].append(gather(rejected_rewards).mean())
+        metrics["rewards/accuracies"].append(gather((chosen_rewards > rejected_rewards).float()).mean())
+        metrics["rewards/margins"].append(gather(chosen_rewards - rejected_rewards).mean())
+        metrics["logps/chosen"].append(gather(chosen_logps).mean())
+        metrics["logps/rejected"].append(gather(rejected_logps).mean())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        queued = [(key, i) for key, values in metrics.items() for i, v in enumerate(values)
+                  if isinstance(v, torch.Tensor)]
+        if queued:  # one read for every queued metric of the logging window
+            values = torch.stack([metrics[k][i].detach().float().reshape(()) for k, i in queued]).tolist()
+            for (key, i), value in zip(queued, values):
+                metrics[key][i] = value
+        if self.model.training:
+            self._count_deferred_tokens()
+            if "num_tokens" in metrics or queued:
+                metrics["num_tokens"] = [self._total_train_tokens]
+        super().log(logs, start_time)
+
+
+class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, DeferredDPOMetrics, ReferenceFirst,
+                     DPOTrainer):
+    """TRL's DPOTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs, reads its training
+    metrics once per log line, and computes the reference log-probabilities before the policy forward."""
 
 
 def main(argv=None):

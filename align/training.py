@@ -199,7 +199,32 @@ class TokenWeightedMetrics(WeightedLoggedMetrics):
         return (labels[..., 1:] != -100).sum()  # a device tensor: WeightedLoggedMetrics reads it at log time
 
 
-class DeferredSFTMetrics:
+class DeferredTokenCount:
+    """The running count of trained tokens TRL logs as `num_tokens`, queued per step (a device tensor, or a length
+    known on the host) and added up at a log line or before an evaluation: TRL reads it on the host every step."""
+
+    def _queue_tokens(self, device_count=None, host_count: int = 0) -> None:
+        if device_count is not None:
+            queued = self.__dict__.get("_deferred_tokens")
+            self.__dict__["_deferred_tokens"] = device_count if queued is None else queued + device_count
+        if host_count:
+            self.__dict__["_deferred_host_tokens"] = self.__dict__.get("_deferred_host_tokens", 0) + host_count
+
+    def _count_deferred_tokens(self) -> None:
+        queued = self.__dict__.pop("_deferred_tokens", None)
+        host = self.__dict__.pop("_deferred_host_tokens", None)
+        if queued is None and host is None:  # no training step since the last count (alike on every process)
+            return
+        total = torch.tensor(host or 0, device=self.accelerator.device) + (0 if queued is None else queued)
+        self._total_train_tokens += int(summed_over_processes(self.accelerator, total)) // getattr(
+            self, "_tp_size", 1)
+
+    def evaluate(self, *args, **kwargs):
+        self._count_deferred_tokens()  # TRL logs the running train token count with the evaluation's metrics
+        return super().evaluate(*args, **kwargs)
+
+
+class DeferredSFTMetrics(DeferredTokenCount):
     """SFTTrainer mixin (between the metric weighting and `SFTTrainer`): TRL's training loss with its logged
     entropy, token accuracy and token count kept on the device and read once per log line.
 
@@ -233,13 +258,10 @@ class DeferredSFTMetrics:
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         if "attention_mask" in inputs:  # a device count, summed on the device
-            seen = inputs["attention_mask"].sum()
-            queued = self.__dict__.get("_deferred_tokens")
-            self.__dict__["_deferred_tokens"] = seen if queued is None else queued + seen
+            self._queue_tokens(device_count=inputs["attention_mask"].sum())
         elif "position_ids" in inputs:  # a padding-free row: its length, known on the host (a tensor made from it
             # on the device would be a blocking copy, a wait for the GPU every step)
-            self.__dict__["_deferred_host_tokens"] = (self.__dict__.get("_deferred_host_tokens", 0)
-                                                      + inputs["position_ids"].size(1))
+            self._queue_tokens(host_count=inputs["position_ids"].size(1))
         else:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         with torch.no_grad():
@@ -247,19 +269,6 @@ class DeferredSFTMetrics:
                                 outputs.is_top1.sum().float()])
         self.__dict__.setdefault("_deferred_sums", []).append(sums)
         return loss
-
-    def _count_deferred_tokens(self) -> None:
-        queued = self.__dict__.pop("_deferred_tokens", None)
-        host = self.__dict__.pop("_deferred_host_tokens", None)
-        if queued is None and host is None:  # no training step since the last count (alike on every process)
-            return
-        total = torch.tensor(host or 0, device=self.accelerator.device) + (0 if queued is None else queued)
-        self._total_train_tokens += int(summed_over_processes(self.accelerator, total)) // getattr(
-            self, "_tp_size", 1)
-
-    def evaluate(self, *args, **kwargs):
-        self._count_deferred_tokens()  # TRL logs the running train token count with the evaluation's metrics
-        return super().evaluate(*args, **kwargs)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         pending = self.__dict__.get("_deferred_sums")

@@ -2,6 +2,7 @@
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -180,3 +181,68 @@ def test_ref_first_computes_the_reference_before_the_policy_with_trls_losses(
     got, want = losses(runs["ref_first"]), losses(runs["none"])
     assert got == pytest.approx(want, abs=1e-6) and got[0] == pytest.approx(math.log(2), abs=1e-6)
     assert len(set(want)) == 3  # the policy moved
+
+
+@pytest.mark.parametrize("speedups", ["none", "ref_first", "shared_prompt,ref_first"])
+def test_deferred_training_metrics_log_what_trl_logs(tiny_llama, sft_adapter, preference_jsonl, tmp_path,
+                                                     monkeypatch, speedups):
+    """DPO training steps compute TRL's loss and queue its metrics on the device, read once per log line: the
+    losses, rewards, margins, accuracies, log-probs, mean logits, entropy, token accuracy and token counts logged
+    (windows of 3 steps, evaluations in between) are those of TRL's own `_compute_loss`, and no training step
+    reads a number on the host."""
+    from align.dpo import DeferredDPOMetrics
+
+    real = DeferredDPOMetrics._deferred_dpo_applies
+    used, reads, stepping = [], [], []
+
+    def counted(self, return_outputs):
+        used.append(real(self, return_outputs))
+        return used[-1]
+
+    def run(name):
+        trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / name), sft_adapter=sft_adapter,
+                                    max_steps=6, logging_steps=3, eval_strategy="steps", eval_steps=2,
+                                    eval_split_size=6, learning_rate=1e-2, speedups=speedups))
+        return trainer, [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
+
+    # host reads of a tensor during a training step's loss (item / tolist / bool / boolean index)
+    def watch(name):
+        real_read = getattr(torch.Tensor, name)
+
+        def read(t):
+            if stepping and stepping[-1]:
+                caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+                reads.append(f"{name} in {'/'.join(caller.split('/')[-2:])}")
+            return real_read(t)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__"):
+        watch(name)
+    loss_of = DeferredDPOMetrics._compute_loss
+
+    def watched(self, model, inputs, return_outputs):
+        stepping.append(self.model.training)
+        try:
+            return loss_of(self, model, inputs, return_outputs)
+        finally:
+            stepping.clear()
+
+    monkeypatch.setattr(DeferredDPOMetrics, "_compute_loss", watched)
+    monkeypatch.setattr(DeferredDPOMetrics, "_deferred_dpo_applies", counted)
+    trainer, deferred = run("deferred")
+    assert used.count(True) == 6 and not trainer._metrics["train"]
+    train_reads = list(reads)
+    monkeypatch.setattr(DeferredDPOMetrics, "_deferred_dpo_applies", lambda self, return_outputs: False)
+    reads.clear()
+    _, stock = run("stock")
+    assert len(reads) > 6 * 10, len(reads)  # TRL: a dozen host reads per training step (and in evaluation)
+    assert [sorted(h) for h in deferred] == [sorted(h) for h in stock]
+    assert sum("loss" in h for h in deferred) == 2 and sum("eval_loss" in h for h in deferred) >= 3
+    for d, s in zip(deferred, stock):
+        for key in (k for k in d if not any(t in k for t in ("runtime", "per_second", "_time"))):
+            assert d[key] == pytest.approx(s[key], rel=1e-5, abs=1e-6), key
+    train = [h for h in deferred if "loss" in h]
+    assert train[0]["num_tokens"] > 0 and train[1]["num_tokens"] > train[0]["num_tokens"]
+    assert train[0]["rewards/margins"] != 0.0 and 0.0 <= train[1]["rewards/accuracies"] <= 1.0
+    # none at all with the shared-prompt row; else transformers' attention-mask checks in the model's forward
+    assert not [r for r in train_reads if "shared_prompt" in speedups or "masking_utils" not in r], train_reads

@@ -127,21 +127,22 @@ def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, mon
 
 
 @cuda
-def test_dpo_first_waits_for_the_gpu_in_trls_metrics(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
-    """DPO with the shared-prompt row and non-blocking batches: after step 2, the first wait for the GPU is in
-    TRL's DPO loss, where it reads its metrics on the host (`.item()`, about a dozen per step), in step 3, after
-    align's batch copy, layout and packed forward. Measured on an H200 (2026-12-03). When TRL defers those reads
-    (or align does), this fails: then assert no sync until the log line, as the SFT test does."""
+def test_no_gpu_sync_between_dpo_log_lines(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """DPO with the shared-prompt row, reference first and non-blocking batches: from the end of step 2 to the log
+    line of step 6 nothing waits for the GPU; the first synchronizing call is the log line reading the queued
+    metrics. Until align's `DeferredDPOMetrics`, it was TRL's DPO loss reading its metrics on the host (`.item()`,
+    about a dozen per step) in step 3 (measured on an H200, 2026-12-03)."""
     from align import dpo
 
     from .test_dpo import dpo_argv
 
     steps, frames = first_sync(dpo.main, dpo_argv(
         tiny_llama, preference_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
-        speedups="shared_prompt,fused_lora,non_blocking"), monkeypatch)
-    where = f"steps {steps}, first sync in: {' > '.join(f.name for f in frames)}"
-    assert steps[-1] == 2 and frames[-1].name == "_compute_loss", where
-    assert frames[-1].filename.replace("\\", "/").endswith("trl/trainer/dpo_trainer.py"), where
+        speedups="shared_prompt,ref_first,fused_lora,non_blocking"), monkeypatch)
+    names = [f.name for f in frames]
+    where = f"steps {steps}, first sync in: {' > '.join(names)}"
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where  # the log line after step 6
+    assert not {"training_step", "_shared_prompt_forward", "_compute_loss"} & set(names), where
 
 
 @cuda

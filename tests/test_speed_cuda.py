@@ -107,6 +107,14 @@ def first_sync(main, argv, monkeypatch):
     return steps, frames
 
 
+def assert_first_sync_is_the_log_line(steps, frames, step_frames):
+    """The first wait `first_sync` found is the log line after step 6, not inside a training step."""
+    names = [f.name for f in frames]
+    where = f"steps {steps}, first sync in: {' > '.join(names)}"
+    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where
+    assert not ({"training_step"} | step_frames) & set(names), where
+
+
 @cuda
 def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
     """From the end of step 2 to the log line of step 6, nothing waits for the GPU (batch copy, NaN guard, deferred
@@ -120,10 +128,7 @@ def test_no_gpu_sync_between_sft_log_lines(tiny_llama, chat_jsonl, tmp_path, mon
     steps, frames = first_sync(sft.main, sft_argv(
         tiny_llama, chat_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="padding_free,fused_lora,non_blocking"), monkeypatch)
-    names = [f.name for f in frames]
-    where = f"steps {steps}, first sync in: {' > '.join(names)}"
-    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where  # the log line after step 6
-    assert not {"training_step", "_packed_sample_forward", "compute_loss"} & set(names), where
+    assert_first_sync_is_the_log_line(steps, frames, {"_packed_sample_forward", "compute_loss"})
 
 
 @cuda
@@ -139,10 +144,7 @@ def test_no_gpu_sync_between_dpo_log_lines(tiny_llama, preference_jsonl, tmp_pat
     steps, frames = first_sync(dpo.main, dpo_argv(
         tiny_llama, preference_jsonl, str(tmp_path / "out"), max_steps=6, logging_steps=6, eval_split_size=0,
         speedups="shared_prompt,ref_first,fused_lora,non_blocking"), monkeypatch)
-    names = [f.name for f in frames]
-    where = f"steps {steps}, first sync in: {' > '.join(names)}"
-    assert steps[-1] == 6 and "_maybe_log_save_evaluate" in names, where  # the log line after step 6
-    assert not {"training_step", "_shared_prompt_forward", "_compute_loss"} & set(names), where
+    assert_first_sync_is_the_log_line(steps, frames, {"_shared_prompt_forward", "_compute_loss"})
 
 
 @cuda

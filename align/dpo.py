@@ -39,10 +39,14 @@ class ReferenceFirst:
 
     reference_first = False
 
+    def reference_model(self):
+        """What TRL's reference forward runs: the policy model (its adapter switched) or a separate model."""
+        return self.model if self.ref_model is None else self.ref_model
+
     def _compute_loss(self, model, inputs, return_outputs):
         if not self.reference_first or self.precompute_ref_logps or "ref_chosen_logps" in inputs:
             return super()._compute_loss(model, inputs, return_outputs)
-        chosen, rejected = self.compute_ref_log_probs(self.model if self.ref_model is None else self.ref_model, inputs)
+        chosen, rejected = self.compute_ref_log_probs(self.reference_model(), inputs)
         self.precompute_ref_logps = True  # read by TRL's loss for this call only
         try:
             return super()._compute_loss(model, dict(inputs, ref_chosen_logps=chosen, ref_rejected_logps=rejected),
@@ -70,7 +74,7 @@ class DeferredDPOMetrics(training.DeferredTokenCount):
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._deferred_dpo_applies(return_outputs):
             return super()._compute_loss(model, inputs, return_outputs)
-        reference = self.model if self.ref_model is None else self.ref_model
+        reference = self.reference_model()  # ReferenceFirst's
         given = self.precompute_ref_logps or "ref_chosen_logps" in inputs
         if given:
             ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]

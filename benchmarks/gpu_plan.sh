@@ -7,13 +7,14 @@
 # carrying .whl (bash ../shared/tools/gpu-wheels.sh) and .cache/test-tokenizer (benchmarks/README.md). Then merge
 # each call's throughput JSON into benchmarks/results/throughput_<gpu>.json with `throughput.py --merge`.
 #
-#   fp8_a    CUDA tests of the FP8 / NF4 paths, then fp8 against stock and auto: 1B SFT LoRA and 1B DPO
+#   fp8_a    CUDA tests of the FP8 / NF4 / cudagraphs paths, then fp8 and cudagraphs against stock and auto: 1B SFT
+#            LoRA and 1B DPO (results are written after every run: a call cut short keeps what it measured)
 #   fp8_b    the same for 8B SFT LoRA and 8B SFT QLoRA
 #   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
-#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; and the
-#            `cudagraphs` option (compiled layers replayed as CUDA graphs) there and on the 1B shape
+#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; with and
+#            without the `cudagraphs` option (compiled layers replayed as CUDA graphs)
 set -eu
 CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|memory|host}
 OUT=${OUT:-/tmp/out}/$CALL
@@ -24,8 +25,8 @@ mkdir -p "$OUT"
 case $CALL in
   fp8_a)
     $PY -m pytest -q tests/test_fp8.py tests/test_nf4.py tests/test_speed_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align --align_variants "$FP8" \
-        $W --timeout 150 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align \
+        --align_variants "$FP8;cg=auto,cudagraphs" $W --timeout 150 --out "$OUT" ;;
   fp8_b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT" ;;
@@ -40,10 +41,7 @@ case $CALL in
         --align_variants "noref=padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4" \
         --out "$OUT/noref" ;;
   host)
-    $PY -m pytest -q tests/test_speed_cuda.py -k cudagraphs 2>&1 | tail -5 | tee "$OUT/tests.txt"
     $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align \
-        --align_variants "cg=auto,cudagraphs" --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT/host"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --align_variants "cg=auto,cudagraphs" \
-        $W --timeout 150 --out "$OUT/1b" ;;
+        --align_variants "cg=auto,cudagraphs" --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -715,8 +715,14 @@ def main(argv=None):
                 f"losses {[round(x, 4) for x in r['losses'][:4]]}")
             print(f"[throughput] {shape} {case} {path}: {msg} ({r['wall_s']} s)", flush=True)
             repeated.setdefault(path, []).append(r)
+            # written after every run, so a run cut short (a device call's time limit) keeps what it measured
+            write_results(args, runs + [median_run(rs) for rs in repeated.values()], quiet=True)
         runs += [median_run(rs) for rs in repeated.values()]
+    return write_results(args, runs)
 
+
+def write_results(args, runs, quiet=False):
+    """Merge `runs` with the earlier results in --out (and --merge files) into throughput_<gpu>.{json,md}."""
     if args.merge and not runs:
         with open(args.merge[0]) as fh:
             runs_meta = json.load(fh)["meta"]
@@ -736,12 +742,13 @@ def main(argv=None):
     result = dict(meta=dict(device=device, versions=versions,
                             argv=sys.argv[1:], goals=GOALS, time=time.strftime("%Y-%m-%d %H:%M:%S"), note=args.note),
                   comparisons=compare(all_runs), runs=all_runs)
-    with open(base + ".json", "w") as fh:
-        json.dump(result, fh, indent=1)
-    with open(base + ".md", "w") as fh:
-        fh.write(markdown(result))
-    print(markdown(result))
-    print(f"[throughput] wrote {base}.json and {base}.md")
+    for ext, text in ((".json", json.dumps(result, indent=1)), (".md", markdown(result))):
+        with open(base + ext + ".tmp", "w") as fh:
+            fh.write(text)
+        os.replace(base + ext + ".tmp", base + ext)
+    if not quiet:
+        print(markdown(result))
+        print(f"[throughput] wrote {base}.json and {base}.md")
     return 1 if any("error" in r for r in runs) else 0
 
 

@@ -11,12 +11,13 @@
 #            LoRA and 1B DPO (results are written after every run: a call cut short keeps what it measured)
 #   fp8_b    the same for 8B SFT LoRA and 8B SFT QLoRA
 #   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
+#   p2       the shortest second call: 8B SFT QLoRA stock / auto / fp8 (the 70% case), then `memory` for 1B SFT/DPO
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
 #            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; with and
 #            without the `cudagraphs` option (compiled layers replayed as CUDA graphs)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|memory|host}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|p2|memory|host}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -34,6 +35,11 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:dpo_lora,1b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT"
     [ -d .cache/models/SmolLM2-135M-Instruct ] && $PY benchmarks/fp8_numerics.py --out "$OUT/fp8_numerics.json" ;;
+  p2)
+    $PY benchmarks/throughput.py --runs 8b:sft_qlora --paths stock,align --align_variants "$FP8" $W --timeout 150 \
+        --out "$OUT"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --memory_step $W --timeout 200 \
+        --out "$OUT/memory" ;;
   memory)
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --memory_step $W --timeout 200 \
         --out "$OUT/auto"

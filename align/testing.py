@@ -81,3 +81,85 @@ def make_tiny_model(arch: str, out_dir: str, tokenizer=None, seed: int = 0, **ov
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+_CPU_VARLEN: list = []
+
+
+def cpu_varlen_attn():
+    """A CPU stand-in for torch's flash-varlen attention (`torch.nn.attention.varlen.varlen_attn`: same call, a custom
+    op that torch.compile keeps opaque, as it keeps the real one): each segment's queries attend lower-right causally
+    to its keys. Like the flash kernel it saves only its inputs and output for the backward, which recomputes the
+    attention per segment. For CPU tests of the packed layouts and CPU stand-ins of a GPU step's memory
+    (`benchmarks/throughput.py --cpu_varlen`)."""
+    if _CPU_VARLEN:
+        return _CPU_VARLEN[0]
+    from torch.nn.attention.bias import causal_lower_right
+
+    def segments(q, k, v, cu_q, cu_k):
+        for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
+            yield q0, q1, *(x[a:b].transpose(0, 1)[None] for x, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+
+    def attend(qs, ks, vs, scale, gqa):
+        return torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=causal_lower_right(qs.shape[2], ks.shape[2]), scale=scale, enable_gqa=gqa)[0]
+
+    @torch.library.custom_op("align_testing::varlen_attn", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+           scale: float, gqa: bool) -> torch.Tensor:
+        outs = [attend(qs, ks, vs, scale, gqa) for *_, qs, ks, vs in segments(q, k, v, cu_q, cu_k)]
+        return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
+
+    @torch.library.custom_op("align_testing::varlen_attn_backward", mutates_args=())
+    def op_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                    cu_k: torch.Tensor, scale: float, gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # autograd does not run inside a custom op: softmax attention's backward by hand, per segment, in fp32
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (q0, q1, qs, ks, vs), k0, k1 in zip(segments(q, k, v, cu_q, cu_k), cu_k.tolist(), cu_k.tolist()[1:]):
+            group = qs.shape[1] // ks.shape[1]
+            qs, ks, vs = qs[0].float(), ks[0].float().repeat_interleave(group, 0), vs[0].float().repeat_interleave(
+                group, 0)
+            g = grad[q0:q1].transpose(0, 1).float()  # (heads, q, dim)
+            s = scale if scale is not None else qs.shape[-1] ** -0.5
+            lq, lk = qs.shape[1], ks.shape[1]
+            mask = torch.arange(lk)[None] <= torch.arange(lq)[:, None] + (lk - lq)  # lower-right causal
+            p = torch.softmax((qs @ ks.transpose(1, 2) * s).masked_fill(~mask, float("-inf")), -1)
+            dp = g @ vs.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+            gq, gk, gv = ds @ ks * s, ds.transpose(1, 2) @ qs * s, p.transpose(1, 2) @ g
+            gk, gv = (x.unflatten(0, (-1, group)).sum(1) for x in (gk, gv))  # back to the key/value heads
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x.transpose(0, 1).to(q.dtype) for x in (gq, gk, gv))
+        return dq, dk, dv
+
+    op.register_fake(lambda q, k, v, cu_q, cu_k, scale, gqa: torch.empty_like(q))
+    op_backward.register_fake(lambda grad, q, k, v, cu_q, cu_k, scale, gqa: (
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, scale, gqa = inputs
+        ctx.save_for_backward(q, k, v, cu_q, cu_k)
+        ctx.scale, ctx.gqa = scale, gqa
+
+    def backward(ctx, grad):
+        q, k, v, cu_q, cu_k = ctx.saved_tensors
+        return (*op_backward(grad.contiguous(), q, k, v, cu_q, cu_k, ctx.scale, ctx.gqa), None, None, None, None)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None, enable_gqa=False):
+        assert is_causal and max_q <= q.shape[0] and max_k <= k.shape[0]
+        return op(q, k, v, cu_q, cu_k, scale, enable_gqa)
+
+    _CPU_VARLEN.append(varlen_attn)
+    return varlen_attn
+
+
+def use_cpu_varlen(setattr_=setattr) -> None:
+    """Route `align.packed_attention`'s flash-varlen path to `cpu_varlen_attn` on the CPU (fp32 included).
+    `setattr_`: pytest's `monkeypatch.setattr` in tests (undone after the test), plain `setattr` otherwise."""
+    from align import packed_attention
+
+    setattr_(packed_attention, "_varlen", cpu_varlen_attn)
+    setattr_(packed_attention, "_varlen_device", lambda device: True)
+    setattr_(packed_attention, "_VARLEN_DTYPES", (torch.float32, torch.float16, torch.bfloat16))
+    setattr_(packed_attention, "_varlen_fns", None)

@@ -246,6 +246,10 @@ def worker(spec: dict) -> dict:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if spec.get("cpu_varlen") and not cuda:  # a CPU stand-in of the GPU's flash-varlen attention (align.testing)
+        from align.testing import use_cpu_varlen
+
+        use_cpu_varlen()
     t0 = time.perf_counter()
     shape = spec["shape_cfg"]
     tok = word_tokenizer(shape["config"]["vocab_size"])
@@ -655,6 +659,9 @@ def main(argv=None):
     ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step after the "
                     "timed ones (CUDA: the allocator's history; CPU: the profiler's allocation events) and report "
                     "what holds its peak (benchmarks/memory_peak.py)")
+    ap.add_argument("--cpu_varlen", action="store_true", help="on a CPU: packed rows of unequal segments (DPO, "
+                    "RM) through a stand-in of the GPU's flash-varlen attention, inside the compiled layers as there "
+                    "(`align.testing.cpu_varlen_attn`), instead of per-segment calls outside them")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each path, interleaved across paths; the "
                     "median (lower middle) is reported with every repeat's tokens/s and their spread")
     ap.add_argument("--seed", type=int, default=0)
@@ -706,7 +713,7 @@ def main(argv=None):
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
-                        align_src=args.align_src and os.path.abspath(args.align_src),
+                        align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
                         lean_memory_budget=float(budget) if budget else None)
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)

@@ -16,6 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import add_fused_lm_head
 
 from align import fused_lora, packed_attention, speed
+from align.testing import use_cpu_varlen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 300
@@ -706,43 +707,14 @@ def test_fused_lora_is_left_out_under_zero3(monkeypatch):
         assert any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer)) == kept, env
 
 
-_CPU_VARLEN = []
-
-
-def _cpu_varlen_op():
-    """A CPU stand-in for torch's flash-varlen attention (same call, opaque to torch.compile like the real custom
-    op): each segment's queries attend lower-right causally to its keys."""
-    if not _CPU_VARLEN:
-        @torch.library.custom_op("align_test::varlen_attn", mutates_args=())
-        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-               scale: float, gqa: bool) -> torch.Tensor:
-            from torch.nn.attention.bias import causal_lower_right
-
-            outs = []
-            bounds = zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])
-            for q0, q1, k0, k1 in bounds:
-                qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
-                outs.append(torch.nn.functional.scaled_dot_product_attention(
-                    qs, ks, vs, attn_mask=causal_lower_right(q1 - q0, k1 - k0), scale=scale, enable_gqa=gqa)[0])
-            return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
-
-        op.register_fake(lambda q, k, v, cu_q, cu_k, scale, gqa: torch.empty_like(q))
-
-        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None, enable_gqa=False):
-            assert is_causal and max_q <= q.shape[0] and max_k <= k.shape[0]
-            return op(q, k, v, cu_q, cu_k, scale, enable_gqa)
-
-        _CPU_VARLEN.append(varlen_attn)
-    return _CPU_VARLEN[0]
-
-
 @pytest.mark.parametrize("case", ["equal_samples", "pairs"])
 def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch):
     """With the layout handed to the layers as arguments (`packed_attention_kwargs`), a compiled decoder layer
     traces segment attention: no graph break (one compiled region per layer, not two around a host-side attention
     call), and the same outputs as the eager unpacked model. Equal samples (padding-free SFT): SDPA batched, loss and
-    LoRA gradients; pairs (DPO shared prompt): flash varlen, here a CPU stand-in, log-probs without grad (the
-    varlen kernel's gradients are checked on a GPU, tests/test_speed_cuda.py)."""
+    LoRA gradients; pairs (DPO shared prompt): flash varlen, here a CPU stand-in (`align.testing.cpu_varlen_attn`,
+    opaque to the compiler like the real op), per-token log-probs and the LoRA gradients of a loss that weighs every
+    row differently (the real kernel's gradients are checked on a GPU, tests/test_speed_cuda.py)."""
     from torch._dynamo.utils import counters
 
     model, peft_model = tiny_lora_model(speed._SFT_OUTPUTS if case == "equal_samples" else speed._DPO_OUTPUTS)
@@ -758,16 +730,14 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
     else:
         plain = batch = pair_batch()
         forward = speed._shared_prompt_forward
-        monkeypatch.setattr(packed_attention, "_varlen", _cpu_varlen_op)
-        monkeypatch.setattr(packed_attention, "_varlen_device", lambda device: True)
-        monkeypatch.setattr(packed_attention, "_VARLEN_DTYPES", (torch.float32,))
-        monkeypatch.setattr(packed_attention, "_varlen_fns", None)
+        use_cpu_varlen(monkeypatch.setattr)
 
     def run(inputs):
         peft_model.zero_grad()
         if case == "pairs":
-            with torch.no_grad():
-                return peft_model(**inputs, fused_lm_head=True, use_cache=False).log_probs, None
+            log_probs = peft_model(**inputs, fused_lm_head=True, use_cache=False).log_probs
+            (log_probs * torch.tensor([1.0, -2.0, 3.0, -4.0])[:, None]).sum().backward()
+            return log_probs.detach(), grads(peft_model)
         out = peft_model(**inputs, fused_lm_head=True)
         out.loss.backward()
         return out.loss.detach(), grads(peft_model)

@@ -89,66 +89,72 @@ _CPU_VARLEN: list = []
 def cpu_varlen_attn():
     """A CPU stand-in for torch's flash-varlen attention (`torch.nn.attention.varlen.varlen_attn`: same call, a custom
     op that torch.compile keeps opaque, as it keeps the real one): each segment's queries attend lower-right causally
-    to its keys. Like the flash kernel it saves only its inputs and output for the backward, which recomputes the
-    attention per segment. For CPU tests of the packed layouts and CPU stand-ins of a GPU step's memory
-    (`benchmarks/throughput.py --cpu_varlen`)."""
+    to its keys. Like the flash kernel it saves no attention matrix for the backward (only q, k and v), which
+    recomputes the attention one segment and head at a time. For CPU tests of the packed layouts and CPU stand-ins
+    of a GPU step's memory (`benchmarks/throughput.py --cpu_varlen`)."""
     if _CPU_VARLEN:
         return _CPU_VARLEN[0]
-    from torch.nn.attention.bias import causal_lower_right
 
     def segments(q, k, v, cu_q, cu_k):
         for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
             yield q0, q1, *(x[a:b].transpose(0, 1)[None] for x, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
 
-    def attend(qs, ks, vs, scale, gqa):
+    def lower_right(lq, lk):
+        return torch.arange(lk)[None] <= torch.arange(lq)[:, None] + (lk - lq)
+
+    def attend(qs, ks, vs, scale, gqa):  # a boolean mask and repeated key heads: SDPA's flash kernel on the CPU
+        group = qs.shape[1] // ks.shape[1]
+        ks, vs = (x.repeat_interleave(group, 1) for x in (ks, vs))
         return torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=causal_lower_right(qs.shape[2], ks.shape[2]), scale=scale, enable_gqa=gqa)[0]
+            qs, ks, vs, attn_mask=lower_right(qs.shape[2], ks.shape[2]), scale=scale)[0]
 
     @torch.library.custom_op("align_testing::varlen_attn", mutates_args=())
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-           scale: float, gqa: bool) -> torch.Tensor:
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+           max_k: int, scale: float, gqa: bool) -> torch.Tensor:
         outs = [attend(qs, ks, vs, scale, gqa) for *_, qs, ks, vs in segments(q, k, v, cu_q, cu_k)]
         return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
 
     @torch.library.custom_op("align_testing::varlen_attn_backward", mutates_args=())
     def op_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
-                    cu_k: torch.Tensor, scale: float, gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # autograd does not run inside a custom op: softmax attention's backward by hand, per segment, in fp32
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for (q0, q1, qs, ks, vs), k0, k1 in zip(segments(q, k, v, cu_q, cu_k), cu_k.tolist(), cu_k.tolist()[1:]):
-            group = qs.shape[1] // ks.shape[1]
-            qs, ks, vs = qs[0].float(), ks[0].float().repeat_interleave(group, 0), vs[0].float().repeat_interleave(
-                group, 0)
-            g = grad[q0:q1].transpose(0, 1).float()  # (heads, q, dim)
-            s = scale if scale is not None else qs.shape[-1] ** -0.5
-            lq, lk = qs.shape[1], ks.shape[1]
-            mask = torch.arange(lk)[None] <= torch.arange(lq)[:, None] + (lk - lq)  # lower-right causal
-            p = torch.softmax((qs @ ks.transpose(1, 2) * s).masked_fill(~mask, float("-inf")), -1)
-            dp = g @ vs.transpose(1, 2)
-            ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-            gq, gk, gv = ds @ ks * s, ds.transpose(1, 2) @ qs * s, p.transpose(1, 2) @ g
-            gk, gv = (x.unflatten(0, (-1, group)).sum(1) for x in (gk, gv))  # back to the key/value heads
-            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (x.transpose(0, 1).to(q.dtype) for x in (gq, gk, gv))
-        return dq, dk, dv
+                    cu_k: torch.Tensor, max_q: int, max_k: int, scale: float,
+                    gqa: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # autograd does not run inside a custom op: softmax attention's backward by hand, per segment and head,
+        # in fp32 (one head's (queries x keys) matrices at a time, so the stand-in's memory stays small)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(
+            v, dtype=torch.float32)
+        s = scale if scale is not None else q.shape[-1] ** -0.5
+        for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
+            mask = lower_right(q1 - q0, k1 - k0)
+            group = q.shape[1] // k.shape[1]
+            for h in range(q.shape[1]):
+                qs, g = q[q0:q1, h].float(), grad[q0:q1, h].float()
+                ks, vs = k[k0:k1, h // group].float(), v[k0:k1, h // group].float()
+                p = torch.softmax((qs @ ks.T * s).masked_fill(~mask, float("-inf")), -1)
+                dp = g @ vs.T
+                ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+                dq[q0:q1, h] = (ds @ ks * s).to(q.dtype)
+                dk[k0:k1, h // group] += ds.T @ qs * s
+                dv[k0:k1, h // group] += p.T @ g
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
 
-    op.register_fake(lambda q, k, v, cu_q, cu_k, scale, gqa: torch.empty_like(q))
-    op_backward.register_fake(lambda grad, q, k, v, cu_q, cu_k, scale, gqa: (
+    op.register_fake(lambda q, k, v, cu_q, cu_k, max_q, max_k, scale, gqa: torch.empty_like(q))
+    op_backward.register_fake(lambda grad, q, k, v, cu_q, cu_k, max_q, max_k, scale, gqa: (
         torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, cu_q, cu_k, scale, gqa = inputs
+        q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.gqa = inputs
         ctx.save_for_backward(q, k, v, cu_q, cu_k)
-        ctx.scale, ctx.gqa = scale, gqa
 
     def backward(ctx, grad):
         q, k, v, cu_q, cu_k = ctx.saved_tensors
-        return (*op_backward(grad.contiguous(), q, k, v, cu_q, cu_k, ctx.scale, ctx.gqa), None, None, None, None)
+        grads = op_backward(grad.contiguous(), q, k, v, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale, ctx.gqa)
+        return (*grads, *[None] * 6)
 
     op.register_autograd(backward, setup_context=setup_context)
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, scale=None, enable_gqa=False):
         assert is_causal and max_q <= q.shape[0] and max_k <= k.shape[0]
-        return op(q, k, v, cu_q, cu_k, scale, enable_gqa)
+        return op(q, k, v, cu_q, cu_k, max_q, max_k, scale, enable_gqa)
 
     _CPU_VARLEN.append(varlen_attn)
     return varlen_attn

@@ -99,7 +99,7 @@ from align import head_grad as grad_in_forward
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking", "fp8", "ref_first", "cudagraphs")
+           "head_grad", "non_blocking", "fp8", "ref_first", "cudagraphs", "mlp_chunks")
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
@@ -159,7 +159,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: torch_nf4 left out (torch %s's CPU compiler gets it wrong; 2.13 does not)",
                         torch.__version__)
             continue
-        if name in ("lean", "torch_nf4", "cudagraphs") and "compile" not in names:
+        if name in ("lean", "torch_nf4", "cudagraphs", "mlp_chunks") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)
             continue
         if name == "head_grad" and _PACKED_HEAD.get(stage) not in names:
@@ -283,6 +283,8 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         nf4.use_torch_nf4(model, fp8="fp8" in options)
     budget = lean_budget(trainer, lean_memory_budget) if "lean" in options else None
     if "compile" in options:
+        if "mlp_chunks" in options:
+            chunk_mlps(model)
         compile_layers(model, memory_budget=budget, cudagraphs="cudagraphs" in options)
         if "cudagraphs" in options:
             trainer.add_callback(_CudaGraphSteps())
@@ -639,6 +641,27 @@ def _reward_pair_forward(inner, model, kwargs, plan=None):
 
 
 # --- compile -------------------------------------------------------------------------------------------------
+
+MLP_CHUNKS = 2
+
+
+def chunk_mlps(model, chunks: int = MLP_CHUNKS) -> None:
+    """Each decoder layer's MLP over `chunks` slices of the tokens (in place). The MLP is per token, so the outputs
+    are the same; in a compiled layer the backward of one slice (the recomputed gate and up projections and their
+    gradients, each tokens x intermediate wide) can finish before the next begins, so fewer of those buffers are
+    live at once. For the long rows of a DPO step, whose peak is in a layer's backward."""
+    backbone = getattr(model, model.base_model_prefix)
+    for layer in backbone.layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or getattr(mlp, "align_chunks", None):
+            continue
+        mlp.forward = functools.partial(_chunked_mlp_forward, mlp.forward, chunks)
+        mlp.align_chunks = chunks
+
+
+def _chunked_mlp_forward(forward, chunks, x):
+    return torch.cat([forward(part) for part in x.tensor_split(chunks, dim=-2)], dim=-2)
+
 
 def compile_layers(model, memory_budget: float | None = None, cudagraphs: bool = False) -> None:
     """`torch.compile` each decoder layer in place. With `inline_inbuilt_nn_modules` (torch >= 2.5) the layers share

@@ -7,8 +7,9 @@
 # carrying .whl (bash ../shared/tools/gpu-wheels.sh) and .cache/test-tokenizer (benchmarks/README.md). Then merge
 # each call's throughput JSON into benchmarks/results/throughput_<gpu>.json with `throughput.py --merge`.
 #
-#   fp8_a    CUDA tests of the FP8 / NF4 / cudagraphs paths, then fp8 and cudagraphs against stock and auto: 1B SFT
-#            LoRA and 1B DPO (results are written after every run: a call cut short keeps what it measured)
+#   fp8_a    fp8, cudagraphs and mlp_chunks against stock and auto: 1B DPO and 1B SFT LoRA (results are written
+#            after every run: a call cut short keeps what it measured), then the CUDA tests of the FP8 / NF4 /
+#            cudagraphs paths
 #   fp8_b    the same for 8B SFT LoRA and 8B SFT QLoRA
 #   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   p2       the shortest second call: 8B SFT QLoRA stock / auto / fp8 (the 70% case), then `memory` for 1B SFT/DPO
@@ -25,9 +26,9 @@ FP8="fp8=auto,fp8"
 mkdir -p "$OUT"
 case $CALL in
   fp8_a)
-    $PY -m pytest -q tests/test_fp8.py tests/test_nf4.py tests/test_speed_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align \
-        --align_variants "$FP8;cg=auto,cudagraphs" $W --timeout 150 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:sft_lora --paths stock,align \
+        --align_variants "$FP8;cg=auto,cudagraphs;mc=auto,mlp_chunks" $W --timeout 150 --out "$OUT"
+    $PY -m pytest -q tests/test_fp8.py tests/test_nf4.py tests/test_speed_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
   fp8_b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT" ;;

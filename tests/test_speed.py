@@ -868,3 +868,32 @@ def test_cudagraphs_compiles_the_layers_to_replay_as_graphs_and_marks_each_step(
     for _ in range(3):
         callback.on_step_begin(None, None, None)
     assert len(marks) == 3
+
+
+def test_mlp_chunks_give_the_same_outputs_and_gradients(monkeypatch):
+    """`mlp_chunks`: each decoder layer's MLP over slices of the tokens: kept only with compile; the compiled
+    shared-prompt DPO forward gives the per-token log-probs and LoRA gradients of the unchunked one (the CPU
+    stand-in of flash varlen inside the layers, as on a GPU)."""
+    assert speed.resolve("compile,mlp_chunks", "dpo") == ("compile", "mlp_chunks")
+    assert speed.resolve("mlp_chunks", "sft") == ()  # works through compile
+    use_cpu_varlen(monkeypatch.setattr)
+    batch = pair_batch(prompts=(9, 6), chosen=(7, 11), rejected=(5, 8))
+    weights = torch.tensor([1.0, -2.0, 3.0, -4.0])[:, None]
+    results = []
+    for chunked in (False, True):
+        model, peft_model = tiny_lora_model(speed._DPO_OUTPUTS)
+        packed_attention.use_segment_attention(model)
+        speed._wrap_forward(model, speed._shared_prompt_forward)
+        if chunked:
+            speed.chunk_mlps(model)
+            assert all(layer.mlp.align_chunks == speed.MLP_CHUNKS for layer in model.model.layers)
+        try:
+            torch._dynamo.reset()
+            speed.compile_layers(model, memory_budget=0.3)
+            log_probs = peft_model(**batch, fused_lm_head=True, use_cache=False).log_probs
+            (log_probs * weights).sum().backward()
+        finally:
+            torch._dynamo.reset()
+        results.append((log_probs.detach(), grads(peft_model)))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert_same_grads(results[1][1], results[0][1])

@@ -70,6 +70,10 @@ Options (a comma-separated list, `auto`, or `none`):
   per kernel, for steps whose GPU waits on the host. Graphs are recorded per shape, so it is meant for fixed-length
   rows; layers compiled with dynamic shapes (lengths that vary) run without graphs. The graphs keep their own memory
   pool, so the peak can grow.
+- `mlp_chunks` (with `compile`; opt-in, not yet measured on a GPU): each decoder layer's MLP over two slices of the
+  tokens (`chunk_mlps`); same outputs. A layer's backward then holds half of the recomputed MLP's (tokens x
+  intermediate) buffers at once: that is where a DPO step's peak is (an SFT step's is in the LM head's backward).
+  CPU stand-in of the 1B DPO step: peak above the weights 1.27 -> 1.04 GiB at the same speed (benchmarks/README.md).
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 

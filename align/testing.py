@@ -102,7 +102,7 @@ def cpu_varlen_attn():
     def lower_right(lq, lk):
         return torch.arange(lk)[None] <= torch.arange(lq)[:, None] + (lk - lq)
 
-    def attend(qs, ks, vs, scale, gqa):  # a boolean mask and repeated key heads: SDPA's flash kernel on the CPU
+    def attend(qs, ks, vs, scale):  # a boolean mask and repeated key heads: SDPA's flash kernel on the CPU
         group = qs.shape[1] // ks.shape[1]
         ks, vs = (x.repeat_interleave(group, 1) for x in (ks, vs))
         return torch.nn.functional.scaled_dot_product_attention(
@@ -111,7 +111,7 @@ def cpu_varlen_attn():
     @torch.library.custom_op("align_testing::varlen_attn", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
            max_k: int, scale: float, gqa: bool) -> torch.Tensor:
-        outs = [attend(qs, ks, vs, scale, gqa) for *_, qs, ks, vs in segments(q, k, v, cu_q, cu_k)]
+        outs = [attend(qs, ks, vs, scale) for *_, qs, ks, vs in segments(q, k, v, cu_q, cu_k)]
         return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
 
     @torch.library.custom_op("align_testing::varlen_attn_backward", mutates_args=())

@@ -74,11 +74,11 @@ class DeferredDPOMetrics(training.DeferredTokenCount):
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._deferred_dpo_applies(return_outputs):
             return super()._compute_loss(model, inputs, return_outputs)
-        reference = self.reference_model()  # ReferenceFirst's
+        reference, first = self.reference_model(), self.reference_first  # ReferenceFirst's
         given = self.precompute_ref_logps or "ref_chosen_logps" in inputs
         if given:
             ref = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
-        elif getattr(self, "reference_first", False):
+        elif first:
             ref = self.compute_ref_log_probs(reference, inputs)
         model_kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
                                                                       "ref_rejected_logps")}
@@ -86,7 +86,7 @@ class DeferredDPOMetrics(training.DeferredTokenCount):
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        if not given and not getattr(self, "reference_first", False):  # TRL's order: the reference after
+        if not given and not first:  # TRL's order: the reference after
             ref = self.compute_ref_log_probs(reference, inputs)
         mask = completion_mask[..., 1:]
         seq_len = mask.size(1)  # prompt-learning PEFT prepends virtual tokens: keep the real tokens' positions

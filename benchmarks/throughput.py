@@ -482,6 +482,18 @@ def key(r, **kw):
     return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}{timing}"
 
 
+def merge_runs(sources: list[list[dict]]) -> list[dict]:
+    """The runs of several result files, later ones replacing earlier ones of the same key. A later stock run of a
+    case also drops the earlier runs of that case, which were measured against another stock run: every row of
+    the merged table compares paths of the same call (the dropped runs stay in their own call's file)."""
+    merged = {}
+    for runs in sources:
+        restocked = {key(r, path="") for r in runs if r["path"] == "stock"}
+        merged = {k: r for k, r in merged.items() if key(r, path="") not in restocked}
+        merged.update({key(r): r for r in runs})
+    return list(merged.values())
+
+
 def compare(runs: list[dict]) -> list[dict]:
     """One row per (shape, case, data, path other than stock): ratios to stock and the largest loss difference."""
     by = {key(r): r for r in runs}
@@ -740,12 +752,11 @@ def write_results(args, runs, quiet=False):
         versions = next((r["versions"] for r in runs if "versions" in r), None)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"throughput_{gpu_tag(device)}")
-    merged = {}
+    sources = []
     for earlier in ([base + ".json"] if os.path.isfile(base + ".json") else []) + args.merge:
         with open(earlier) as fh:
-            merged.update({key(r): r for r in json.load(fh).get("runs", [])})
-    merged.update({key(r): r for r in runs})
-    all_runs = list(merged.values())
+            sources.append(json.load(fh).get("runs", []))
+    all_runs = merge_runs(sources + [runs])
     result = dict(meta=dict(device=device, versions=versions,
                             argv=sys.argv[1:], goals=GOALS, time=time.strftime("%Y-%m-%d %H:%M:%S"), note=args.note),
                   comparisons=compare(all_runs), runs=all_runs)

@@ -785,6 +785,16 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
         num_hidden_layers=2, rms_norm_eps=1e-6, tie_word_embeddings=False)
     with pytest.raises(SystemExit, match="not key=value"):
         throughput._model_config("num_hidden_layers")
+    # --merge: a later call's stock run drops the earlier runs of its case, so each row compares one call's runs
+    run = functools.partial(dict, shape="1b", case="sft_lora", timing="window")
+    first = [run(path="stock", call=1), run(path="align", call=1), run(path="align_nb", call=1),
+             run(case="dpo_lora", path="align_x", call=1)]
+    merged = throughput.merge_runs([first, [run(path="stock", call=2), run(path="align", call=2)]])
+    assert sorted((r["case"], r["path"], r["call"]) for r in merged) == [
+        ("dpo_lora", "align_x", 1), ("sft_lora", "align", 2), ("sft_lora", "stock", 2)]
+    merged = throughput.merge_runs([first, [run(path="align_nb", call=2)]])  # no stock: the others stay
+    assert sorted((r["path"], r["call"]) for r in merged if r["case"] == "sft_lora") == [
+        ("align", 1), ("align_nb", 2), ("stock", 1)]
 
 
 def test_memory_peak_replays_the_allocator_history_to_its_peak():

@@ -140,6 +140,25 @@ def _cpu_rowwise_missing() -> str | None:
     return None
 
 
+def has_fp8_matmuls(model) -> bool:
+    """Whether any layer of `model` multiplies in FP8 (`use_fp8`, or NF4 layers with `nf4.use_torch_nf4(fp8=True)`)."""
+    return any(is_fp8(m) or getattr(m, "align_fp8", False) for m in model.modules())
+
+
+def cublas_in_compiled_layers() -> None:
+    """Compiled layers run their FP8 matmuls with ATen's `_scaled_mm` (cuBLASLt), the kernel the eager GPU test
+    verified, not inductor's Triton scaled-mm templates, which inductor tries even without max-autotune: with them
+    the compiled FP8 model's LoRA gradients were at cosine 0.62 of the compiled bf16 model's on an H200 (torch 2.11,
+    tests/test_fp8.py), where eager FP8 passed (> 0.99). Inductor's GEMM template backends are ATen only from here
+    on (without max-autotune every other matmul is an ATen call anyway)."""
+    import torch._inductor.config as inductor
+
+    if inductor.max_autotune_gemm_backends.upper() != "ATEN":
+        logger.info("speedups: fp8 matmuls in compiled layers through ATen (cuBLAS), not inductor's Triton templates "
+                    "(max_autotune_gemm_backends %s -> ATEN)", inductor.max_autotune_gemm_backends)
+        inductor.max_autotune_gemm_backends = "ATEN"
+
+
 def use_fp8(model) -> int:
     """Give the frozen base layer of every LoRA linear layer of `model` FP8 matmuls; returns how many layers. Layers
     that cannot take them keep bf16 (counted and logged)."""

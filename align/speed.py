@@ -682,6 +682,8 @@ def compile_layers(model, memory_budget: float | None = None, cudagraphs: bool =
     inductor.emulate_precision_casts = True
     if cudagraphs:
         inductor.triton.cudagraph_skip_dynamic_graphs = True  # one recording per length would pile up memory
+    if fp8.has_fp8_matmuls(model):
+        fp8.cublas_in_compiled_layers()
     backbone = getattr(model, model.base_model_prefix)
     for layer in backbone.layers:
         layer.compile(mode="reduce-overhead" if cudagraphs else None)

@@ -146,9 +146,12 @@ def test_fp8_layers_save_no_more_activations_than_bf16_ones():
 @on_cpu
 def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
     """`compile` + `fused_lora` + `fp8` (inductor on the CPU): the eager FP8 model's log-probs (measured equal to
-    1e-6) and LoRA gradients (0.3% apart: the compiled quantization rounds in another order), no graph break."""
+    1e-6) and LoRA gradients (0.3% apart: the compiled quantization rounds in another order), no graph break. The
+    FP8 matmuls stay ATen calls (cuBLAS on a GPU): inductor's GEMM backends are ATen only once FP8 layers compile."""
     import torch._dynamo
+    import torch._inductor.config as inductor
 
+    backends, inductor.max_autotune_gemm_backends = inductor.max_autotune_gemm_backends, "ATEN,TRITON"
     ids = _batch()
     results = []
     try:
@@ -159,6 +162,7 @@ def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
             assert fp8.use_fp8(model) == 14 and fused_lora.use_fused_lora(model) == 14
             if compiled:
                 speed.compile_layers(base)
+                assert inductor.max_autotune_gemm_backends == "ATEN"
             out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
             out.sum().backward()
             results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
@@ -166,6 +170,7 @@ def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
     finally:
         torch._dynamo.reset()
+        inductor.max_autotune_gemm_backends = backends
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     for n, g in results[0][1].items():
         assert _rel(results[1][1][n], g) < 2e-2, n
@@ -237,8 +242,8 @@ def test_fp8_on_a_gpu_runs_the_fp8_kernels_close_to_bf16(compiled):
     finally:
         torch._dynamo.reset()
     assert out[1][0] == pytest.approx(out[0][0], rel=1e-2)
-    for n, g in out[0][1].items():
-        assert F.cosine_similarity(out[1][1][n].flatten(), g.flatten(), dim=0) > 0.99, n
+    cos = {n: F.cosine_similarity(out[1][1][n].flatten(), g.flatten(), dim=0).item() for n, g in out[0][1].items()}
+    assert min(cos.values()) > 0.99, {n: round(c, 3) for n, c in cos.items() if c <= 0.99}
 
 
 @on_stage_device

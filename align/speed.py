@@ -64,16 +64,11 @@ Options (a comma-separated list, `auto`, or `none`):
   per matmul), so it is a choice: on SmolLM2-135M-Instruct the assistant-token loss moves 1.2% (next-token KL 0.027),
   where an NF4 (QLoRA) base moves it 12.7% (KL 0.25; `benchmarks/fp8_numerics.py`). The DPO reference goes through the
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
-  separate reference model.
-- `cudagraphs` (with `compile`, CUDA; opt-in, not yet measured): the compiled layers run as CUDA graphs
-  (`torch.compile` mode `reduce-overhead`): each layer's kernels are replayed with one launch instead of one launch
-  per kernel, for steps whose GPU waits on the host. Graphs are recorded per shape, so it is meant for fixed-length
-  rows; layers compiled with dynamic shapes (lengths that vary) run without graphs. The graphs keep their own memory
-  pool, so the peak can grow.
-- `mlp_chunks` (with `compile`; opt-in, not yet measured on a GPU): each decoder layer's MLP over two slices of the
-  tokens (`chunk_mlps`); same outputs. A layer's backward then holds half of the recomputed MLP's (tokens x
-  intermediate) buffers at once: that is where a DPO step's peak is (an SFT step's is in the LM head's backward).
-  CPU stand-in of the 1B DPO step: peak above the weights 1.27 -> 1.04 GiB at the same speed (benchmarks/README.md).
+  separate reference model. Experimental on a GPU: in compiled layers the FP8 matmuls are cuBLAS calls
+  (`fp8.cublas_in_compiled_layers`) since inductor's Triton FP8 kernels gave wrong LoRA gradients on an H200; the
+  speed measured there (1.7x-1.95x stock) predates that change.
+- Removed after an H200 measurement (`REMOVED`; a recipe naming one gets an error that says why): `cudagraphs`
+  (compiled layers as CUDA graphs: 0.13x-0.30x the tokens/s) and `mlp_chunks` (MLPs over token slices: 1B DPO peak 2.6x).
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
@@ -95,7 +90,6 @@ import itertools
 import logging
 
 import torch
-from transformers import TrainerCallback
 
 from align import fp8, fused_lora, packed_attention
 from align import head_grad as grad_in_forward
@@ -103,7 +97,12 @@ from align import head_grad as grad_in_forward
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking", "fp8", "ref_first", "cudagraphs", "mlp_chunks")
+           "head_grad", "non_blocking", "fp8", "ref_first")
+# options that were measured on an H200 and did not pay (benchmarks/README.md), named in the error for a recipe
+REMOVED = {
+    "cudagraphs": "compiled layers as CUDA graphs ran at 0.13x (1B DPO) / 0.30x (1B SFT) the tokens/s of the same set without them",
+    "mlp_chunks": "MLPs over token slices raised the 1B DPO peak 8.9 -> 23.1 GiB at 0.87x the tokens/s",
+}
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
@@ -130,6 +129,8 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             from_auto.discard(name)
             if name not in names:
                 names.append(name)
+        elif name in REMOVED:
+            raise ValueError(f"speedup {name!r} was removed: {REMOVED[name]}; choose from {', '.join(OPTIONS)}")
         elif name not in ("none", ""):
             raise ValueError(f"unknown speedup {name!r}: choose from {', '.join(OPTIONS)}, or auto / none")
     if train_args is not None and from_auto & {"compile", "lean"}:
@@ -163,14 +164,14 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: torch_nf4 left out (torch %s's CPU compiler gets it wrong; 2.13 does not)",
                         torch.__version__)
             continue
-        if name in ("lean", "torch_nf4", "cudagraphs", "mlp_chunks") and "compile" not in names:
+        if name in ("lean", "torch_nf4") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)
             continue
         if name == "head_grad" and _PACKED_HEAD.get(stage) not in names:
             logger.info("speedups: head_grad works through align's own LM head (%s); left out",
                         _PACKED_HEAD.get(stage, "not in this stage"))
             continue
-        if name in ("liger", "non_blocking", "cudagraphs") and not torch.cuda.is_available():
+        if name in ("liger", "non_blocking") and not torch.cuda.is_available():
             logger.info("speedups: %s needs a CUDA GPU; left out", name)
             continue
         kept.append(name)
@@ -287,11 +288,7 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
         nf4.use_torch_nf4(model, fp8="fp8" in options)
     budget = lean_budget(trainer, lean_memory_budget) if "lean" in options else None
     if "compile" in options:
-        if "mlp_chunks" in options:
-            chunk_mlps(model)
-        compile_layers(model, memory_budget=budget, cudagraphs="cudagraphs" in options)
-        if "cudagraphs" in options:
-            trainer.add_callback(_CudaGraphSteps())
+        compile_layers(model, memory_budget=budget)
     trainer.align_speedups = tuple(options)
     trainer.align_lean_memory_budget = budget
 
@@ -646,32 +643,10 @@ def _reward_pair_forward(inner, model, kwargs, plan=None):
 
 # --- compile -------------------------------------------------------------------------------------------------
 
-MLP_CHUNKS = 2
-
-
-def chunk_mlps(model, chunks: int = MLP_CHUNKS) -> None:
-    """Each decoder layer's MLP over `chunks` slices of the tokens (in place). The MLP is per token, so the outputs
-    are the same; in a compiled layer the backward of one slice (the recomputed gate and up projections and their
-    gradients, each tokens x intermediate wide) can finish before the next begins, so fewer of those buffers are
-    live at once. For the long rows of a DPO step, whose peak is in a layer's backward."""
-    backbone = getattr(model, model.base_model_prefix)
-    for layer in backbone.layers:
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None or getattr(mlp, "align_chunks", None):
-            continue
-        mlp.forward = functools.partial(_chunked_mlp_forward, mlp.forward, chunks)
-        mlp.align_chunks = chunks
-
-
-def _chunked_mlp_forward(forward, chunks, x):
-    return torch.cat([forward(part) for part in x.tensor_split(chunks, dim=-2)], dim=-2)
-
-
-def compile_layers(model, memory_budget: float | None = None, cudagraphs: bool = False) -> None:
+def compile_layers(model, memory_budget: float | None = None) -> None:
     """`torch.compile` each decoder layer in place. With `inline_inbuilt_nn_modules` (torch >= 2.5) the layers share
     one compiled graph; shapes that vary between batches are compiled as dynamic after the first change.
-    `memory_budget` (0-1): the fraction of the activations the partitioner may save (the rest is recomputed).
-    `cudagraphs`: run the compiled layers as CUDA graphs (mode `reduce-overhead`), except dynamic-shape ones."""
+    `memory_budget` (0-1): the fraction of the activations the partitioner may save (the rest is recomputed)."""
     import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
@@ -680,18 +655,10 @@ def compile_layers(model, memory_budget: float | None = None, cudagraphs: bool =
     # Round to bf16 where eager rounds: the policy (training graph) and the reference (no-grad graph, adapter off)
     # then give the same log-probabilities at step 0, as in eager mode, instead of differing by fusion choices.
     inductor.emulate_precision_casts = True
-    if cudagraphs:
-        inductor.triton.cudagraph_skip_dynamic_graphs = True  # one recording per length would pile up memory
     if fp8.has_fp8_matmuls(model):
         fp8.cublas_in_compiled_layers()
     backbone = getattr(model, model.base_model_prefix)
     for layer in backbone.layers:
-        layer.compile(mode="reduce-overhead" if cudagraphs else None)
+        layer.compile()
 
 
-class _CudaGraphSteps(TrainerCallback):
-    """Each optimizer step starts a new CUDA-graph generation (`cudagraph_mark_step_begin`), so the graphs' output
-    buffers of the last step may be reused (torch's rule for loops over graphed code)."""
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        torch.compiler.cudagraph_mark_step_begin()

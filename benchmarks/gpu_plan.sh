@@ -7,18 +7,16 @@
 # carrying .whl (bash ../shared/tools/gpu-wheels.sh) and .cache/test-tokenizer (benchmarks/README.md). Then merge
 # each call's throughput JSON into benchmarks/results/throughput_<gpu>.json with `throughput.py --merge`.
 #
-#   fp8_a    fp8, cudagraphs and mlp_chunks against stock and auto: 1B DPO and 1B SFT LoRA (results are written
-#            after every run: a call cut short keeps what it measured), then the CUDA tests of the FP8 / NF4 /
-#            cudagraphs paths
-#   fp8_b    the same for 8B SFT LoRA and 8B SFT QLoRA
-#   fp8_c    the same for 8B DPO LoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
-#   p2       the shortest second call: 8B SFT QLoRA stock / auto / fp8 (the 70% case), then `memory` for 1B SFT/DPO
+#   fp8_a    first the GPU tests of the FP8 / NF4 paths (tests/test_fp8.py's compiled GPU test failed in call18, before
+#            FP8 matmuls in compiled layers were kept on cuBLAS), then fp8 against stock and auto: 1B DPO and 1B SFT
+#            LoRA (results are written after every run: a call cut short keeps what it measured)
+#   fp8_b    the same for 8B SFT LoRA and 8B DPO LoRA (the 70% case with fp8)
+#   fp8_c    the same for 8B SFT QLoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
-#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; with and
-#            without the `cudagraphs` option (compiled layers replayed as CUDA graphs)
+#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|p2|memory|host}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|memory|host}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -26,21 +24,16 @@ FP8="fp8=auto,fp8"
 mkdir -p "$OUT"
 case $CALL in
   fp8_a)
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:sft_lora --paths stock,align \
-        --align_variants "$FP8;cg=auto,cudagraphs;mc=auto,mlp_chunks" $W --timeout 150 --out "$OUT"
-    $PY -m pytest -q tests/test_fp8.py tests/test_nf4.py tests/test_speed_cuda.py 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    $PY -m pytest -q -p no:logging tests/test_fp8.py tests/test_nf4.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:sft_lora --paths stock,align --align_variants "$FP8" $W \
+        --timeout 150 --out "$OUT" ;;
   fp8_b)
-    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
+    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT" ;;
   fp8_c)
-    $PY benchmarks/throughput.py --runs 8b:dpo_lora,1b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
+    $PY benchmarks/throughput.py --runs 8b:sft_qlora,1b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT"
     [ -d .cache/models/SmolLM2-135M-Instruct ] && $PY benchmarks/fp8_numerics.py --out "$OUT/fp8_numerics.json" ;;
-  p2)
-    $PY benchmarks/throughput.py --runs 8b:sft_qlora --paths stock,align --align_variants "$FP8" $W --timeout 150 \
-        --out "$OUT"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --memory_step $W --timeout 200 \
-        --out "$OUT/memory" ;;
   memory)
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths align --memory_step $W --timeout 200 \
         --out "$OUT/auto"
@@ -48,7 +41,6 @@ case $CALL in
         --align_variants "noref=padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4" \
         --out "$OUT/noref" ;;
   host)
-    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align \
-        --align_variants "cg=auto,cudagraphs" --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

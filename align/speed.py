@@ -660,5 +660,3 @@ def compile_layers(model, memory_budget: float | None = None) -> None:
     backbone = getattr(model, model.base_model_prefix)
     for layer in backbone.layers:
         layer.compile()
-
-

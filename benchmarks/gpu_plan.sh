@@ -44,6 +44,7 @@ case $CALL in
         --align_variants "noref=padding_free,shared_prompt,compile,lean,kbit_bf16,fused_lora,torch_nf4" \
         --out "$OUT/noref" ;;
   host)
-    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 --timing window --timeout 120 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 \
+        --timing window --timeout 120 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -67,8 +67,8 @@ Options (a comma-separated list, `auto`, or `none`):
   separate reference model. Experimental on a GPU: in compiled layers the FP8 matmuls are cuBLAS calls
   (`fp8.cublas_in_compiled_layers`) since inductor's Triton FP8 kernels gave wrong LoRA gradients on an H200; the
   speed measured there (1.7x-1.95x stock) predates that change.
-- Removed after an H200 measurement (`REMOVED`; a recipe naming one gets an error that says why): `cudagraphs`
-  (compiled layers as CUDA graphs: 0.13x-0.30x the tokens/s) and `mlp_chunks` (MLPs over token slices: 1B DPO peak 2.6x).
+- `cudagraphs` and `mlp_chunks` were removed after an H200 measurement: `REMOVED` holds why, and a recipe naming
+  one gets that as its error.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 

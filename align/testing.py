@@ -123,9 +123,9 @@ def cpu_varlen_attn():
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k, dtype=torch.float32), torch.zeros_like(
             v, dtype=torch.float32)
         s = scale if scale is not None else q.shape[-1] ** -0.5
+        group = q.shape[1] // k.shape[1]
         for q0, q1, k0, k1 in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
             mask = lower_right(q1 - q0, k1 - k0)
-            group = q.shape[1] // k.shape[1]
             for h in range(q.shape[1]):
                 qs, g = q[q0:q1, h].float(), grad[q0:q1, h].float()
                 ks, vs = k[k0:k1, h // group].float(), v[k0:k1, h // group].float()

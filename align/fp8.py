@@ -45,6 +45,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return to_e4m3(x.float() / scale), scale
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`, but a new tensor or `t` itself, never the no-op `.to` alias: an autograd.Function returning
+    `t.to(t.dtype)` loses its input gradient under torch.compile in torch 2.11, the eager backend included (the LoRA
+    gradients of earlier layers came out at cosine 0.17-0.66 of eager's; 2.13 gets it right; `test_fp8.py`)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _mm(a_q, a_scale, b_q, b_scale, out_dtype, fast_accum: bool) -> torch.Tensor:
     """(a_q * a_scale) @ (b_q * b_scale).T for `a_q` (M, K) and `b_q` (N, K) both row-major: `b_q.t()` is the
     column-major right operand the FP8 kernels take."""
@@ -63,7 +70,7 @@ class Fp8Linear(torch.autograd.Function):
         out = _mm(q, s, w, w_scale, torch.bfloat16, fast_accum=True)  # fast accumulation: as torchao's forward
         ctx.save_for_backward(w_t, w_t_scale)
         ctx.x_dtype = x.dtype
-        return out.view(*lead, out.shape[-1]).to(x.dtype)
+        return cast(out.view(*lead, out.shape[-1]), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -73,7 +80,7 @@ class Fp8Linear(torch.autograd.Function):
         lead = grad.shape[:-1]
         q, s = quantize_rows(grad.reshape(-1, grad.shape[-1]))
         grad_x = _mm(q, s, w_t, w_t_scale, torch.bfloat16, fast_accum=False)
-        return grad_x.view(*lead, grad_x.shape[-1]).to(ctx.x_dtype), None, None, None, None
+        return cast(grad_x.view(*lead, grad_x.shape[-1]), ctx.x_dtype), None, None, None, None
 
 
 def _forward(self, x):
@@ -147,10 +154,10 @@ def has_fp8_matmuls(model) -> bool:
 
 def cublas_in_compiled_layers() -> None:
     """Compiled layers run their FP8 matmuls with ATen's `_scaled_mm` (cuBLASLt), the kernel the eager GPU test
-    verified, not inductor's Triton scaled-mm templates, which inductor tries even without max-autotune: with them
-    the compiled FP8 model's LoRA gradients were at cosine 0.62 of the compiled bf16 model's on an H200 (torch 2.11,
-    tests/test_fp8.py), where eager FP8 passed (> 0.99). Inductor's GEMM template backends are ATen only from here
-    on (without max-autotune every other matmul is an ATen call anyway)."""
+    verifies, not inductor's Triton scaled-mm templates, which inductor tries and autotunes even without
+    max-autotune (compile time for no measured gain). Inductor's GEMM template backends are ATen only from here on
+    (without max-autotune every other matmul is an ATen call anyway). The wrong compiled gradients of calls 18 and
+    19 first blamed on the templates were torch 2.11's (`cast`)."""
     import torch._inductor.config as inductor
 
     if inductor.max_autotune_gemm_backends.upper() != "ATEN":

@@ -115,7 +115,7 @@ class NF4Fp8Linear(torch.autograd.Function):
         lead = x.shape[:-1]
         x_q, x_scale = fp8.quantize_rows(x.reshape(-1, x.shape[-1]))
         out = fp8._mm(x_q, x_scale, w_q, w_scale[None], torch.bfloat16, fast_accum=True).view(*lead, shape[0])
-        return (out if bias is None else out + bias.to(out.dtype)).to(x.dtype)
+        return fp8.cast(out if bias is None else out + bias.to(out.dtype), x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -129,7 +129,7 @@ class NF4Fp8Linear(torch.autograd.Function):
         g_q, g_scale = fp8.quantize_rows(grad.reshape(-1, grad.shape[-1]).float() * w_scale[None])
         ones = torch.ones(1, shape[1], dtype=torch.float32, device=grad.device)
         grad_x = fp8._mm(g_q, g_scale, w_t, ones, torch.bfloat16, fast_accum=False)
-        return (grad_x.view(*lead, shape[1]).to(grad.dtype),) + (None,) * 8
+        return (fp8.cast(grad_x.view(*lead, shape[1]), grad.dtype),) + (None,) * 8
 
 
 def supported(module) -> bool:

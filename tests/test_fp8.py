@@ -176,6 +176,44 @@ def test_compiled_fp8_layers_match_eager_fp8_without_graph_breaks():
         assert _rel(results[1][1][n], g) < 2e-2, n
 
 
+def _dequantized_mm(a_q, a_scale, b_q, b_scale, out_dtype, fast_accum):
+    """`fp8._mm` as a plain matmul of the dequantized operands: the FP8 layers' autograd on any torch and device."""
+    return ((a_q.float() * a_scale) @ (b_q.float() * b_scale.view(-1, 1)).t()).to(out_dtype)
+
+
+def test_compiled_bf16_fp8_layers_keep_their_input_gradients(monkeypatch):
+    """A bf16 LoRA model (the GPU's dtype) whose FP8 layers' matmuls are emulated: compiled layers give eager's LoRA
+    gradients in every layer (cosine > 0.99). torch 2.11 dropped the base layers' input gradients here while the
+    FP8 layer returned `out.to(x.dtype)`, a no-op alias for bf16 (earlier layers at cosine 0.17-0.66, as on the
+    H100 / H200 in calls 18 and 19); `fp8.cast` returns `out` itself."""
+    import torch._dynamo
+
+    monkeypatch.setattr(fp8, "_mm", _dequantized_mm)
+    ids = _batch()
+    grads = []
+    try:
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            base, model = tiny_lora_model(outputs=("log_probs",))
+            model = model.to(torch.bfloat16)
+            assert fp8.use_fp8(model) == 14 and fused_lora.use_fused_lora(model) == 14
+            if compiled:
+                speed.compile_layers(base)
+            (-model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs.float().mean()).backward()
+            grads.append({n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch._dynamo.reset()
+    assert grads[1].keys() == grads[0].keys() and len(grads[0]) == 28
+    cos = {n: F.cosine_similarity(grads[1][n].flatten(), g.flatten(), dim=0).item() for n, g in grads[0].items()}
+    assert min(cos.values()) > 0.99, {n: round(c, 3) for n, c in cos.items() if c <= 0.99}
+
+
+def test_cast_never_returns_the_no_op_alias():
+    t = torch.ones(2, dtype=torch.bfloat16)
+    assert fp8.cast(t, torch.bfloat16) is t
+    assert fp8.cast(t, torch.float32).dtype == torch.float32
+
+
 def test_resolve_leaves_fp8_out_where_it_does_not_apply(monkeypatch):
     lora = config.ModelArguments(model_name_or_path="m", use_peft=True)
     monkeypatch.setattr(fp8, "device_supports_fp8", lambda device: "no FP8 here")

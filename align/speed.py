@@ -30,7 +30,7 @@ Options (a comma-separated list, `auto`, or `none`):
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
   recomputes the rest in the backward, matmuls included (`activation_memory_budget`, recipe key
-  `lean_memory_budget`: 0.5 for SFT and RM, 0.3 for DPO, whose rows are 1.5x as long): less memory, some speed.
+  `lean_memory_budget`: 0.5 for SFT and RM, 0.2 for DPO, whose rows are 1.5x as long): less memory, some speed.
 - `liger`: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (what TRL's `use_liger_kernel` applies). GPU only.
 - `fused_lora`: LoRA layers compute in the activations' dtype. PEFT casts every adapted layer's input to the fp32
   LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
@@ -64,9 +64,8 @@ Options (a comma-separated list, `auto`, or `none`):
   per matmul), so it is a choice: on SmolLM2-135M-Instruct the assistant-token loss moves 1.2% (next-token KL 0.027),
   where an NF4 (QLoRA) base moves it 12.7% (KL 0.25; `benchmarks/fp8_numerics.py`). The DPO reference goes through the
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
-  separate reference model. Experimental on a GPU: in compiled layers the FP8 matmuls are cuBLAS calls
-  (`fp8.cublas_in_compiled_layers`) since inductor's Triton FP8 kernels gave wrong LoRA gradients on an H200; the
-  speed measured there (1.7x-1.95x stock) predates that change.
+  separate reference model. Experimental on a GPU: its compiled runs so far hit a torch 2.11 bug that dropped the
+  base layers' input gradients (`fp8.cast` avoids it), so it has no valid GPU speed yet (benchmarks/README.md).
 - `cudagraphs` and `mlp_chunks` were removed after an H200 measurement: `REMOVED` holds why, and a recipe naming
   one gets that as its error.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
@@ -103,7 +102,7 @@ REMOVED = {
     "cudagraphs": "compiled layers as CUDA graphs ran at 0.13x (1B DPO) / 0.30x (1B SFT) the tokens/s of the same set without them",
     "mlp_chunks": "MLPs over token slices raised the 1B DPO peak 8.9 -> 23.1 GiB at 0.87x the tokens/s",
 }
-LEAN_BUDGET = {"sft": 0.5, "dpo": 0.3}  # measured on an H200: benchmarks/README.md
+LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}  # measured on an H100 and an H200: benchmarks/README.md
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION

@@ -7,10 +7,9 @@
 # carrying .whl (bash ../shared/tools/gpu-wheels.sh) and .cache/test-tokenizer (benchmarks/README.md). Then merge
 # each call's throughput JSON into benchmarks/results/throughput_<gpu>.json with `throughput.py --merge`.
 #
-#   fp8_a    first the GPU tests of the FP8 / NF4 paths (tests/test_fp8.py's compiled GPU test failed in call18, before
-#            FP8 matmuls in compiled layers were kept on cuBLAS), then fp8 against stock and auto: 1B DPO and 1B SFT
-#            LoRA (results are written after every run: a call cut short keeps what it measured); then 1B DPO with
-#            lean budgets 0.25 and 0.2 (auto: 0.3), for the DPO / SFT peak (1.12 at 0.3; 0.17 GiB above 1.1)
+#   fp8_a    first the GPU tests of the FP8 / NF4 paths (their compiled tests failed in calls 18 and 19 from a torch
+#            2.11 bug now avoided, fp8.cast; the whole output kept in tests.txt), then fp8 against stock and auto:
+#            1B DPO and 1B SFT LoRA (results are written after every run: a call cut short keeps what it measured)
 #   fp8_b    the same for 8B SFT LoRA and 8B DPO LoRA (the 70% case with fp8)
 #   fp8_c    the same for 8B SFT QLoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
@@ -25,11 +24,10 @@ FP8="fp8=auto,fp8"
 mkdir -p "$OUT"
 case $CALL in
   fp8_a)
-    $PY -m pytest -q -p no:logging tests/test_fp8.py tests/test_nf4.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+    $PY -m pytest -q -p no:logging tests/test_fp8.py tests/test_nf4.py > "$OUT/tests.txt" 2>&1 || true
+    tail -4 "$OUT/tests.txt"
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:sft_lora --paths stock,align --align_variants "$FP8" $W \
-        --timeout 150 --out "$OUT"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants "b25=auto@0.25;b20=auto@0.2" $W \
-        --timeout 150 --out "$OUT/budget" ;;
+        --timeout 150 --out "$OUT" ;;
   fp8_b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT" ;;

@@ -505,7 +505,8 @@ def compare(runs: list[dict]) -> list[dict]:
         data = r.get("data", "fixed")
         stock = by.get(key(r, path="stock"))
         row = dict(shape=r["shape"], case=r["case"], data=data, timing=r.get("timing", "step"), path=r["path"],
-                   options=r.get("options"),
+                   options=[f"lean@{r['lean_memory_budget']:g}" if o == "lean" and r.get("lean_memory_budget")
+                            else o for o in r.get("options") or []],
                    stock=_summary(stock), other=_summary(r))
         if stock and "error" not in stock and "error" not in r:
             row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
@@ -517,7 +518,11 @@ def compare(runs: list[dict]) -> list[dict]:
                 row["loss_max_abs_diff"] = max((abs(a - b) for a, b in pairs), default=None)
                 row["first_loss_abs_diff"] = abs(pairs[0][0] - pairs[0][1]) if pairs else None
         if r["case"].startswith("dpo"):  # against the SFT step of the same shape on the same path
-            sft = by.get(key(r, case=f"sft_{r['case'][4:]}"))
+            sft_case = f"sft_{r['case'][4:]}"
+            sft = by.get(key(r, case=sft_case))
+            plain = by.get(key(r, path="align"))
+            if sft is None and plain and r["path"].startswith("align_") and plain.get("options") == r.get("options"):
+                sft = by.get(key(r, path="align", case=sft_case))  # a lean-budget variant of align: align's SFT
             if sft and "error" not in sft and "error" not in r and sft.get("peak_allocated_gib"):
                 row["dpo_memory_vs_sft"] = r["peak_allocated_gib"] / sft["peak_allocated_gib"]
         rows.append(row)
@@ -568,7 +573,8 @@ def markdown(result: dict) -> str:
          "weights and tokens, sdpa attention. Tokens/s over the timed steps (DPO: prompt+chosen and prompt+rejected "
          "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "
          f"training. Goals: tokens/s >= {GOALS['speedup']}x stock; SFT peak <= {GOALS['sft_memory']}x stock; DPO "
-         f"peak <= {GOALS['dpo_memory_vs_sft']}x the SFT peak of the same shape and path."), "",
+         f"peak <= {GOALS['dpo_memory_vs_sft']}x the SFT peak of the same shape and path (a DPO path that differs from "
+         "`align` only in its lean budget: against `align`'s SFT)."), "",
         ("| shape | case | data | path | stock tok/s | tok/s | speedup | stock peak GiB | peak GiB | memory ratio "
          "| DPO/SFT memory | step-1 loss diff | max abs loss diff | options |"),
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",

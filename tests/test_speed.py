@@ -87,7 +87,7 @@ def test_lean_budget_per_stage_and_checked():
     from align import config
 
     dpo, sft = object.__new__(trl.DPOTrainer), object.__new__(trl.SFTTrainer)
-    assert speed.lean_budget(dpo) == 0.3 and speed.lean_budget(sft) == 0.5
+    assert speed.lean_budget(dpo) == 0.2 and speed.lean_budget(sft) == 0.5
     assert speed.lean_budget(dpo, 0.7) == 0.7
     with pytest.raises(ValueError, match="lean_memory_budget"):
         speed.lean_budget(sft, 0.0)
@@ -794,6 +794,18 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     merged = throughput.merge_runs([first, [run(path="align_nb", call=2)]])  # no stock: the others stay
     assert sorted((r["path"], r["call"]) for r in merged if r["case"] == "sft_lora") == [
         ("align", 1), ("align_nb", 2), ("stock", 1)]
+    # a DPO path that differs from align only in its lean budget is held against align's SFT peak
+    opts = ["compile", "lean"]
+    peak = functools.partial(run, tokens_per_s=1.0, losses=[1.0], rows=4)
+    runs = [peak(path="stock", peak_allocated_gib=8.0), peak(path="align", peak_allocated_gib=4.0, options=opts),
+            *(peak(case="dpo_lora", path=p, peak_allocated_gib=g, options=o, lean_memory_budget=b)
+              for p, g, o, b in (("stock", 16.0, None, None), ("align", 4.8, opts, 0.3), ("align_b20", 3.6, opts, 0.2),
+                                 ("align_x", 3.0, ["compile"], None)))]
+    rows = {r["path"]: r for r in throughput.compare(runs) if r["case"] == "dpo_lora"}
+    assert rows["align"]["dpo_memory_vs_sft"] == pytest.approx(1.2)
+    assert rows["align_b20"]["dpo_memory_vs_sft"] == pytest.approx(0.9)
+    assert rows["align_b20"]["options"] == ["compile", "lean@0.2"]
+    assert "dpo_memory_vs_sft" not in rows["align_x"]  # other options: no SFT step of its own to compare with
 
 
 def test_memory_peak_replays_the_allocator_history_to_its_peak():

@@ -28,9 +28,11 @@ every step (compared between the paths). Writes `<out>/throughput_<gpu>.json` (m
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -236,6 +238,49 @@ class Meter:
         return _CB()
 
 
+def grad_sketch_callback(torch, out: dict, k: int = 32):
+    """A trainer callback that keeps, at the first optimizer step, a `k`-number sketch of every trainable
+    parameter's gradient (its dot products with `k` fixed Gaussian vectors seeded by the parameter's name) in
+    `out` (base64 of float32, one line per parameter in the JSON): the same on every path for the same gradient, so `compare` can put the two paths' step-1 gradients side
+    by side as cosines without either process writing them whole. Both paths start from the same weights and
+    batch; gradient clipping scales all gradients alike and leaves the cosines as they are."""
+    import zlib
+
+    from transformers import TrainerCallback
+
+    class _CB(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            if state.global_step or out:
+                return
+            for name, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    g = p.grad.detach().float().flatten()
+                    gen = torch.Generator(g.device).manual_seed(zlib.crc32(name.encode()))
+                    sketch = torch.randn(k, g.numel(), generator=gen, device=g.device) @ g
+                    out[name] = base64.b64encode(sketch.cpu().numpy().astype("<f4").tobytes()).decode()
+
+    return _CB()
+
+
+def grad_cosines(a: dict, b: dict) -> dict:
+    """Per parameter, the cosine of two runs' gradient sketches (`grad_sketch_callback`); parameters whose gradient
+    is zero on both runs (LoRA A at step 1, where B is zero) are left out, zero on one run only counts as 0."""
+    def floats(v):  # base64 of little-endian float32 (as the callback writes them), or a list
+        if isinstance(v, list):
+            return v
+        raw = base64.b64decode(v)
+        return struct.unpack(f"<{len(raw) // 4}f", raw)
+
+    cos = {}
+    for name in a.keys() & b.keys():
+        x, y = floats(a[name]), floats(b[name])
+        nx, ny = math.sqrt(sum(v * v for v in x)), math.sqrt(sum(v * v for v in y))
+        if nx == ny == 0:
+            continue
+        cos[name] = sum(u * v for u, v in zip(x, y)) / (nx * ny) if nx and ny else 0.0
+    return cos
+
+
 def worker(spec: dict) -> dict:
     import torch
     import transformers
@@ -306,6 +351,8 @@ def worker(spec: dict) -> dict:
                             stack=spec.get("profile_stack", False))
     if profiler.steps:
         trainer.add_callback(profiler.callback())
+    sketch = {}
+    trainer.add_callback(grad_sketch_callback(torch, sketch))
     memory = {}
     if spec.get("memory_step"):  # the step after the timed (and profiled) ones
         trainer.add_callback(memory_step_callback(torch, spec["warmup"] + spec["steps"] + profiler.steps, memory,
@@ -332,6 +379,7 @@ def worker(spec: dict) -> dict:
                       peft=__import__("peft").__version__),
         profile=profiler.summary(meter) if profiler.steps else None,
         memory_step=memory or None,
+        grad_sketch=sketch or None,
         dynamo=_dynamo_counters(),
     )
 
@@ -517,6 +565,10 @@ def compare(runs: list[dict]) -> list[dict]:
                 pairs = list(zip(r["losses"], stock["losses"]))
                 row["loss_max_abs_diff"] = max((abs(a - b) for a, b in pairs), default=None)
                 row["first_loss_abs_diff"] = abs(pairs[0][0] - pairs[0][1]) if pairs else None
+                a, b = r.get("grad_sketch") or {}, stock.get("grad_sketch") or {}
+                cos = grad_cosines(a, b) if a.keys() == b.keys() else {}  # the same parameter names on both paths
+                if cos:
+                    row["grad_cosine_min"], row["grad_cosine_params"] = min(cos.values()), len(cos)
         if r["case"].startswith("dpo"):  # against the SFT step of the same shape on the same path
             sft_case = f"sft_{r['case'][4:]}"
             sft = by.get(key(r, case=sft_case))
@@ -574,10 +626,12 @@ def markdown(result: dict) -> str:
          "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "
          f"training. Goals: tokens/s >= {GOALS['speedup']}x stock; SFT peak <= {GOALS['sft_memory']}x stock; DPO "
          f"peak <= {GOALS['dpo_memory_vs_sft']}x the SFT peak of the same shape and path (a DPO path that differs from "
-         "`align` only in its lean budget: against `align`'s SFT)."), "",
+         "`align` only in its lean budget: against `align`'s SFT). Step-1 grad cosine: the smallest, over the trainable "
+         "parameters, of the cosine between this path's and stock's first-step gradients (32-number sketches of "
+         "each; gradients that are zero on both paths, LoRA A at step 1, are left out); '-' where a run predates it."), "",
         ("| shape | case | data | path | stock tok/s | tok/s | speedup | stock peak GiB | peak GiB | memory ratio "
-         "| DPO/SFT memory | step-1 loss diff | max abs loss diff | options |"),
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+         "| DPO/SFT memory | step-1 loss diff | max abs loss diff | step-1 grad cosine (min) | options |"),
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in result["comparisons"]:
         s, a = row["stock"] or {"error": "not run"}, row["other"] or {}
@@ -591,7 +645,7 @@ def markdown(result: dict) -> str:
             f"| {row['path']} | {tps(s)} | {tps(a)} "
             f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
             f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('first_loss_abs_diff'), '.1e')} "
-            f"| {_f(row.get('loss_max_abs_diff'), '.1e')} "
+            f"| {_f(row.get('loss_max_abs_diff'), '.1e')} | {_f(row.get('grad_cosine_min'), '.4f')} "
             f"| {','.join(row.get('options') or []) or 'none'} |")
     profiled = [r for r in result["runs"] if r.get("profile")]
     if profiled:

@@ -459,6 +459,8 @@ def test_throughput_benchmark_runs_both_paths(tmp_path):
     assert set(rows) == {"sft_lora", "dpo_lora"}
     for row in rows.values():
         assert row["speedup"] > 0 and row["loss_max_abs_diff"] < 1e-4
+        # step-1 gradients of every LoRA B (A is zero at step 1) point the same way on both paths
+        assert row["grad_cosine_min"] > 0.999 and row["grad_cosine_params"] > 0
     assert rows["dpo_lora"]["options"] == ["shared_prompt"] and rows["sft_lora"]["options"] == ["padding_free"]
     dpo_stock = next(r for r in result["runs"] if r["case"] == "dpo_lora" and r["path"] == "stock")
     assert dpo_stock["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # reference = adapter off
@@ -794,6 +796,10 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     merged = throughput.merge_runs([first, [run(path="align_nb", call=2)]])  # no stock: the others stay
     assert sorted((r["path"], r["call"]) for r in merged if r["case"] == "sft_lora") == [
         ("align", 1), ("align_nb", 2), ("stock", 1)]
+    # step-1 gradient sketches: one vector per parameter, compared as cosines; zero on both runs is left out
+    cos = throughput.grad_cosines({"a": [1.0, 2.0], "b": [0.0, 0.0], "c": [1.0, 0.0]},
+                                  {"a": [2.0, 4.0], "b": [0.0, 0.0], "c": [0.0, 0.0]})
+    assert cos == {"a": pytest.approx(1.0), "c": 0.0}
     # a DPO path that differs from align only in its lean budget is held against align's SFT peak
     opts = ["compile", "lean"]
     peak = functools.partial(run, tokens_per_s=1.0, losses=[1.0], rows=4)

@@ -240,10 +240,10 @@ class Meter:
 
 def grad_sketch_callback(torch, out: dict, k: int = 32):
     """A trainer callback that keeps, at the first optimizer step, a `k`-number sketch of every trainable
-    parameter's gradient (its dot products with `k` fixed Gaussian vectors seeded by the parameter's name) in
-    `out` (base64 of float32, one line per parameter in the JSON): the same on every path for the same gradient, so `compare` can put the two paths' step-1 gradients side
-    by side as cosines without either process writing them whole. Both paths start from the same weights and
-    batch; gradient clipping scales all gradients alike and leaves the cosines as they are."""
+    parameter's gradient (its dot products with `k` fixed Gaussian vectors seeded by the parameter's name) in `out`,
+    as base64 of float32 (one JSON line per parameter). The same gradient gives the same sketch on every path, so
+    `compare` can set two paths' step-1 gradients side by side as cosines without either process writing them
+    whole. Both paths start from the same weights and batch; gradient clipping scales all gradients alike."""
     import zlib
 
     from transformers import TrainerCallback

@@ -256,24 +256,27 @@ def grad_sketch_callback(torch, out: dict, k: int = 32):
                 if p.requires_grad and p.grad is not None:
                     g = p.grad.detach().float().flatten()
                     gen = torch.Generator(g.device).manual_seed(zlib.crc32(name.encode()))
-                    sketch = torch.randn(k, g.numel(), generator=gen, device=g.device) @ g
-                    out[name] = base64.b64encode(sketch.cpu().numpy().astype("<f4").tobytes()).decode()
+                    out[name] = pack_floats((torch.randn(k, g.numel(), generator=gen, device=g.device) @ g).tolist())
 
     return _CB()
+
+
+def pack_floats(values) -> str:
+    """Numbers as base64 of little-endian float32: one short JSON string instead of a line per number."""
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+
+
+def unpack_floats(text: str) -> tuple:
+    raw = base64.b64decode(text)
+    return struct.unpack(f"<{len(raw) // 4}f", raw)
 
 
 def grad_cosines(a: dict, b: dict) -> dict:
     """Per parameter, the cosine of two runs' gradient sketches (`grad_sketch_callback`); parameters whose gradient
     is zero on both runs (LoRA A at step 1, where B is zero) are left out, zero on one run only counts as 0."""
-    def floats(v):  # base64 of little-endian float32 (as the callback writes them), or a list
-        if isinstance(v, list):
-            return v
-        raw = base64.b64decode(v)
-        return struct.unpack(f"<{len(raw) // 4}f", raw)
-
     cos = {}
     for name in a.keys() & b.keys():
-        x, y = floats(a[name]), floats(b[name])
+        x, y = unpack_floats(a[name]), unpack_floats(b[name])
         nx, ny = math.sqrt(sum(v * v for v in x)), math.sqrt(sum(v * v for v in y))
         if nx == ny == 0:
             continue

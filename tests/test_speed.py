@@ -797,8 +797,9 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert sorted((r["path"], r["call"]) for r in merged if r["case"] == "sft_lora") == [
         ("align", 1), ("align_nb", 2), ("stock", 1)]
     # step-1 gradient sketches: one vector per parameter, compared as cosines; zero on both runs is left out
-    cos = throughput.grad_cosines({"a": [1.0, 2.0], "b": [0.0, 0.0], "c": [1.0, 0.0]},
-                                  {"a": [2.0, 4.0], "b": [0.0, 0.0], "c": [0.0, 0.0]})
+    pack = throughput.pack_floats
+    cos = throughput.grad_cosines({"a": pack([1.0, 2.0]), "b": pack([0.0, 0.0]), "c": pack([1.0, 0.0])},
+                                  {"a": pack([2.0, 4.0]), "b": pack([0.0, 0.0]), "c": pack([0.0, 0.0])})
     assert cos == {"a": pytest.approx(1.0), "c": 0.0}
     # a DPO path that differs from align only in its lean budget is held against align's SFT peak
     opts = ["compile", "lean"]

@@ -174,5 +174,7 @@ def test_fp8_4bit_layers_train_only_the_adapter_and_compile_without_breaks(token
     compiled, compiled_grads, breaks, _ = _compiled_steps(model, ids)
     assert breaks == {}, breaks
     assert ((compiled - got).norm() / got.norm()) < 1e-2
+    # compiled quantization rounds in another order: 0.9989 at worst on an H100 (layer 0's LoRA A, which collects
+    # every later layer's rounding); torch 2.11's lost input gradient (fp8.cast) gave 0.48
     for n in got_grads:
-        assert F.cosine_similarity(compiled_grads[n].flatten(), got_grads[n].flatten(), dim=0) > 0.999, n
+        assert F.cosine_similarity(compiled_grads[n].flatten(), got_grads[n].flatten(), dim=0) > 0.995, n

@@ -2,7 +2,10 @@
 assistant tokens' loss, the per-sequence log-probability (what DPO's log-ratios are made of) and the KL between
 the next-token distributions, with the base layers in their dtype and in FP8 (`align/fp8.py`). For scale, two
 more variants change the weights only: their e4m3 round trip (FP8's weight share of the error) and their NF4 round
-trip (bitsandbytes, block 64, double quantization: what a QLoRA base computes with).
+trip (bitsandbytes, block 64, double quantization: what a QLoRA base computes with). Besides the forward numbers,
+the first step's LoRA gradients (one backward of the same loss over all rows; LoRA B, as A gets none while B is
+zero) as cosines to the reference's: what an optimizer step sees (on random weights, FP8's gradients drift with the
+width: `fp8_grad_drift.py`).
 
     python benchmarks/fp8_numerics.py --rows 32 --out benchmarks/results/fp8_numerics_cpu.json
 
@@ -55,6 +58,33 @@ def measure(model, rows, device):
     return out
 
 
+def lora_gradients(model, rows, device) -> dict:
+    """The LoRA gradients of the assistant tokens' mean negative log-likelihood over `rows` (one backward per row,
+    summed), fp32 on the CPU, by parameter name; parameters whose gradient is zero (LoRA A at step 1) left out."""
+    import torch
+
+    tokens = sum(int(mask[1:].sum()) for _, mask in rows)
+    model.zero_grad(set_to_none=True)
+    for ids, mask in rows:
+        logits = model(input_ids=ids[None].to(device)).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None].to(device))[:, 0]
+        (-logp[mask[1:].to(device)].sum() / tokens).backward()
+    return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()
+            if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def gradient_cosines(got: dict, want: dict) -> dict:
+    """min / median over parameters of the cosine between two runs' gradients (`lora_gradients`), and the
+    parameter with the smallest; a parameter with a gradient in one run only counts as 0."""
+    import torch.nn.functional as F
+
+    cos = {n: (F.cosine_similarity(got[n].flatten(), g.flatten(), dim=0).item() if n in got else 0.0)
+           for n, g in want.items()}
+    worst = min(cos, key=cos.get)
+    return {"parameters": len(cos), "min": round(cos[worst], 4), "median": round(statistics.median(cos.values()), 4),
+            "min_parameter": worst}
+
+
 def round_trip_weights(model, kind: str) -> int:
     """Replace every LoRA base weight by its e4m3 (row scales) or NF4 round trip, in place; returns how many."""
     import torch
@@ -93,6 +123,8 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--max_length", type=int, default=512)
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks/results/fp8_numerics_cpu.json"))
+    ap.add_argument("--no_gradients", dest="gradients", action="store_false",
+                    help="forward numbers only (the gradient cosines take a backward per row and variant)")
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -102,12 +134,19 @@ def main(argv=None):
                                        lora_target_modules=["all-linear"], lora_dropout=0.0)
     tokenizer = modeling.load_tokenizer(model_args)
     rows = scored_rows(tokenizer, args.data, args.rows, args.max_length)
-    results = {}
-    for name in ("plain", "fp8", "fp8_weights_only", "nf4_weights_only"):
+    results, grads = {}, {}
+    # bf16 against the fp32 reference (CPU only: the GPU's reference is bf16) is the scale of plain rounding
+    variants = ("plain", "fp8", "fp8_weights_only", "nf4_weights_only") + (() if cuda else ("bf16",))
+    for name in variants:
+        torch.manual_seed(0)  # the same LoRA A in every variant: their B gradients are comparable
         model = stacking.attach_trainable_adapter(modeling.load_model(model_args, training=False), model_args)
         model.to(device).eval()  # LoRA B starts at zero: the base model's outputs
-        layers = fp8.use_fp8(model) if name == "fp8" else round_trip_weights(model, name) if name != "plain" else 0
+        if name == "bf16":
+            model.to(torch.bfloat16)
+        layers = fp8.use_fp8(model) if name == "fp8" else round_trip_weights(model, name) if "only" in name else 0
         results[name] = measure(model, rows, device)
+        if args.gradients:
+            grads[name] = lora_gradients(model, rows, device)
         print(f"[fp8_numerics] {name}: {layers} layers changed", flush=True)
     plain = results["plain"]
     tokens = sum(n for _, n, _ in plain)
@@ -129,6 +168,8 @@ def main(argv=None):
                                                 "max": round(max(seq_diff), 4)},
             "next_token_kl": {"mean": float(f"{kl.mean().item():.3e}"), "max": float(f"{kl.max().item():.3e}")},
         }
+        if grads:
+            summary[name]["lora_gradient_cosine"] = gradient_cosines(grads[name], grads["plain"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -12,13 +12,16 @@
 #            1B DPO and 1B SFT LoRA (results are written after every run: a call cut short keeps what it measured)
 #   fp8_b    the same for 8B SFT LoRA and 8B DPO LoRA (the 70% case with fp8)
 #   fp8_c    the same for 8B SFT QLoRA and 1B SFT QLoRA, and FP8 against bf16 on SmolLM2 (needs the model)
+#   fp8_quality  what `fp8` does to a real model's training (needs the SmolLM2 model: carry .gguf/a, b and c in
+#            three calls first): the demo SFT and DPO stages with `auto` and `auto,fp8` (stage_speedups.py), and
+#            fp8_numerics.py (bf16 against FP8: losses, KL, first-step LoRA gradient cosines)
 #   rest     the cases with no H100 row yet (call19 ran the others there): 1B reward model on fixed-length pairs, and
 #            1B DPO, reward model and SFT LoRA on real-length data, stock and auto in the same call
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
 #            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|rest|memory|host}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -37,6 +40,11 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_qlora,1b:sft_qlora --paths stock,align --align_variants "$FP8" $W \
         --timeout 150 --out "$OUT"
     [ -d .cache/models/SmolLM2-135M-Instruct ] && $PY benchmarks/fp8_numerics.py --out "$OUT/fp8_numerics.json" ;;
+  fp8_quality)
+    [ -d .cache/models/SmolLM2-135M-Instruct ] || { echo "no SmolLM2 model: carry .gguf/a, b, c first" >&2; exit 2; }
+    $PY benchmarks/stage_speedups.py --runs "sft:auto|sft:auto,fp8|dpo:auto|dpo:auto,fp8" --workdir /tmp/ss \
+        --out "$OUT/stage_speedups_fp8.json"
+    $PY benchmarks/fp8_numerics.py --out "$OUT/fp8_numerics.json" ;;
   rest)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT"
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:rm_lora,1b:sft_lora --paths stock,align --data real $W \

@@ -64,8 +64,9 @@ Options (a comma-separated list, `auto`, or `none`):
   per matmul), so it is a choice: on SmolLM2-135M-Instruct the assistant-token loss moves 1.2% (next-token KL 0.027),
   where an NF4 (QLoRA) base moves it 12.7% (KL 0.25; `benchmarks/fp8_numerics.py`). The DPO reference goes through the
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
-  separate reference model. Experimental on a GPU: its compiled runs so far hit a torch 2.11 bug that dropped the
-  base layers' input gradients (`fp8.cast` avoids it), so it has no valid GPU speed yet (benchmarks/README.md).
+  separate reference model. Experimental: 1.05x-1.35x the speed of `auto` on an H100 / H200 (slower with a 4-bit
+  8B base), but the LoRA gradients are FP8's (first step on SmolLM2: median cosine 0.957 to fp32's, bf16 0.999,
+  an NF4 base 0.667), so its effect on a trained model is still to be measured (benchmarks/README.md).
 - `cudagraphs` and `mlp_chunks` were removed after an H200 measurement: `REMOVED` holds why, and a recipe naming
   one gets that as its error.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,

@@ -69,6 +69,11 @@ def lora_gradients(model, rows, device) -> dict:
         logits = model(input_ids=ids[None].to(device)).logits[0, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None].to(device))[:, 0]
         (-logp[mask[1:].to(device)].sum() / tokens).backward()
+    return nonzero_gradients(model)
+
+
+def nonzero_gradients(model) -> dict:
+    """The model's gradients, fp32 on the CPU, by parameter name; those that are zero or missing left out."""
     return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()
             if p.grad is not None and p.grad.abs().sum() > 0}
 

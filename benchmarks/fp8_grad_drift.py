@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from fp8_numerics import gradient_cosines, nonzero_gradients  # this folder: sys.path[0] of a script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -36,8 +38,6 @@ def lora_model(layers: int, hidden: int, vocab: int, dtype, device):
 
 
 def lora_gradients(model, ids) -> tuple[dict, float]:
-    from fp8_numerics import nonzero_gradients  # this folder: sys.path[0] of a script
-
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return nonzero_gradients(model), out.loss.item()
@@ -47,7 +47,6 @@ def drift(layers: int, hidden: int, vocab: int, seq: int, device) -> dict:
     import torch
 
     from align import fp8
-    from fp8_numerics import gradient_cosines  # this folder: sys.path[0] of a script
 
     ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1)).to(device)
     grads, losses = {}, {}

@@ -60,14 +60,21 @@ def test_fp8_linear_is_close_to_the_bf16_matmul_in_the_fp8_kernels_layouts(monke
     assert calls == [((132, 256), (256, 512)), ((132, 512), (512, 256))]
 
 
-def test_gradient_cosines_name_the_worst_parameter_and_count_a_missing_one_as_zero():
-    """benchmarks/fp8_numerics.py's comparison of two runs' LoRA gradients (also fp8_grad_drift.py's)."""
+def _benchmark(name: str):
+    """A module of benchmarks/ (its scripts import each other by name)."""
+    import importlib
     import os
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    from fp8_numerics import gradient_cosines
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
+
+def test_gradient_cosines_name_the_worst_parameter_and_count_a_missing_one_as_zero():
+    """benchmarks/fp8_numerics.py's comparison of two runs' LoRA gradients (also fp8_grad_drift.py's)."""
+    gradient_cosines = _benchmark("fp8_numerics").gradient_cosines
     g = torch.arange(1.0, 7.0).view(2, 3)
     want = {"a": g, "b": g, "c": g, "d": g}
     got = {"a": g * 3, "b": -g, "c": g + torch.tensor([[0.0, 0, 0], [0, 0, 10]])}
@@ -81,13 +88,7 @@ def test_gradient_cosines_name_the_worst_parameter_and_count_a_missing_one_as_ze
 def test_fp8_gradients_drift_more_than_bf16_ones_on_a_random_model():
     """benchmarks/fp8_grad_drift.py on a 2-layer, 128-wide random Llama: bf16's first-step LoRA gradients within
     rounding of fp32's, FP8's further off but still the same direction."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    from fp8_grad_drift import drift
-
-    out = drift(2, 128, 256, 32, torch.device("cpu"))
+    out = _benchmark("fp8_grad_drift").drift(2, 128, 256, 32, torch.device("cpu"))
     assert out["bf16_vs_fp32"]["parameters"] == out["fp8_vs_fp32"]["parameters"] == 14  # LoRA B of 7 layers x 2
     assert out["bf16_vs_fp32"]["min"] > 0.99
     assert 0.5 < out["fp8_vs_fp32"]["min"] < out["bf16_vs_fp32"]["min"]

@@ -284,6 +284,33 @@ def grad_cosines(a: dict, b: dict) -> dict:
     return cos
 
 
+def inductor_config(text: str) -> dict:
+    """`key=value,key=value` (values Python literals) as a dict of torch._inductor.config keys."""
+    import ast
+
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"inductor config {item!r}: expected key=value")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
+def apply_inductor_config(config: dict) -> None:
+    """Set torch._inductor.config keys (dotted for sub-configs, e.g. triton.cudagraphs); an unknown key is an error."""
+    import torch._inductor.config as inductor
+
+    for key, value in config.items():
+        *parents, name = key.split(".")
+        target = inductor
+        for p in parents:
+            target = getattr(target, p)
+        if not hasattr(target, name):
+            raise ValueError(f"torch._inductor.config has no key {key!r}")
+        setattr(target, name, value)
+
+
 def worker(spec: dict) -> dict:
     import torch
     import transformers
@@ -292,6 +319,7 @@ def worker(spec: dict) -> dict:
     sys.path.insert(0, spec.get("align_src") or REPO)  # --align_src: another checkout's align (A/B runs)
     from align import speed
 
+    apply_inductor_config(spec.get("inductor") or {})
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if spec.get("cpu_varlen") and not cuda:  # a CPU stand-in of the GPU's flash-varlen attention (align.testing)
@@ -372,6 +400,7 @@ def worker(spec: dict) -> dict:
     return dict(
         path=spec["path"], lean_memory_budget=budget, options=list(options) if spec["path"].startswith("align") else (
             ["use_liger_kernel"] if spec["path"] == "stock_liger" else []),
+        inductor=spec.get("inductor") or None,
         tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:w + n]) / max(1, len(step_s[w:w + n])),
         tokens_per_step=tokens, step_s=step_s, losses=losses,
         peak_allocated_gib=torch.cuda.max_memory_allocated() / gib if cuda else None,
@@ -707,7 +736,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     ap.add_argument("--align_options", default="auto", help="align/speed.py options: auto, none or a comma list")
     ap.add_argument("--align_variants", default="", help="`name=opt,opt;name2=...`: paths align_<name> (ablations); `opts@0.3`: with lean, "
-                    "that activation memory budget (default: align's per stage, speed.LEAN_BUDGET)")
+                    "that activation memory budget (default: align's per stage, speed.LEAN_BUDGET); `opts!key=value,key=value`: "
+                    "torch._inductor.config keys for that path (e.g. cpp_wrapper=True, triton.cudagraphs=False)")
     ap.add_argument("--data", choices=("fixed", "real"), default="fixed",
                     help="fixed: every row the shape's full length; real: log-normal lengths, so batches carry padding")
     ap.add_argument("--batch", type=int, help="SFT rows per batch (default: the shape's)")
@@ -781,6 +811,7 @@ def main(argv=None):
         repeated = {}
         for path in [p for _ in range(args.repeats) for p in paths]:  # interleaved: stock, align, stock, align...
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
+            options, _, inductor = options.partition("!")  # `opts!cpp_wrapper=True`: torch._inductor.config keys
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
             spec = dict(shape=named, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
                         rows=rows_per_step * (args.steps + args.warmup + args.profile + args.memory_step),
@@ -789,7 +820,8 @@ def main(argv=None):
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
-                        lean_memory_budget=float(budget) if budget else None)
+                        lean_memory_budget=float(budget) if budget else None,
+                        inductor=inductor_config(inductor))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)
             msg = r["error"].strip().splitlines()[-1] if "error" in r else (

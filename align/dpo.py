@@ -143,10 +143,11 @@ class DeferredDPOMetrics(training.DeferredTokenCount):
         super().log(logs, start_time)
 
 
-class AlignDPOTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, DeferredDPOMetrics, ReferenceFirst,
-                     DPOTrainer):
+class AlignDPOTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, training.PairWeightedMetrics,
+                     DeferredDPOMetrics, ReferenceFirst, DPOTrainer):
     """TRL's DPOTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs, reads its training
-    metrics once per log line, and computes the reference log-probabilities before the policy forward."""
+    metrics once per log line, computes the reference log-probabilities before the policy forward and lists its
+    trained parameters once."""
 
 
 def main(argv=None):

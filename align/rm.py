@@ -21,8 +21,10 @@ from trl import RewardTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignRewardTrainer(training.NonFiniteLossGuard, training.PairWeightedMetrics, RewardTrainer):
-    """TRL's RewardTrainer that stops on a NaN/inf loss and weights its logged metrics by pairs."""
+class AlignRewardTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, training.PairWeightedMetrics,
+                         RewardTrainer):
+    """TRL's RewardTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs and lists its trained
+    parameters once."""
 
 
 def main(argv=None):

@@ -19,10 +19,10 @@ from trl import SFTTrainer
 from align import config, data, modeling, speed, stacking, training
 
 
-class AlignSFTTrainer(training.NonFiniteLossGuard, training.TokenWeightedMetrics, training.DeferredSFTMetrics,
-                      SFTTrainer):
-    """TRL's SFTTrainer that stops on a NaN/inf loss, weights its logged metrics by trained tokens and reads
-    them on the host once per log line."""
+class AlignSFTTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, training.TokenWeightedMetrics,
+                      training.DeferredSFTMetrics, SFTTrainer):
+    """TRL's SFTTrainer that stops on a NaN/inf loss, weights its logged metrics by trained tokens, reads them on
+    the host once per log line and lists its trained parameters once."""
 
 
 def main(argv=None):

@@ -101,6 +101,61 @@ class NonFiniteLossGuard:
         return out
 
 
+class CachedParameterScans:
+    """Trainer mixin: transformers' Trainer walks every module and parameter of the model three more times per
+    optimizer step, to count the parameters for `total_flos` (`floating_point_ops`), to list the gradients to clip
+    and to zero them. With a frozen base and a LoRA adapter each walk goes over ~1,300 modules to find the few
+    hundred trained tensors: host time in every step, which a GPU waits for on a small model. Here the count and the
+    trained parameters are found once (neither changes during training); the values are the same (the frozen
+    parameters have no gradient, so neither the clipped norm nor the zeroing changes).
+
+    The clip keeps Trainer's own path under FSDP, DeepSpeed and XLA (their clipping needs the whole list or is the
+    engine's); the zeroing is the model's own `zero_grad` when Trainer wraps the model (DDP, DeepSpeed)."""
+
+    _PLAIN = ("NO", "MULTI_GPU", "MULTI_CPU")
+
+    def floating_point_ops(self, inputs):
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return super().floating_point_ops(inputs)
+        if self.__dict__.get("_flop_parameters") is None:
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._flop_parameters
+
+    def trained_parameters(self, model) -> list:
+        """The parameters of `model` that require a gradient, listed once per model object."""
+        cached = self.__dict__.get("_trained_parameters")
+        if cached is None or cached[0] is not model:
+            cached = self._trained_parameters = (model, [p for p in model.parameters() if p.requires_grad])
+        return cached[1]
+
+    def _clip_grad_norm(self, model):
+        mixed_meshes = getattr(self, "_has_mixed_mesh_grads", None)  # DTensor gradients (tensor parallel)
+        if (self.accelerator.distributed_type.name not in self._PLAIN or getattr(self.args, "fp16", False)
+                or (mixed_meshes is not None and mixed_meshes(model))):
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self.trained_parameters(model), self.args.max_grad_norm)
+
+    def train(self, *args, **kwargs):
+        model = self.model
+        own = model.__dict__.get("zero_grad")
+
+        def zero_grad(set_to_none: bool = True) -> None:  # Module.zero_grad over the trained parameters only
+            if not set_to_none:
+                return torch.nn.Module.zero_grad(model, set_to_none=False)
+            for p in self.trained_parameters(model):
+                p.grad = None
+
+        model.zero_grad = zero_grad
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if own is None:
+                del model.zero_grad
+            else:
+                model.zero_grad = own
+
+
 def _train_only_sets_modes(cls) -> bool:
     """Whether `cls.train` only sets the training flags (torch's, or a wrapper's that just calls it): engines with
     their own `train` (DeepSpeed's) keep the real call every step."""

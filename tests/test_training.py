@@ -124,3 +124,52 @@ def test_guard_checks_pending_cuda_losses_before_a_log_line():
     with pytest.raises(NonFiniteLossError, match="at step 2"):
         trainer.log({"loss": 0.0})
     assert trainer.logged == []
+
+
+def _lora_run(trainer_cls, tmp_path, name):
+    """Three clipped steps of a tiny Llama with LoRA under `trainer_cls`: (trainer, model, LoRA weights after)."""
+    import datasets
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg), LoraConfig(r=4, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (6, 12), generator=g).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        max_grad_norm=0.01, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+        disable_tqdm=True)
+    trainer = trainer_cls(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer, model, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cached_parameter_scans_keep_trainer_values_with_one_walk(tmp_path, monkeypatch):
+    """`CachedParameterScans`: the same total_flos, clipped gradient norms and trained weights as Trainer's
+    per-step walks, with the parameter count taken once and the model's own `zero_grad` back after training."""
+    import transformers
+
+    from align.training import CachedParameterScans
+
+    class Cached(CachedParameterScans, transformers.Trainer):
+        pass
+
+    stock, _, want = _lora_run(transformers.Trainer, tmp_path, "stock")
+    counts = []
+    real = transformers.PreTrainedModel.num_parameters
+    monkeypatch.setattr(transformers.PreTrainedModel, "num_parameters",
+                        lambda self, *a, **k: counts.append(1) or real(self, *a, **k))
+    cached, model, got = _lora_run(Cached, tmp_path, "cached")
+    assert len(counts) == 1  # once, not once per step
+    assert cached.state.total_flos == stock.state.total_flos > 0
+    norms = [[h["grad_norm"] for h in t.state.log_history if "grad_norm" in h] for t in (cached, stock)]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-6)
+    assert min(norms[0]) > 0.01  # the clip was active: the weights below depend on it
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())  # zeroed after the last step
+    assert "zero_grad" not in model.__dict__

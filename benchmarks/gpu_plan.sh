@@ -19,13 +19,17 @@
 #            1B DPO, reward model and SFT LoRA on real-length data, stock and auto in the same call
 #   memory   what holds the 1B SFT and DPO peaks (allocator history of one step), DPO with and without ref_first
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
-#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide
+#            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; and align
+#            with inductor's C++ wrapper (kernel launches from C++ instead of Python)
+#   host_1b  1B SFT LoRA, stock / align / align with the C++ wrapper, then 2 profiled steps each (GPU busy and
+#            idle time per step)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
 FP8="fp8=auto,fp8"
+CPP="cpp=auto!cpp_wrapper=True"  # inductor's C++ wrapper: the compiled layers launch their kernels from C++
 mkdir -p "$OUT"
 case $CALL in
   fp8_a)
@@ -57,6 +61,9 @@ case $CALL in
         --out "$OUT/noref" ;;
   host)
     $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 \
-        --timing window --timeout 120 --out "$OUT" ;;
+        --align_variants "$CPP" --timing window --timeout 150 --out "$OUT" ;;
+  host_1b)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$CPP" $W --profile 2 \
+        --timeout 200 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -246,3 +246,82 @@ def test_deferred_training_metrics_log_what_trl_logs(tiny_llama, sft_adapter, pr
     assert train[0]["rewards/margins"] != 0.0 and 0.0 <= train[1]["rewards/accuracies"] <= 1.0
     # none at all with the shared-prompt row; else transformers' attention-mask checks in the model's forward
     assert not [r for r in train_reads if "shared_prompt" in speedups or "masking_utils" not in r], train_reads
+
+
+@pytest.mark.parametrize("from_sft", [True, False])  # reference = the SFT adapter's frozen copy; = the base
+def test_quick_reference_switch_gives_trls_reference_without_walking_the_model(
+        from_sft, tiny_llama, sft_adapter, preference_jsonl, tmp_path, monkeypatch):
+    """`QuickReferenceSwitch`: after training moved the policy away from its reference, the reference
+    log-probabilities of a batch are TRL's own (`use_adapter`), they differ from the policy's, the adapter state
+    (active adapter, disabled flags, requires_grad) is as before, and the switch walks no module of the model."""
+    from trl import DPOTrainer
+
+    parent = dict(sft_adapter=sft_adapter) if from_sft else {}
+    trainer = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / "run"), max_steps=3, speedups="none",
+                                eval_split_size=0, learning_rate=1e-2, **parent))
+    model = trainer.model
+    batch = next(iter(trainer.get_train_dataloader()))
+    state = lambda: ([(m._active_adapter, m._disable_adapters) for m in model.modules() if hasattr(m, "lora_A")],
+                     [p.requires_grad for p in model.parameters()], model.active_adapter)
+    before = state()
+    model.eval()
+    want = DPOTrainer.compute_ref_log_probs(trainer, model, batch)  # TRL's
+    trainer.compute_ref_log_probs(model, batch)  # finds the adapter layers once
+    walks = []
+    real = torch.nn.Module.named_modules
+    monkeypatch.setattr(torch.nn.Module, "named_modules", lambda self, *a, **k: walks.append(1) or real(self, *a, **k))
+    got = trainer.compute_ref_log_probs(model, batch)
+    monkeypatch.undo()
+    assert walks == []
+    switch = trainer._reference_switch[0]  # TRL copies any adapter it is given into "ref" (a fresh one: the base)
+    assert switch is not None and switch.reference == ("ref" if "ref" in model.peft_config else None)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert state() == before
+    with torch.no_grad():  # the policy is not the reference any more: the switch did switch
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True, use_cache=False).log_probs
+    policy = out[:, -(batch["completion_mask"].size(1) - 1):].sum(dim=1).chunk(2, dim=0)
+    assert not torch.allclose(policy[0], got[0], atol=1e-4)
+
+
+def test_reference_switch_leaves_auxiliary_modules_to_trl(tiny_llama):
+    """Adapters with trained auxiliary modules (`modules_to_save`) keep TRL's own switch."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plain = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert stacking.ReferenceSwitch.for_model(plain) is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    aux = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert stacking.ReferenceSwitch.for_model(aux) is None
+    assert stacking.ReferenceSwitch.for_model(model) is None  # not a PEFT model
+
+
+def test_reference_switch_without_a_ref_adapter_is_the_base(tiny_llama):
+    """Without TRL's "ref" copy the switch disables the adapter layers: the base's logits, as PEFT's
+    `disable_adapter`, and the adapter is back on (and trainable) after."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        policy = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        switch = stacking.ReferenceSwitch.for_model(model)
+        assert switch.reference is None
+        with switch:
+            got = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(got, base, rtol=0, atol=0)
+    assert not torch.allclose(policy, base, atol=1e-3)
+    torch.testing.assert_close(after, policy, rtol=0, atol=0)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)

@@ -23,13 +23,17 @@
 #            with inductor's C++ wrapper (kernel launches from C++ instead of Python)
 #   host_1b  1B SFT LoRA, stock / align / align with the C++ wrapper, then 2 profiled steps each (GPU busy and
 #            idle time per step)
+#   host_cg  1B SFT LoRA with one compiled graph per layer, without and with CUDA graphs (call18's cudagraphs ran
+#            0.13x-0.30x with the one graph all layers share: a recording per parameter set, re-recorded per layer?)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
 FP8="fp8=auto,fp8"
 CPP="cpp=auto!cpp_wrapper=True"  # inductor's C++ wrapper: the compiled layers launch their kernels from C++
+NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled graph per layer (guarded by module)
+CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in
   fp8_a)
@@ -65,5 +69,8 @@ case $CALL in
   host_1b)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$CPP" $W --profile 2 \
         --timeout 200 --out "$OUT" ;;
+  host_cg)  # CUDA graphs again, each layer its own compiled graph (call18's shared one re-recorded per layer?)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$NOINLINE;$CG" $W \
+        --timeout 250 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -298,16 +298,20 @@ def inductor_config(text: str) -> dict:
 
 
 def apply_inductor_config(config: dict) -> None:
-    """Set torch._inductor.config keys (dotted for sub-configs, e.g. triton.cudagraphs); an unknown key is an error."""
+    """Set torch._inductor.config keys (dotted for sub-configs, e.g. triton.cudagraphs); keys starting `dynamo.`
+    or `functorch.` set torch._dynamo.config / torch._functorch.config ones. An unknown key is an error."""
+    import torch._dynamo.config as dynamo
+    import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
+    roots = {"dynamo": dynamo, "functorch": functorch}
     for key, value in config.items():
         *parents, name = key.split(".")
-        target = inductor
+        target = roots[parents.pop(0)] if parents and parents[0] in roots else inductor
         for p in parents:
             target = getattr(target, p)
         if not hasattr(target, name):
-            raise ValueError(f"torch._inductor.config has no key {key!r}")
+            raise ValueError(f"no config key {key!r} (torch._inductor.config, or dynamo. / functorch. ones)")
         setattr(target, name, value)
 
 
@@ -737,7 +741,8 @@ def main(argv=None):
     ap.add_argument("--align_options", default="auto", help="align/speed.py options: auto, none or a comma list")
     ap.add_argument("--align_variants", default="", help="`name=opt,opt;name2=...`: paths align_<name> (ablations); `opts@0.3`: with lean, "
                     "that activation memory budget (default: align's per stage, speed.LEAN_BUDGET); `opts!key=value,key=value`: "
-                    "torch._inductor.config keys for that path (e.g. cpp_wrapper=True, triton.cudagraphs=False)")
+                    "torch._inductor.config keys for that path (e.g. cpp_wrapper=True; dynamo.* and functorch.* keys set "
+                    "torch._dynamo.config / torch._functorch.config)")
     ap.add_argument("--data", choices=("fixed", "real"), default="fixed",
                     help="fixed: every row the shape's full length; real: log-normal lengths, so batches carry padding")
     ap.add_argument("--batch", type=int, help="SFT rows per batch (default: the shape's)")

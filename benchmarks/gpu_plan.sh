@@ -21,8 +21,8 @@
 #   host     the 1B layer count at tiny widths: steps the GPU finishes at once, so tokens/s is the host's rate
 #            (Python, dispatch, launches) for stock and align: how much of a 1B step the host could hide; and align
 #            with inductor's C++ wrapper (kernel launches from C++ instead of Python)
-#   host_1b  1B SFT LoRA, stock / align / align with the C++ wrapper, then 2 profiled steps each (GPU busy and
-#            idle time per step)
+#   host_1b  1B SFT LoRA, stock / align / align with the C++ wrapper / with combo kernels, then 2 profiled steps
+#            each (GPU busy and idle time per step)
 #   host_cg  1B SFT LoRA with one compiled graph per layer, without and with CUDA graphs (call18's cudagraphs ran
 #            0.13x-0.30x with the one graph all layers share: a recording per parameter set, re-recorded per layer?)
 set -eu
@@ -32,6 +32,7 @@ PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
 FP8="fp8=auto,fp8"
 CPP="cpp=auto!cpp_wrapper=True"  # inductor's C++ wrapper: the compiled layers launch their kernels from C++
+COMBO="combo=auto!combo_kernels=True"  # inductor fuses independent small kernels (LoRA casts) into one launch
 NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled graph per layer (guarded by module)
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
@@ -67,7 +68,7 @@ case $CALL in
     $PY benchmarks/throughput.py --runs host1b:sft_lora,host1b:dpo_lora --paths stock,align --steps 30 --warmup 5 \
         --align_variants "$CPP" --timing window --timeout 150 --out "$OUT" ;;
   host_1b)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$CPP" $W --profile 2 \
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$CPP;$COMBO" $W --profile 2 \
         --timeout 200 --out "$OUT" ;;
   host_cg)  # CUDA graphs again, each layer its own compiled graph (call18's shared one re-recorded per layer?)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$NOINLINE;$CG" $W \

@@ -60,10 +60,12 @@ def main(argv=None):
                     help="stage:speedups pairs separated by |; each stage's first one is the baseline")
     ap.add_argument("--workdir", default="/tmp/stage_speedups")
     ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--extra", default="", help="more overrides for every stage run, e.g. `--data_seed 1` (a "
+                    "different batch order, the same held-out rows: the run-to-run spread of the metrics)")
     args = ap.parse_args(argv)
 
     demo_sft, demo_dpo = demo_args()
-    common = [*COMMON.split(), "--model_name_or_path", args.model]
+    common = [*COMMON.split(), "--model_name_or_path", args.model, *args.extra.split()]
     rows, sft_adapter = [], None
     for item in args.runs.split("|"):
         stage, speedups = item.split(":", 1)

@@ -106,8 +106,9 @@ class CachedParameterScans:
     optimizer step, to count the parameters for `total_flos` (`floating_point_ops`), to list the gradients to clip
     and to zero them. With a frozen base and a LoRA adapter each walk goes over ~1,300 modules to find the few
     hundred trained tensors: host time in every step, which a GPU waits for on a small model. Here the count and the
-    trained parameters are found once (neither changes during training); the values are the same (the frozen
-    parameters have no gradient, so neither the clipped norm nor the zeroing changes).
+    trained parameters are found once, at the first step (a stage does not unfreeze weights while it trains); the
+    values are the same (the frozen parameters have no gradient, so neither the clipped norm nor the zeroing
+    changes).
 
     The clip keeps Trainer's own path under FSDP, DeepSpeed and XLA (their clipping needs the whole list or is the
     engine's); the zeroing is the model's own `zero_grad` when Trainer wraps the model (DDP, DeepSpeed)."""
@@ -123,11 +124,12 @@ class CachedParameterScans:
         return 6 * inputs[main].numel() * self._flop_parameters
 
     def trained_parameters(self, model) -> list:
-        """The parameters of `model` that require a gradient, listed once per model object."""
-        cached = self.__dict__.get("_trained_parameters")
-        if cached is None or cached[0] is not model:
-            cached = self._trained_parameters = (model, [p for p in model.parameters() if p.requires_grad])
-        return cached[1]
+        """The parameters of `model` (the model or its wrapper) that require a gradient, listed at the first call
+        for that object: a parameter unfrozen later in training is not in the list."""
+        cache = self.__dict__.setdefault("_trained_parameters", {})
+        if id(model) not in cache:
+            cache[id(model)] = (model, [p for p in model.parameters() if p.requires_grad])  # model kept: id stays
+        return cache[id(model)][1]
 
     def _clip_grad_norm(self, model):
         mixed_meshes = getattr(self, "_has_mixed_mesh_grads", None)  # DTensor gradients (tensor parallel)

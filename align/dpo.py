@@ -58,21 +58,23 @@ class ReferenceFirst:
 
 
 class QuickReferenceSwitch:
-    """TRL's reference forward, with the policy's adapter switched by `stacking.ReferenceSwitch` (the adapter
-    layers found once) instead of TRL's `use_adapter` and an unwrap and a gradient-checkpointing query per call:
-    each walks every module of the model, ~15 ms of host time per step on a 2-core CPU at the start of the step,
-    while the GPU has nothing queued. Same forward, same values; TRL's own method where the switch does not apply
-    (a separate reference model, other tuners, length-desensitised `ld_alpha`)."""
+    """TRL's reference forward, with the policy's adapter switched by `stacking.AdapterSwitch` (the adapter layers
+    found once) instead of TRL's `use_adapter`, an unwrap and a gradient-checkpointing query per call: each walks
+    every module of the model, ~15 ms of host time per step on a 2-core CPU at the start of the step, while the GPU
+    has nothing queued. Same forward, same values; TRL's own method where the switch does not apply (a separate
+    reference model, other tuners, length-desensitised `ld_alpha`)."""
 
     def compute_ref_log_probs(self, model, inputs):
         cached = self.__dict__.get("_reference_switch")
         if cached is None:
-            from align.stacking import ReferenceSwitch
+            from align.stacking import AdapterSwitch
 
             peft_model = self.accelerator.unwrap_model(self.model)
-            switch = ReferenceSwitch.for_model(peft_model) if self.ref_model is None else None
-            cached = self._reference_switch = (switch, bool(getattr(peft_model, "is_gradient_checkpointing", False)))
-        switch, checkpointing = cached
+            switch = AdapterSwitch.for_model(peft_model) if self.ref_model is None else None
+            reference = "ref" if switch is not None and "ref" in peft_model.peft_config else None  # TRL's rule
+            checkpointing = bool(getattr(peft_model, "is_gradient_checkpointing", False))
+            cached = self._reference_switch = (switch, reference, checkpointing)
+        switch, reference, checkpointing = cached
         if switch is None or model is not self.model or self.ld_alpha is not None:
             return super().compute_ref_log_probs(model, inputs)
         from trl.models.utils import disable_gradient_checkpointing
@@ -83,7 +85,7 @@ class QuickReferenceSwitch:
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         no_checkpointing = (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
                             if checkpointing else contextlib.nullcontext())
-        with torch.no_grad(), no_checkpointing, switch, self.accelerator.autocast():
+        with torch.no_grad(), no_checkpointing, switch.use(reference), self.accelerator.autocast():
             per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
         mask = inputs["completion_mask"][..., 1:]
         return per_token[:, -mask.size(1):].sum(dim=1).chunk(2, dim=0)

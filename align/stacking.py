@@ -3,6 +3,7 @@ an earlier stage's adapter (stacking: SFT -> DPO / RM / PPO), or all weights for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -162,51 +163,59 @@ def remove_saved_reference(output_dir: str) -> None:
         shutil.rmtree(ref)
 
 
-class ReferenceSwitch:
-    """The DPO reference as a switch of the policy's adapter layers, found once: each LoRA layer's active adapter
-    set to TRL's frozen "ref" copy (or, without one, its adapters disabled: the base) for a forward, then put back.
+class AdapterSwitch:
+    """A PEFT model's LoRA layers, found once, switched to one adapter for the forwards of a `with switch.use(name):`
+    block (`None`: adapters off, the base), and put back after.
 
-    What TRL does per step (`use_adapter`: PEFT's `set_adapter` or `disable_adapter`) gives the same forward, but
-    walks every module of the model on the way in and out (~1,300 on a 16-layer LoRA model) and re-flags
-    `requires_grad` on every adapter weight; under `no_grad` the flags do not matter, so here they are left alone.
-    `for_model` returns None where the switch does not apply (not a PEFT model, a non-LoRA tuner, merged
-    adapters, auxiliary trained modules such as `modules_to_save`): TRL's path then."""
+    PEFT's `set_adapter` / `disable_adapter` give the same forwards, but walk every module of the model on the way
+    in and out (~1,300 on a 16-layer LoRA model) and re-flag `requires_grad` on every adapter weight (the adapter
+    switched to trainable, the others frozen), which DPO's no-grad reference ignores and PPO's roles undo with two
+    more walks. Here the flags are left as they are. `for_model` returns None where the switch does not apply (not
+    a PEFT model, a non-LoRA tuner, merged adapters, auxiliary trained modules such as `modules_to_save`): PEFT's
+    own calls then."""
 
-    def __init__(self, peft_model, layers, reference: str | None):
-        self.peft_model, self.layers, self.reference = peft_model, layers, reference
+    def __init__(self, peft_model, layers):
+        self.peft_model, self.layers = peft_model, layers
 
     @classmethod
-    def for_model(cls, model) -> ReferenceSwitch | None:
+    def for_model(cls, model) -> AdapterSwitch | None:
         from peft.tuners.lora import LoraLayer
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils import AuxiliaryTrainingWrapper
 
         if not isinstance(model, PeftModel):
             return None
-        reference = "ref" if "ref" in model.peft_config else None
         layers = []
         for module in model.modules():
             if isinstance(module, AuxiliaryTrainingWrapper):
                 return None
             if isinstance(module, BaseTunerLayer):
-                if not isinstance(module, LoraLayer) or module.merged or (reference and reference not in module.lora_A):
+                if not isinstance(module, LoraLayer) or module.merged:
                     return None
                 layers.append(module)
-        return cls(model, layers, reference) if layers else None
+        return cls(model, layers) if layers else None
 
-    def __enter__(self):
-        self.saved = [(layer._active_adapter, layer._disable_adapters) for layer in self.layers]
-        self.saved_active = self.peft_model.base_model.active_adapter
+    @contextlib.contextmanager
+    def use(self, adapter: str | None):
+        """As PEFT's `set_adapter(adapter)` (a layer without that adapter runs its base layer alone) or, for None,
+        `disable_adapter()`, for the block."""
+        if adapter is not None and adapter not in self.peft_model.peft_config:
+            raise ValueError(f"no adapter {adapter!r}; the model has {sorted(self.peft_model.peft_config)}")
+        named = (self.peft_model, self.peft_model.base_model)  # both keep the active adapter's name
+        saved = [(layer._active_adapter, layer._disable_adapters) for layer in self.layers]
+        saved_names = [m.active_adapter for m in named]
         for layer in self.layers:
-            if self.reference is None:
+            if adapter is None:
                 layer._disable_adapters = True
             else:
-                layer._active_adapter = [self.reference]
-        if self.reference is not None:
-            self.peft_model.base_model.active_adapter = self.reference
-        return self
-
-    def __exit__(self, *exc):
-        for layer, (active, disabled) in zip(self.layers, self.saved):
-            layer._active_adapter, layer._disable_adapters = active, disabled
-        self.peft_model.base_model.active_adapter = self.saved_active
+                layer._active_adapter = [adapter]
+        if adapter is not None:
+            for m in named:
+                m.active_adapter = adapter
+        try:
+            yield self
+        finally:
+            for layer, (active, disabled) in zip(self.layers, saved):
+                layer._active_adapter, layer._disable_adapters = active, disabled
+            for m, name in zip(named, saved_names):
+                m.active_adapter = name

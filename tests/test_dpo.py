@@ -273,8 +273,8 @@ def test_quick_reference_switch_gives_trls_reference_without_walking_the_model(
     got = trainer.compute_ref_log_probs(model, batch)
     monkeypatch.undo()
     assert walks == []
-    switch = trainer._reference_switch[0]  # TRL copies any adapter it is given into "ref" (a fresh one: the base)
-    assert switch is not None and switch.reference == ("ref" if "ref" in model.peft_config else None)
+    switch, reference, _ = trainer._reference_switch  # TRL copies any adapter it gets into "ref" (a fresh one: the base)
+    assert switch is not None and reference == ("ref" if "ref" in model.peft_config else None)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert state() == before
@@ -286,23 +286,23 @@ def test_quick_reference_switch_gives_trls_reference_without_walking_the_model(
     assert not torch.allclose(policy[0], got[0], atol=1e-4)
 
 
-def test_reference_switch_leaves_auxiliary_modules_to_trl(tiny_llama):
+def test_adapter_switch_leaves_auxiliary_modules_to_peft(tiny_llama):
     """Adapters with trained auxiliary modules (`modules_to_save`) keep TRL's own switch."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     plain = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
-    assert stacking.ReferenceSwitch.for_model(plain) is not None
+    assert stacking.AdapterSwitch.for_model(plain) is not None
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
     aux = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    assert stacking.ReferenceSwitch.for_model(aux) is None
-    assert stacking.ReferenceSwitch.for_model(model) is None  # not a PEFT model
+    assert stacking.AdapterSwitch.for_model(aux) is None
+    assert stacking.AdapterSwitch.for_model(model) is None  # not a PEFT model
 
 
-def test_reference_switch_without_a_ref_adapter_is_the_base(tiny_llama):
-    """Without TRL's "ref" copy the switch disables the adapter layers: the base's logits, as PEFT's
-    `disable_adapter`, and the adapter is back on (and trainable) after."""
+def test_adapter_switch_to_none_is_the_base(tiny_llama):
+    """`AdapterSwitch.use(None)` (DPO without TRL's "ref" copy) disables the adapter layers: the base's logits, as
+    PEFT's `disable_adapter`, and the adapter is back on (and trainable) after."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -316,12 +316,45 @@ def test_reference_switch_without_a_ref_adapter_is_the_base(tiny_llama):
         policy = model(input_ids=ids).logits
         with model.disable_adapter():
             base = model(input_ids=ids).logits
-        switch = stacking.ReferenceSwitch.for_model(model)
-        assert switch.reference is None
-        with switch:
+        switch = stacking.AdapterSwitch.for_model(model)
+        with switch.use(None):
             got = model(input_ids=ids).logits
         after = model(input_ids=ids).logits
     torch.testing.assert_close(got, base, rtol=0, atol=0)
     assert not torch.allclose(policy, base, atol=1e-3)
     torch.testing.assert_close(after, policy, rtol=0, atol=0)
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_adapter_switch_to_another_adapter_is_peft_set_adapter(tiny_llama):
+    """`AdapterSwitch.use(name)` gives PEFT's `set_adapter(name)` logits, leaves every `requires_grad` flag as it
+    was (PEFT's call re-flags them) and puts the active adapter back; an unknown name is an error."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # fewer layers than default
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    ids = torch.arange(3, 19)[None]
+    switch = stacking.AdapterSwitch.for_model(model)
+    with torch.no_grad():
+        default = model(input_ids=ids).logits
+        with switch.use("other"):
+            got = model(input_ids=ids).logits
+            assert model.active_adapter == "other"
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert model.active_adapter == "default"
+        torch.testing.assert_close(model(input_ids=ids).logits, default, rtol=0, atol=0)
+        model.set_adapter("other")
+        want = model(input_ids=ids).logits
+        model.set_adapter("default")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got, default, atol=1e-3)
+    with pytest.raises(ValueError, match="no adapter 'missing'"):
+        with switch.use("missing"):
+            pass

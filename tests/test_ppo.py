@@ -181,7 +181,7 @@ def test_value_model_starts_as_the_reward_model(tiny_llama, sft_adapter, rm_adap
 
 def test_one_training_pass_reaches_policy_and_value_only(tiny_llama, sft_adapter, rm_adapter):
     """The training forward switches adapters (policy logits, then values); gradients reach exactly the trainable
-    set, although PEFT's set_adapter flips requires_grad on every switch."""
+    set (PEFT's own set_adapter, used where `stacking.AdapterSwitch` does not apply, flips requires_grad)."""
     model_args = config.ModelArguments(model_name_or_path=tiny_llama, dtype="float32")
     roles = roles_lib.build_roles(model_args, sft_adapter=sft_adapter, reward_adapter=rm_adapter, value_init="reward")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -194,6 +194,48 @@ def test_one_training_pass_reaches_policy_and_value_only(tiny_llama, sft_adapter
     assert all(g is None for n, g in grads.items() if ".policy." not in n and ".value." not in n
                and not n.startswith("value_head."))
     assert {n for n, p in roles.named_parameters() if p.requires_grad} == roles.trainable
+
+
+def test_role_switch_on_found_layers_matches_peft_and_walks_no_module(tiny_llama, sft_adapter, rm_adapter,
+                                                                      monkeypatch):
+    """Roles switched on the adapter layers found once (`stacking.AdapterSwitch`) give PEFT's `set_adapter` /
+    `disable_adapter` outputs and gradients exactly (policy and value training pass, reference logits, reward
+    scores), without a walk over the model's modules."""
+    model_args = config.ModelArguments(model_name_or_path=tiny_llama, dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    mask = torch.ones_like(ids)
+
+    def passes(roles):
+        logits, values = roles(ids, mask, None, response_length=3)
+        (logits.float().logsumexp(-1).mean() + values.mean()).backward()
+        with torch.no_grad():
+            reference = roles.logits(roles.reference, ids, mask, None, response_length=3)
+            scores = roles.reward_scores(ids, mask, pad_token_id=0)
+        return [logits.detach(), values.detach(), reference, scores]
+
+    def grads(roles):
+        return {n: p.grad for n, p in roles.named_parameters() if p.grad is not None}
+
+    peft_roles = roles_lib.build_roles(model_args, sft_adapter=sft_adapter, reward_adapter=rm_adapter,
+                                       value_init="reward")
+    peft_roles.switch = None  # PEFT's own calls
+    want = passes(peft_roles)
+    roles = roles_lib.build_roles(model_args, sft_adapter=sft_adapter, reward_adapter=rm_adapter, value_init="reward")
+    assert roles.switch is not None
+    walks = []
+    real = torch.nn.Module.named_modules
+    monkeypatch.setattr(torch.nn.Module, "named_modules", lambda self, *a, **k: walks.append(1) or real(self, *a, **k))
+    got = passes(roles)
+    monkeypatch.undo()
+    assert walks == []
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    got_grads, want_grads = grads(roles), grads(peft_roles)
+    assert got_grads.keys() == want_grads.keys() and got_grads
+    for n in got_grads:
+        torch.testing.assert_close(got_grads[n], want_grads[n], rtol=0, atol=0)
+    assert {n for n, p in roles.named_parameters() if p.requires_grad} == roles.trainable
+    assert roles.model.active_adapter == "policy"
 
 
 def test_ppo_on_sft_and_reward_adapters(tiny_llama, sft_adapter, rm_adapter, preference_jsonl, tmp_path):

@@ -13,8 +13,9 @@ adapter "reward"; the score head is applied here to the hidden state of the last
 `AutoModelForSequenceClassification` scores. The value model is saved in the same format (`value/`), so a value
 adapter loads like a reward adapter.
 
-PEFT's `set_adapter` also marks the active adapter trainable and the others frozen; `SharedBaseRoles.role` undoes
-that, so the trainable set (policy, value, value head) never changes while roles are switched.
+Roles are switched on the adapter layers found once (`stacking.AdapterSwitch`), which leaves `requires_grad` alone, so
+the trainable set (policy, value, value head) never changes; where that switch does not apply, PEFT's `set_adapter`
+marks the active adapter trainable and the others frozen, and `SharedBaseRoles.role` undoes that.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SharedBaseRoles(nn.Module):
         self.reward_head = reward_head
         self.reference = REFERENCE if reference_adapter else None  # None: the base with adapters switched off
         self.trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        self.switch = stacking.AdapterSwitch.for_model(model)  # None: PEFT's own switch (see `role`)
 
     def forward(self, input_ids, attention_mask, position_ids, response_length: int):
         return (self.logits(POLICY, input_ids, attention_mask, position_ids, response_length),
@@ -72,7 +74,13 @@ class SharedBaseRoles(nn.Module):
 
     @contextmanager
     def role(self, adapter: str | None):
-        """Run the enclosed forward passes with `adapter` active (None: the bare base, adapters off)."""
+        """Run the enclosed forward passes with `adapter` active (None: the bare base, adapters off). With the
+        adapter layers found once (`stacking.AdapterSwitch`) nothing else changes; through PEFT's own calls, which
+        walk the whole model and re-flag `requires_grad`, the trainable set is put back after."""
+        if self.switch is not None:
+            with self.switch.use(adapter):
+                yield
+            return
         try:
             if adapter is None:
                 with self.model.disable_adapter():

@@ -8,6 +8,7 @@ found once), for a PPO role switch (`SharedBaseRoles.role`, four role adapters) 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -36,7 +37,6 @@ def main(argv=None) -> dict:
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import use_adapter
 
-    from align import stacking
     from align.rl.roles import SharedBaseRoles
 
     def lora():
@@ -57,9 +57,9 @@ def main(argv=None) -> dict:
 
     rows = {}
     for name in ("value", "reference", None):
-        fast = timed_ms(lambda: role(name), args.repeats)
+        fast = timed_ms(functools.partial(role, name), args.repeats)
         roles.switch = None  # PEFT's own set_adapter / disable_adapter, then the trainable set put back
-        slow = timed_ms(lambda: role(name), args.repeats)
+        slow = timed_ms(functools.partial(role, name), args.repeats)
         roles.switch = switch
         rows[f"ppo role({name})"] = dict(peft_ms=round(slow, 3), adapter_switch_ms=round(fast, 3))
 

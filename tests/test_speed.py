@@ -815,6 +815,28 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert "dpo_memory_vs_sft" not in rows["align_x"]  # other options: no SFT step of its own to compare with
 
 
+def test_throughput_variants_set_compiler_config_keys():
+    """`--align_variants "name=opts!key=value"`: Python-literal values for torch._inductor.config keys (dotted for
+    sub-configs; `dynamo.` / `functorch.` for those configs), set in the worker; an unknown key is an error."""
+    import importlib.util
+
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    parsed = throughput.inductor_config("cpp_wrapper=True, triton.cudagraphs=False,dynamo.cache_size_limit=17")
+    assert parsed == {"cpp_wrapper": True, "triton.cudagraphs": False, "dynamo.cache_size_limit": 17}
+    with pytest.raises(SystemExit, match="expected key=value"):
+        throughput.inductor_config("cpp_wrapper")
+    with inductor.patch(cpp_wrapper=False), dynamo.patch(cache_size_limit=dynamo.cache_size_limit):
+        throughput.apply_inductor_config(parsed)
+        assert inductor.cpp_wrapper is True and dynamo.cache_size_limit == 17
+    with pytest.raises(ValueError, match="no config key 'no_such_key'"):
+        throughput.apply_inductor_config({"no_such_key": 1})
+
+
 def test_memory_peak_replays_the_allocator_history_to_its_peak():
     """benchmarks/memory_peak.py: the peak of a step's allocator events and the blocks live there, by allocating site
     (the innermost frame in the libraries a step runs through)."""

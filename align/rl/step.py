@@ -113,6 +113,8 @@ def ppo_update(model, optimizer, accelerator, exp: Experience, args, stop_on_non
     totals = defaultdict(float)
     n = 0
     size = len(exp.scores)
+    # the gradients to clip, listed once per update (the frozen base has none; roles leave the trainable set alone)
+    trained = [p for p in model.parameters() if p.requires_grad]
     for _ in range(args.ppo_epochs):
         order = torch.randperm(size)
         for start in range(0, size, args.mini_batch_size):
@@ -124,7 +126,7 @@ def ppo_update(model, optimizer, accelerator, exp: Experience, args, stop_on_non
                                          "raise kl_coef or check the reward")
             accelerator.backward(loss)
             if args.max_grad_norm:
-                stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm))
+                stats["policy/grad_norm"] = float(accelerator.clip_grad_norm_(trained, args.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for k, v in stats.items():

@@ -113,8 +113,7 @@ def ppo_update(model, optimizer, accelerator, exp: Experience, args, stop_on_non
     totals = defaultdict(float)
     n = 0
     size = len(exp.scores)
-    # the gradients to clip, listed once per update (the frozen base has none; roles leave the trainable set alone)
-    trained = [p for p in model.parameters() if p.requires_grad]
+    trained = [p for group in optimizer.param_groups for p in group["params"]]  # the gradients to clip: no walk
     for _ in range(args.ppo_epochs):
         order = torch.randperm(size)
         for start in range(0, size, args.mini_batch_size):

@@ -66,7 +66,8 @@ Options (a comma-separated list, `auto`, or `none`):
   same FP8 base (step-0 loss still log 2). Left out with an 8-bit base, under DeepSpeed / FSDP / DDP and with a
   separate reference model. Experimental: 1.05x-1.35x the speed of `auto` on an H100 / H200 (slower with a 4-bit
   8B base), but the LoRA gradients are FP8's (first step on SmolLM2: median cosine 0.957 to fp32's, bf16 0.999,
-  an NF4 base 0.667), so its effect on a trained model is still to be measured (benchmarks/README.md).
+  an NF4 base 0.667); trained on an H100, the SmolLM2 SFT stage ended 0.015 above bf16's eval loss, within
+  the batch-order spread (benchmarks/README.md, Call21).
 - `cudagraphs` and `mlp_chunks` were removed after an H200 measurement: `REMOVED` holds why, and a recipe naming
   one gets that as its error.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,

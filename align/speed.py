@@ -101,7 +101,8 @@ OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf
            "head_grad", "non_blocking", "fp8", "ref_first")
 # options that were measured on an H200 and did not pay (benchmarks/README.md), named in the error for a recipe
 REMOVED = {
-    "cudagraphs": "compiled layers as CUDA graphs ran at 0.13x (1B DPO) / 0.30x (1B SFT) the tokens/s of the same set without them",
+    "cudagraphs": "compiled layers as CUDA graphs ran at 0.13x (1B DPO) / 0.30x (1B SFT) the tokens/s of the same set "
+                  "without them, and with a graph per layer no faster (H100: a 1B step keeps the GPU busy throughout)",
     "mlp_chunks": "MLPs over token slices raised the 1B DPO peak 8.9 -> 23.1 GiB at 0.87x the tokens/s",
 }
 LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}  # measured on an H100 and an H200: benchmarks/README.md

@@ -25,8 +25,11 @@
 #            each (GPU busy and idle time per step)
 #   host_cg  1B SFT LoRA with one compiled graph per layer, without and with CUDA graphs (call18's cudagraphs ran
 #            0.13x-0.30x with the one graph all layers share: a recording per parameter set, re-recorded per layer?)
+#            (host, host_1b, host_cg, fp8_quality and memory ran in call21; the 1B step is the GPU's)
+#   profile  align's 1B SFT, 1B DPO and 8B SFT LoRA steps, 2 profiled steps each: kernel time by category, the
+#            kernels to cut next (lean's recompute, device-to-device copies, casting norm reductions)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -73,5 +76,8 @@ case $CALL in
   host_cg)  # CUDA graphs again, each layer its own compiled graph (call18's shared one re-recorded per layer?)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$NOINLINE;$CG" $W \
         --timeout 250 --out "$OUT" ;;
+  profile)  # where a GPU-bound step's kernel time goes (call21: the 1B SFT step keeps the GPU busy throughout)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align $W --profile 2 \
+        --timeout 200 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -126,10 +126,10 @@ class CachedParameterScans:
     def trained_parameters(self, model) -> list:
         """The parameters of `model` (the model or its wrapper) that require a gradient, listed at the first call
         for that object: a parameter unfrozen later in training is not in the list."""
-        cache = self.__dict__.setdefault("_trained_parameters", {})
-        if id(model) not in cache:
-            cache[id(model)] = (model, [p for p in model.parameters() if p.requires_grad])  # model kept: id stays
-        return cache[id(model)][1]
+        cache = self.__dict__.setdefault("_trained_parameters", {})  # modules hash by identity
+        if model not in cache:
+            cache[model] = [p for p in model.parameters() if p.requires_grad]
+        return cache[model]
 
     def _clip_grad_norm(self, model):
         mixed_meshes = getattr(self, "_has_mixed_mesh_grads", None)  # DTensor gradients (tensor parallel)

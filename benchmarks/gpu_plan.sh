@@ -28,8 +28,12 @@
 #            (host, host_1b, host_cg, fp8_quality and memory ran in call21; the 1B step is the GPU's)
 #   profile  align's 1B SFT, 1B DPO and 8B SFT LoRA steps, 2 profiled steps each: kernel time by category, the
 #            kernels to cut next (lean's recompute, device-to-device copies, casting norm reductions)
+#   budget   what lean's recompute costs the 1B steps (call21: GEMM 79.9 ms a step against stock's 71.2, cuDNN's
+#            attention forward twice a layer): SFT at lean budgets 0.5 (auto) / 0.65 / 0.8 / 1.0, and with the
+#            partitioner's profiling runtime estimator (it benchmarks each op instead of counting flops) at 0.5 and
+#            0.65; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -37,6 +41,8 @@ FP8="fp8=auto,fp8"
 CPP="cpp=auto!cpp_wrapper=True"  # inductor's C++ wrapper: the compiled layers launch their kernels from C++
 COMBO="combo=auto!combo_kernels=True"  # inductor fuses independent small kernels (LoRA casts) into one launch
 NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled graph per layer (guarded by module)
+EST="functorch.activation_memory_budget_runtime_estimator='profile'"
+BUDGETS="b65=auto@0.65;b8=auto@0.8;b10=auto@1.0;p5=auto!$EST;p65=auto@0.65!$EST"
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in
@@ -79,5 +85,10 @@ case $CALL in
   profile)  # where a GPU-bound step's kernel time goes (call21: the 1B SFT step keeps the GPU busy throughout)
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align $W --profile 2 \
         --timeout 200 --out "$OUT" ;;
+  budget)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$BUDGETS" $W --profile 2 \
+        --timeout 150 --out "$OUT"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants "d3=auto@0.3;dp2=auto@0.2!$EST" \
+        $W --profile 2 --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -31,7 +31,8 @@
 #   budget   what lean's recompute costs the 1B steps (call21: GEMM 79.9 ms a step against stock's 71.2, cuDNN's
 #            attention forward twice a layer): SFT at lean budgets 0.5 (auto) / 0.65 / 0.8 / 1.0, and with the
 #            partitioner's profiling runtime estimator (it benchmarks each op instead of counting flops) at 0.5 and
-#            0.65; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s
+#            0.65; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s.
+#            Then one SFT step profiled with stacks: the code behind the device copies and fills
 set -eu
 CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget}
 OUT=${OUT:-/tmp/out}/$CALL
@@ -89,6 +90,9 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$BUDGETS" $W --profile 2 \
         --timeout 150 --out "$OUT"
     $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants "d3=auto@0.3;dp2=auto@0.2!$EST" \
-        $W --profile 2 --timeout 150 --out "$OUT" ;;
+        $W --profile 2 --timeout 150 --out "$OUT"
+    # what issues the 1B SFT step's 151 device-to-device copies and 506 fills (profile_gaps.py's `copies`)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --steps 2 --warmup 3 --profile 1 --profile_stack \
+        --timeout 150 --out "$OUT/stack" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

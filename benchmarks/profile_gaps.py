@@ -5,7 +5,8 @@
 A kernel that starts after the GPU went idle, and whose launch call came after that moment, waited for the CPU (Python,
 dispatch, a sync): the gap before it is charged to every frame of the stack that issued the launch (Python frames
 when the trace was taken `with_stack=True`, op names otherwise), once per frame. Blocking calls (stream/device/event
-synchronize, device-to-host copies) are charged the same way. `throughput.py --profile N --profile_stack` runs this on
+synchronize, device-to-host copies) are charged the same way, and device copies and fills (memcpy, memset kernels)
+to the frame and op that issued them. `throughput.py --profile N --profile_stack` runs this on
 its profiled steps and puts the result in the run's JSON.
 """
 
@@ -92,12 +93,24 @@ def analyze(trace: dict | str, steps: int = 1, top: int = 40, min_gap_us: float 
         if e.get("cat") == "cuda_runtime" and any(s in e["name"] for s in _SYNC) and e.get("dur", 0) > 20:
             frames = [_short(f) for f in stacks.at(e["tid"], e["ts"]) if ".py(" in f]
             syncs[(frames[-1] if frames else "?") + " -> " + e["name"]] += e["dur"]
+    copies, copy_calls = defaultdict(float), defaultdict(int)
+    for k in gpu:  # device copies and fills: the code that issued them (the Python frame, then the op)
+        if k.get("cat") not in ("gpu_memcpy", "gpu_memset"):
+            continue
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        frames = [_short(f) for f in stacks.at(launch["tid"], launch["ts"])] if launch is not None else []
+        py = [f for f in frames if ".py(" in f]
+        ops = [f for f in frames if ".py(" not in f and f != launch["name"]]  # not the runtime call itself
+        key = f"{k['name']}: {py[-1] if py else '?'} -> {ops[-1] if ops else '?'}"
+        copies[key] += k.get("dur", 0)
+        copy_calls[key] += 1
     per = lambda d: [dict(ms_per_step=v / 1000 / steps, frame=k) for k, v in
                      sorted(d.items(), key=lambda kv: -kv[1])[:top]]
+    copy_list = [dict(r, calls_per_step=copy_calls[r["frame"]] / steps) for r in per(copies)]
     span = (gpu[-1]["ts"] + gpu[-1].get("dur", 0) - gpu[0]["ts"]) if gpu else 0.0
     return dict(steps=steps, gpu_span_ms_per_step=span / 1000 / steps, idle_ms_per_step=idle / 1000 / steps,
                 cpu_bound_idle_ms_per_step=cpu_bound / 1000 / steps, by_frame=per(inclusive), by_leaf=per(leaf),
-                blocking_calls=per(syncs))
+                blocking_calls=per(syncs), copies=copy_list)
 
 
 def main(argv=None):

@@ -31,3 +31,24 @@ def test_a_late_launch_charges_its_gap_to_every_frame_of_its_stack_and_an_early_
     assert frames["align/speed.py(10): outer"] == frames["align/speed.py(20): inner"] == 0.025
     assert g["by_leaf"][0] == dict(ms_per_step=0.025, frame="align/speed.py(20): inner")
     assert g["blocking_calls"] == [dict(ms_per_step=0.03, frame="align/speed.py(10): outer -> cudaStreamSynchronize")]
+
+
+def test_device_copies_and_fills_are_charged_to_the_frame_and_op_that_issued_them():
+    trace = {"traceEvents": [
+        _x("python_function", "align/fused_lora.py(36): backward", 0, 100),
+        _x("cpu_op", "aten::copy_", 5, 20),
+        _x("cuda_runtime", "cudaMemcpyAsync", 6, 1, correlation=1),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 10, 4, tid=7, correlation=1),
+        _x("cuda_runtime", "cudaMemcpyAsync", 8, 1, correlation=2),
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 20, 6, tid=7, correlation=2),
+        _x("cpu_op", "aten::zero_", 40, 10),
+        _x("cuda_runtime", "cudaMemsetAsync", 41, 1, correlation=3),
+        _x("gpu_memset", "Memset (Device)", 45, 2, tid=7, correlation=3),
+        _x("kernel", "k", 50, 50, tid=7, correlation=4),                   # a kernel: not a copy
+    ]}
+    g = analyze(trace, steps=2)
+    assert g["copies"] == [
+        dict(ms_per_step=0.005, calls_per_step=1.0,
+             frame="Memcpy DtoD (Device -> Device): align/fused_lora.py(36): backward -> aten::copy_"),
+        dict(ms_per_step=0.001, calls_per_step=0.5,
+             frame="Memset (Device): align/fused_lora.py(36): backward -> aten::zero_")]

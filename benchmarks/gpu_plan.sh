@@ -33,8 +33,10 @@
 #            partitioner's profiling runtime estimator (it benchmarks each op instead of counting flops) at 0.5 and
 #            0.65; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s.
 #            Then one SFT step profiled with stacks: the code behind the device copies and fills
+#   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
+#            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -94,5 +96,10 @@ case $CALL in
     # what issues the 1B SFT step's 151 device-to-device copies and 506 fills (profile_gaps.py's `copies`)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --steps 2 --warmup 3 --profile 1 --profile_stack \
         --timeout 150 --out "$OUT/stack" ;;
+  budget2)
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "$BUDGETS" $W --profile 2 \
+        --timeout 150 --out "$OUT/8b"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$BUDGETS" $W --profile 2 \
+        --timeout 150 --out "$OUT/1b" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

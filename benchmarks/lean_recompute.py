@@ -1,0 +1,138 @@
+"""What `lean` recomputes: the forward ops a compiled decoder layer re-runs in its backward, and the tensors it saves,
+at each activation memory budget. The partitioner's choice depends on shapes and cost estimates, not on the device,
+so it is made here on the CPU with the GPU's shapes.
+
+    python benchmarks/lean_recompute.py [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0] [--out DIR]
+
+One Llama-3.2-1B decoder layer (bf16, LoRA r16 on every linear layer, align's `fused_lora`), compiled by
+`speed.compile_layers` with each budget, `rows` x `seq` tokens (the 1B throughput case: 4 x 2048). The CPU's flash
+attention kernel has no flop formula in torch (the partitioner would count it as free and always recompute it); it
+is given the GPU kernels' formula (`sdpa_flop_count`), so the choice is the one the GPU's partitioner makes. Counts
+per layer: GEMMs (mm/addmm, and fused_lora's base+LoRA op as one) and attention forwards in the backward graph beyond what the backward itself needs (a
+backward with nothing recomputed has `bw_gemms_none`), and the saved activations in MiB (weights left out).
+Writes `<out>/lean_recompute_cpu.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from saved_activations import LLAMA_1B  # noqa: E402
+
+_ATTN_FWD = "_scaled_dot_product_flash_attention_for_cpu.default"
+
+
+def _attention_flops_as_on_gpu() -> None:
+    from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    from torch.utils.flop_counter import flop_registry
+
+    if op.default not in flop_registry and op not in flop_registry:
+        @register_flop_formula(op)
+        def _flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def partition(budget: float, rows: int, seq: int) -> dict:
+    """Compile one layer at `budget` and read the partitioner's forward and backward graphs."""
+    import torch._functorch.config as functorch
+    import torch._functorch.partitioners as partitioners
+    import torch._inductor.compile_fx as compile_fx
+    import torch._inductor.config as inductor
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    from align import fused_lora, speed
+
+    graphs = []
+    original = partitioners.min_cut_rematerialization_partition
+
+    def spy(joint, inputs, **kwargs):
+        fw, bw = original(joint, inputs, **kwargs)
+        graphs.append((fw, bw))
+        return fw, bw
+
+    torch._dynamo.reset()
+    inductor.fx_graph_cache, functorch.enable_autograd_cache = False, False  # partition afresh for each budget
+    homes = [m for m in (partitioners, compile_fx) if hasattr(m, "min_cut_rematerialization_partition")]
+    for m in homes:  # inductor calls it from its own namespace
+        m.min_cut_rematerialization_partition = spy
+    try:
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(num_hidden_layers=1, **LLAMA_1B)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        fused_lora.use_fused_lora(model)
+        speed.compile_layers(model.get_base_model(), memory_budget=budget)
+        model.train()
+        ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        for m in homes:
+            m.min_cut_rematerialization_partition = original
+    fw, bw = graphs[-1]
+
+    def count(graph, *names):
+        return sum(1 for n in graph.graph.nodes if n.op == "call_function"
+                   and any(str(n.target).endswith(x) for x in names))
+
+    out = next(n for n in fw.graph.nodes if n.op == "output").args[0]
+    params = {n.name for n in fw.graph.nodes if n.op == "placeholder"} - {"primals_1"}  # weights; primals_1: x
+    saved = {}
+    for a in out[1:]:
+        val = getattr(a, "meta", {}).get("val")
+        if isinstance(val, torch.Tensor) and a.name not in params and val.numel() >= seq:
+            saved[a.name] = [list(val.shape), round(val.numel() * val.element_size() / 2**20, 2)]
+    return dict(budget=budget, bw_gemms=count(bw, "mm.default", "addmm.default", "lora_linear.default"),
+                bw_attention_forwards=count(bw, _ATTN_FWD), saved_mib=round(sum(v[1] for v in saved.values()), 1),
+                saved=saved)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--budgets", default="0.5,0.55,0.65,0.8,1.0")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    _attention_flops_as_on_gpu()
+    runs = []
+    for b in (float(x) for x in args.budgets.split(",")):
+        t0 = time.time()
+        runs.append(partition(b, args.rows, args.seq))
+        r = runs[-1]
+        print(f"budget {b:<5} backward GEMMs {r['bw_gemms']:3d}  attention forwards in the backward "
+              f"{r['bw_attention_forwards']}  saved {r['saved_mib']:8.1f} MiB a layer  ({time.time() - t0:.0f} s)",
+              flush=True)
+    least = min(r["bw_gemms"] for r in runs)
+    for r in runs:
+        r["recomputed_gemms"] = r["bw_gemms"] - least
+    result = {"meta": {"shape": "one Llama-3.2-1B decoder layer, LoRA r16 all-linear, fused_lora, compiled",
+                       "tokens": f"{args.rows} x {args.seq}", "torch": torch.__version__,
+                       "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "note": "recomputed_gemms: backward GEMMs beyond the fewest over the budgets (the backward's "
+                               "own); attention given the GPU kernels' flop formula"},
+              "runs": runs}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "lean_recompute_cpu.json")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=2)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,14 @@ import torch.nn.functional as F
 logger = logging.getLogger("align")
 
 
+# How a compiled layer adds the LoRA product to a bf16 base GEMM's output (`nn.Linear` bases): "addmm" (one
+# `addmm(base_out, h, B)`: inductor first copies base_out into a new buffer, H100 call22: 105 device copies, 3.6 ms
+# of a 1B SFT step), "op" (`align::lora_linear`, base GEMM and an in-place accumulate as one op: no copy, but `lean`'s
+# partitioner then recomputes the MLP GEMMs at budgets up to 0.65, benchmarks/lean_recompute.py). A separate
+# product and `+` is no way out: inductor's pattern matcher makes it the same addmm. Eager layers accumulate in place.
+COMPILED_ACCUMULATE = "addmm"
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
     """Forward of a PEFT LoRA linear layer (bound to the layer by `use_fused_lora`)."""
     active = self.active_adapters
@@ -19,22 +27,88 @@ def _fused_lora_forward(self, x, *args, **kwargs):
             or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: variants, lora_bias, mixed batches
     name = active[0]
-    result = self.base_layer(x)
-    dtype = result.dtype
-    drop, a = self.lora_dropout[name], self.lora_A[name].weight.to(x.dtype)
-    if isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0:
-        h = _DropoutLinear.apply(x, a, drop.p)
-    else:
-        h = F.linear(drop(x), a)
-    b = self.lora_B[name].weight * self.scaling[name]
+    base = self.base_layer
     device = x.device.type
-    if torch.is_autocast_enabled(device) and dtype != torch.get_autocast_dtype(device):
+    autocast = torch.is_autocast_enabled(device)
+    if _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype):
+        dtype = base.weight.dtype
+        h, b = _lora_down(self, name, x), (self.lora_B[name].weight * self.scaling[name]).to(dtype)
+        x2d, h2d = x.reshape(-1, x.shape[-1]).to(dtype), h.to(dtype).reshape(-1, h.shape[-1])
+        bias = None if base.bias is None else base.bias.to(dtype)
+        if not torch.compiler.is_compiling():  # the LoRA product into the base output in place (no autograd
+            out = F.linear(x2d, base.weight, bias).addmm_(h2d, b.t())  # node saves that output)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        if COMPILED_ACCUMULATE == "op":  # inductor would copy the base output before an addmm into it
+            out = torch.ops.align.lora_linear(x2d, base.weight, bias, h2d, b)
+            return out.view(*x.shape[:-1], out.shape[-1])
+    result = base(x)
+    dtype = result.dtype
+    h = _lora_down(self, name, x)
+    b = self.lora_B[name].weight * self.scaling[name]
+    if autocast and dtype != torch.get_autocast_dtype(device):
         # a base output above the autocast dtype (fp32 residual stream of a k-bit base without kbit_bf16): an addmm
         # would be autocast down to bf16 with it; add the bf16 LoRA product to it instead, as PEFT does
         return result + F.linear(h, b)
     b = b.to(dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.t())
     return out.view(result.shape)
+
+
+def _lora_down(self, name, x):
+    """x (through the adapter's dropout) times A, in the activations' dtype."""
+    drop, a = self.lora_dropout[name], self.lora_A[name].weight.to(x.dtype)
+    if isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0:
+        return _DropoutLinear.apply(x, a, drop.p)
+    return F.linear(drop(x), a)
+
+
+def _plain_linear(layer) -> bool:
+    """A bf16/fp16/fp32 `nn.Linear` itself (not a k-bit, FP8 or NF4 subclass) without hooks (ZeRO-3, offload)."""
+    return type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
+
+
+@torch.library.custom_op("align::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
+                b: torch.Tensor) -> torch.Tensor:
+    """`x @ weight.T (+ bias) + h @ b.T` for 2-D `x` and `h`: the base GEMM into a new buffer, then the LoRA product
+    accumulated into that buffer in place (one GEMM with beta 1). Inductor compiles `addmm(base_out, h, b.T)` as a
+    copy of the base output into a new buffer before the GEMM (H100 call22: 105 device copies, 3.6 ms of a 1B SFT
+    step); as an op of its own the layer makes no copy."""
+    out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    return out.addmm_(h, b.t())
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(x, weight, bias, h, b):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, h, b = inputs
+    ctx.save_for_backward(x if weight.requires_grad else None, weight, h, b)
+
+
+def _lora_linear_backward(ctx, grad):
+    x, weight, h, b = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    return (grad @ weight if need[0] else None, grad.t() @ x if need[1] else None,
+            grad.sum(0) if need[2] else None, grad @ b if need[3] else None, grad.t() @ h if need[4] else None)
+
+
+lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+
+
+def _register_lora_linear_flops():
+    """The op's flops for the partitioner's cost model (`lean`): without a formula it counts as free, and the memory
+    budget would recompute these GEMMs before anything else."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.align.lora_linear)
+    def _flops(x_shape, w_shape, bias_shape, h_shape, b_shape, *args, out_shape=None, **kwargs):
+        return 2 * x_shape[0] * x_shape[1] * w_shape[0] + 2 * h_shape[0] * h_shape[1] * b_shape[0]
+
+
+_register_lora_linear_flops()
 
 
 class _DropoutLinear(torch.autograd.Function):

@@ -34,10 +34,13 @@
 #            attention, at 0.8 neither), and with the partitioner's profiling runtime estimator (it benchmarks each op
 #            instead of counting flops) at 0.5; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s.
 #            Then one SFT step profiled with stacks: the code behind the device copies and fills
+#   accumulate  the compiled layers' LoRA accumulate as one op (`align.fused_lora.COMPILED_ACCUMULATE='op'`: no copy
+#            of the base output before the addmm; call22's stack profile: 105 copies, 3.6 ms of a 1B SFT step) at
+#            lean budgets 0.5 and 0.8 against `auto` (addmm) at 0.5 and 0.8: 1B and 8B SFT beside stock, 1B DPO
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -47,6 +50,8 @@ COMBO="combo=auto!combo_kernels=True"  # inductor fuses independent small kernel
 NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled graph per layer (guarded by module)
 EST="functorch.activation_memory_budget_runtime_estimator='profile'"
 BUDGETS="b55=auto@0.55;b65=auto@0.65;b8=auto@0.8;b10=auto@1.0;p5=auto!$EST"
+OP="align.fused_lora.COMPILED_ACCUMULATE='op'"
+OPS="o5=auto!$OP;o8=auto@0.8!$OP;b8=auto@0.8"
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in
@@ -102,5 +107,12 @@ case $CALL in
         --timeout 150 --out "$OUT/8b"
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$BUDGETS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b" ;;
+  accumulate)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$OPS" $W --profile 2 \
+        --timeout 150 --out "$OUT/1b"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "o5=auto!$OP;o8=auto@0.8!$OP" \
+        $W --profile 2 --timeout 150 --out "$OUT/8b"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants "o2=auto!$OP;o3=auto@0.3!$OP" \
+        $W --profile 2 --timeout 150 --out "$OUT/dpo" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -44,7 +44,7 @@ def _attention_flops_as_on_gpu() -> None:
             return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def partition(budget: float, rows: int, seq: int) -> dict:
+def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> dict:
     """Compile one layer at `budget` and read the partitioner's forward and backward graphs."""
     import torch._functorch.config as functorch
     import torch._functorch.partitioners as partitioners
@@ -74,12 +74,14 @@ def partition(budget: float, rows: int, seq: int) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch.bfloat16)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
         fused_lora.use_fused_lora(model)
+        fused_lora.COMPILED_ACCUMULATE = accumulate
         speed.compile_layers(model.get_base_model(), memory_budget=budget)
         model.train()
         ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids, labels=ids).loss.backward()
     finally:
+        fused_lora.COMPILED_ACCUMULATE = "addmm"
         for m in homes:
             m.min_cut_rematerialization_partition = original
     fw, bw = graphs[-1]
@@ -105,13 +107,15 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--budgets", default="0.5,0.55,0.65,0.8,1.0")
+    p.add_argument("--accumulate", default="addmm", choices=("addmm", "op"),
+                   help="fused_lora.COMPILED_ACCUMULATE: how the compiled layer adds the LoRA product")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     _attention_flops_as_on_gpu()
     runs = []
     for b in (float(x) for x in args.budgets.split(",")):
         t0 = time.time()
-        runs.append(partition(b, args.rows, args.seq))
+        runs.append(dict(partition(b, args.rows, args.seq, args.accumulate), accumulate=args.accumulate))
         r = runs[-1]
         print(f"budget {b:<5} backward GEMMs {r['bw_gemms']:3d}  attention forwards in the backward "
               f"{r['bw_attention_forwards']}  saved {r['saved_mib']:8.1f} MiB a layer  ({time.time() - t0:.0f} s)",
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
                                "own); attention given the GPU kernels' flop formula"},
               "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "lean_recompute_cpu.json")
+    path = os.path.join(args.out, f"lean_recompute{'' if args.accumulate == 'addmm' else '_' + args.accumulate}_cpu.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=2)
     os.replace(path + ".tmp", path)

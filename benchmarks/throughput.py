@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import importlib
 import json
 import math
 import os
@@ -299,17 +300,20 @@ def inductor_config(text: str) -> dict:
 
 def apply_inductor_config(config: dict) -> None:
     """Set torch._inductor.config keys (dotted for sub-configs, e.g. triton.cudagraphs); keys starting `dynamo.`
-    or `functorch.` set torch._dynamo.config / torch._functorch.config ones. An unknown key is an error."""
+    or `functorch.` set torch._dynamo.config / torch._functorch.config ones, and `align.` ones a module constant of
+    align (e.g. align.fused_lora.COMPILED_ACCUMULATE='op'). An unknown key is an error."""
     import torch._dynamo.config as dynamo
     import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
-    roots = {"dynamo": dynamo, "functorch": functorch}
+    import align
+
+    roots = {"dynamo": dynamo, "functorch": functorch, "align": align}  # align.<module>.<NAME>: align's own switches
     for key, value in config.items():
         *parents, name = key.split(".")
         target = roots[parents.pop(0)] if parents and parents[0] in roots else inductor
         for p in parents:
-            target = getattr(target, p)
+            target = getattr(target, p) if hasattr(target, p) else importlib.import_module(f"{target.__name__}.{p}")
         if not hasattr(target, name):
             raise ValueError(f"no config key {key!r} (torch._inductor.config, or dynamo. / functorch. ones)")
         setattr(target, name, value)

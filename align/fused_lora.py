@@ -30,17 +30,18 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     base = self.base_layer
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
-    if _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype):
+    compiling = torch.compiler.is_compiling()
+    if (_plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
+            and (not compiling or COMPILED_ACCUMULATE == "op")):
         dtype = base.weight.dtype
         h, b = _lora_down(self, name, x), (self.lora_B[name].weight * self.scaling[name]).to(dtype)
         x2d, h2d = x.reshape(-1, x.shape[-1]).to(dtype), h.to(dtype).reshape(-1, h.shape[-1])
         bias = None if base.bias is None else base.bias.to(dtype)
-        if not torch.compiler.is_compiling():  # the LoRA product into the base output in place (no autograd
-            out = F.linear(x2d, base.weight, bias).addmm_(h2d, b.t())  # node saves that output)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        if COMPILED_ACCUMULATE == "op":  # inductor would copy the base output before an addmm into it
+        if compiling:  # one op: inductor would copy the base output before an addmm into it
             out = torch.ops.align.lora_linear(x2d, base.weight, bias, h2d, b)
-            return out.view(*x.shape[:-1], out.shape[-1])
+        else:  # the LoRA product into the base output in place (no autograd node saves that output)
+            out = F.linear(x2d, base.weight, bias).addmm_(h2d, b.t())
+        return out.view(*x.shape[:-1], out.shape[-1])
     result = base(x)
     dtype = result.dtype
     h = _lora_down(self, name, x)

@@ -51,7 +51,7 @@ NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled 
 EST="functorch.activation_memory_budget_runtime_estimator='profile'"
 BUDGETS="b55=auto@0.55;b65=auto@0.65;b8=auto@0.8;b10=auto@1.0;p5=auto!$EST"
 OP="align.fused_lora.COMPILED_ACCUMULATE='op'"
-OPS="o5=auto!$OP;o8=auto@0.8!$OP;b8=auto@0.8"
+OPS="o8=auto@0.8!$OP;b8=auto@0.8;o5=auto!$OP"
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in

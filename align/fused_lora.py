@@ -1,5 +1,6 @@
 """Fused LoRA (the `fused_lora` speedup): PEFT's LoRA linear layers computed in the activations' dtype, the scaling
-folded into B and B's product accumulated into the base output by one `addmm`; with LoRA dropout, a one-byte
+folded into B and B's product accumulated into the base output by one GEMM (in place on a plain `nn.Linear` base
+outside compiled code, `COMPILED_ACCUMULATE` inside it); with LoRA dropout, a one-byte
 keep-mask saved per adapter instead of its own dropped copy of the input. See `align.speed` for when it is used."""
 
 from __future__ import annotations

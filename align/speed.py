@@ -36,7 +36,9 @@ Options (a comma-separated list, `auto`, or `none`):
   LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
   forward, two of its gradient in the backward); here the small LoRA weights are cast instead (the fp32 weights
   stay the trained ones), the scaling is folded into B, and B's product is added to the base output by one
-  `addmm` (the GEMM accumulates into it) instead of three element-wise passes. With LoRA dropout, each adapter
+  `addmm` (the GEMM accumulates into it) instead of three element-wise passes; outside compiled code, into the
+  base GEMM's own output in place (`addmm_`: no copy of it; compiled, inductor copies it first, see
+  `fused_lora.COMPILED_ACCUMULATE`). With LoRA dropout, each adapter
   saves a one-byte keep-mask for its backward instead of its own dropped copy of the input (the dropped input is
   recomputed); on a GPU the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in
   distribution, not bit for bit (on a CPU both draw the same masks). Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants

@@ -312,8 +312,11 @@ def apply_inductor_config(config: dict) -> None:
     for key, value in config.items():
         *parents, name = key.split(".")
         target = roots[parents.pop(0)] if parents and parents[0] in roots else inductor
-        for p in parents:
-            target = getattr(target, p) if hasattr(target, p) else importlib.import_module(f"{target.__name__}.{p}")
+        try:
+            for p in parents:
+                target = getattr(target, p) if hasattr(target, p) else importlib.import_module(f"{target.__name__}.{p}")
+        except ImportError:
+            target = None
         if not hasattr(target, name):
             raise ValueError(f"no config key {key!r} (torch._inductor.config, or dynamo. / functorch. ones)")
         setattr(target, name, value)

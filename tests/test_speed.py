@@ -913,7 +913,8 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
 
 def test_throughput_variants_set_compiler_config_keys():
     """`--align_variants "name=opts!key=value"`: Python-literal values for torch._inductor.config keys (dotted for
-    sub-configs; `dynamo.` / `functorch.` for those configs), set in the worker; an unknown key is an error."""
+    sub-configs; `dynamo.` / `functorch.` for those configs, `align.` for align's module switches), set in the worker;
+    an unknown key or module is an error."""
     import importlib.util
 
     import torch._dynamo.config as dynamo
@@ -931,6 +932,14 @@ def test_throughput_variants_set_compiler_config_keys():
         assert inductor.cpp_wrapper is True and dynamo.cache_size_limit == 17
     with pytest.raises(ValueError, match="no config key 'no_such_key'"):
         throughput.apply_inductor_config({"no_such_key": 1})
+    try:  # align.<module>.<NAME>: align's own switches, imported on the way
+        throughput.apply_inductor_config(throughput.inductor_config("align.fused_lora.COMPILED_ACCUMULATE='op'"))
+        assert fused_lora.COMPILED_ACCUMULATE == "op"
+    finally:
+        fused_lora.COMPILED_ACCUMULATE = "addmm"
+    for bad in ("align.no_module.X", "align.fused_lora.NO_SUCH", "tritn.cudagraphs"):
+        with pytest.raises(ValueError, match="no config key"):
+            throughput.apply_inductor_config({bad: 1})
 
 
 def test_memory_peak_replays_the_allocator_history_to_its_peak():

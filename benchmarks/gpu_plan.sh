@@ -37,10 +37,11 @@
 #   accumulate  the compiled layers' LoRA accumulate as one op (`align.fused_lora.COMPILED_ACCUMULATE='op'`: no copy
 #            of the base output before the addmm; call22's stack profile: 105 copies, 3.6 ms of a 1B SFT step) at
 #            lean budgets 0.5 and 0.8 against `auto` (addmm) at 0.5 and 0.8: 1B and 8B SFT beside stock, 1B DPO
+#   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against the op
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_1b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -107,6 +108,9 @@ case $CALL in
         --timeout 150 --out "$OUT/8b"
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$BUDGETS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b" ;;
+  accumulate_1b)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8 --align_variants "$OPS" $W --profile 2 \
+        --timeout 90 --out "$OUT/1b" ;;
   accumulate)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$OPS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b"

@@ -109,7 +109,7 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$BUDGETS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b" ;;
   accumulate_1b)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8 --align_variants "$OPS" $W --profile 2 \
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8 --align_variants "o8=auto@0.8!$OP;b8=auto@0.8" $W --profile 2 \
         --timeout 90 --out "$OUT/1b" ;;
   accumulate)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$OPS" $W --profile 2 \

@@ -15,9 +15,11 @@ logger = logging.getLogger("align")
 
 # How a compiled layer adds the LoRA product to a bf16 base GEMM's output (`nn.Linear` bases): "addmm" (one
 # `addmm(base_out, h, B)`: inductor first copies base_out into a new buffer, H100 call22: 105 device copies, 3.6 ms
-# of a 1B SFT step), "op" (`align::lora_linear`, base GEMM and an in-place accumulate as one op: no copy, but `lean`'s
-# partitioner then recomputes the MLP GEMMs at budgets up to 0.65, benchmarks/lean_recompute.py). A separate
-# product and `+` is no way out: inductor's pattern matcher makes it the same addmm. Eager layers accumulate in place.
+# of a 1B SFT step) or "op" (`align::lora_linear`, base GEMM and an in-place accumulate as one op: no copy; with it
+# `speed.compile_layers` has the partitioner weigh custom ops by their flops, `is_non_builtin_to_include`, without
+# which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each budget saves what "addmm" saves,
+# benchmarks/lean_recompute.py). Opt-in until a GPU has measured it. A separate product and `+` is no way out:
+# inductor's pattern matcher makes it the same addmm. Eager layers accumulate in place.
 COMPILED_ACCUMULATE = "addmm"
 
 

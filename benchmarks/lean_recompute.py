@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from saved_activations import LLAMA_1B  # noqa: E402
 
+LAST_GRAPHS: list = []  # the last partition's forward and backward graphs (for a closer look)
 _ATTN_FWD = "_scaled_dot_product_flash_attention_for_cpu.default"
 
 
@@ -85,6 +86,7 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> 
         for m in homes:
             m.min_cut_rematerialization_partition = original
     fw, bw = graphs[-1]
+    LAST_GRAPHS[:] = [fw, bw]
 
     def count(graph, *names):
         return sum(1 for n in graph.graph.nodes if n.op == "call_function"

@@ -71,7 +71,8 @@ def _plain_linear(layer) -> bool:
     return type(layer) is torch.nn.Linear and not (layer._forward_hooks or layer._forward_pre_hooks)
 
 
-@torch.library.custom_op("align::lora_linear", mutates_args=())
+@torch.library.custom_op("align::lora_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor h, Tensor b) -> Tensor")
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor,
                 b: torch.Tensor) -> torch.Tensor:
     """`x @ weight.T (+ bias) + h @ b.T` for 2-D `x` and `h`: the base GEMM into a new buffer, then the LoRA product

@@ -34,11 +34,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     compiling = torch.compiler.is_compiling()
+    h, b = _lora_down(self, name, x), self.lora_B[name].weight * self.scaling[name]
     if (_plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
             and (not compiling or COMPILED_ACCUMULATE == "op")):
         dtype = base.weight.dtype
-        h, b = _lora_down(self, name, x), (self.lora_B[name].weight * self.scaling[name]).to(dtype)
-        x2d, h2d = x.reshape(-1, x.shape[-1]).to(dtype), h.to(dtype).reshape(-1, h.shape[-1])
+        x2d, h2d, b = x.reshape(-1, x.shape[-1]).to(dtype), h.to(dtype).reshape(-1, h.shape[-1]), b.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
         if compiling:  # one op: inductor would copy the base output before an addmm into it
             out = torch.ops.align.lora_linear(x2d, base.weight, bias, h2d, b)
@@ -47,14 +47,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         return out.view(*x.shape[:-1], out.shape[-1])
     result = base(x)
     dtype = result.dtype
-    h = _lora_down(self, name, x)
-    b = self.lora_B[name].weight * self.scaling[name]
     if autocast and dtype != torch.get_autocast_dtype(device):
         # a base output above the autocast dtype (fp32 residual stream of a k-bit base without kbit_bf16): an addmm
         # would be autocast down to bf16 with it; add the bf16 LoRA product to it instead, as PEFT does
         return result + F.linear(h, b)
-    b = b.to(dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.t())
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.to(dtype).reshape(-1, h.shape[-1]), b.to(dtype).t())
     return out.view(result.shape)
 
 

@@ -29,16 +29,13 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from saved_activations import LLAMA_1B  # noqa: E402
 
-LAST_GRAPHS: list = []  # the last partition's forward and backward graphs (for a closer look)
 _ATTN_FWD = "_scaled_dot_product_flash_attention_for_cpu.default"
 
 
 def _attention_flops_as_on_gpu() -> None:
-    from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    from torch.utils.flop_counter import flop_registry
-
     if op.default not in flop_registry and op not in flop_registry:
         @register_flop_formula(op)
         def _flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
@@ -66,6 +63,7 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> 
 
     torch._dynamo.reset()
     inductor.fx_graph_cache, functorch.enable_autograd_cache = False, False  # partition afresh for each budget
+    before = fused_lora.COMPILED_ACCUMULATE
     homes = [m for m in (partitioners, compile_fx) if hasattr(m, "min_cut_rematerialization_partition")]
     for m in homes:  # inductor calls it from its own namespace
         m.min_cut_rematerialization_partition = spy
@@ -82,11 +80,10 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> 
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids, labels=ids).loss.backward()
     finally:
-        fused_lora.COMPILED_ACCUMULATE = "addmm"
+        fused_lora.COMPILED_ACCUMULATE = before
         for m in homes:
             m.min_cut_rematerialization_partition = original
     fw, bw = graphs[-1]
-    LAST_GRAPHS[:] = [fw, bw]
 
     def count(graph, *names):
         return sum(1 for n in graph.graph.nodes if n.op == "call_function"

@@ -942,6 +942,34 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert "dpo_memory_vs_sft" not in rows["align_x"]  # other options: no SFT step of its own to compare with
 
 
+
+def test_throughput_share_of_the_arithmetic_limit_counts_the_issue_s_flops():
+    """Issue 6's limit: 4 x parameters + attention (12 x seq x width a layer) FLOPs per token at 790 TFLOP/s. The
+    parameter counts are the published models' (Llama-3.1-8B 8,030,261,248; Llama-3.2-1B 1,235,814,400), the 8B
+    limit without attention is the issue's 24,600 tokens/s and with it "about 22,000"; only fixed-length rows of a
+    shape's own batch on an H100 / H200 get a share."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    b8, b1 = throughput.SHAPES["8b"], throughput.SHAPES["1b"]
+    assert throughput.flops_per_token(b8["config"], 0) == 4 * 8_030_261_248
+    assert throughput.flops_per_token(b1["config"], 0) == 4 * 1_235_814_400
+    assert 790e12 / throughput.flops_per_token(b8["config"], 0) == pytest.approx(24_600, rel=0.01)
+    limit = 790e12 / throughput.flops_per_token(b8["config"], 2048)
+    assert limit == pytest.approx(22_350, rel=0.01)
+    run = dict(shape="8b", case="sft_lora", data="fixed", device="NVIDIA H100 80GB HBM3", tokens_per_step=[4096] * 3)
+    assert throughput.arithmetic_limit(run) == pytest.approx(limit)
+    assert throughput.arithmetic_limit(dict(run, device="NVIDIA H200")) == pytest.approx(limit)
+    assert throughput.arithmetic_limit(dict(run, case="dpo_lora", tokens_per_step=[8192])) == pytest.approx(limit)
+    for other in (dict(device="cpu"), dict(data="real"), dict(tokens_per_step=[2048]), dict(shape="8b[x=1]")):
+        assert throughput.arithmetic_limit(dict(run, **other)) is None
+    runs = [dict(run, path=p, tokens_per_s=t, losses=[1.0], rows=6) for p, t in (("stock", 9_000.0), ("align", 15_645.0))]
+    (row,) = throughput.compare(runs)
+    assert row["limit_share"] == pytest.approx(0.70, abs=0.001)
+    assert "| 70% |" in throughput.markdown(dict(meta=dict(device="NVIDIA H100 80GB HBM3"), comparisons=[row], runs=runs))
+
 def test_throughput_variants_set_compiler_config_keys():
     """`--align_variants "name=opts!key=value"`: Python-literal values for torch._inductor.config keys (dotted for
     sub-configs; `dynamo.` / `functorch.` for those configs, `align.` for align's module switches), set in the worker;

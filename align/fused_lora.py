@@ -15,11 +15,17 @@ logger = logging.getLogger("align")
 
 # How a compiled layer adds the LoRA product to a bf16 base GEMM's output (`nn.Linear` bases): "addmm" (one
 # `addmm(base_out, h, B)`: inductor first copies base_out into a new buffer, H100 call22: 105 device copies, 3.6 ms
-# of a 1B SFT step) or "op" (`align::lora_linear`, base GEMM and an in-place accumulate as one op: no copy; with it
-# `speed.compile_layers` has the partitioner weigh custom ops by their flops, `is_non_builtin_to_include`, without
-# which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each budget saves what "addmm" saves,
-# benchmarks/lean_recompute.py). Opt-in until a GPU has measured it. A separate product and `+` is no way out:
-# inductor's pattern matcher makes it the same addmm. Eager layers accumulate in place.
+# of a 1B SFT step), "op" (`align::lora_linear`, base GEMM and an in-place accumulate as one op: no copy) or "op_ab"
+# (`align::lora_linear_ab`, the whole layer as one op taking A and B: the small LoRA product is written first and
+# the base GEMM accumulates into it with beta 1, where its extra read hides under its arithmetic, instead of a
+# memory-bound accumulate that reads and writes the (tokens x out) output; likewise in the backward, the input
+# gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; used without
+# LoRA dropout). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
+# (`is_non_builtin_to_include`), without which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each
+# budget saves what "addmm" saves (benchmarks/lean_recompute.py). Opt-in until a GPU has measured them. A separate
+# product and `+` is no way out: inductor's pattern matcher makes it the same addmm. Eager layers accumulate in
+# place.
+COMPILED_ACCUMULATES = ("addmm", "op", "op_ab")
 COMPILED_ACCUMULATE = "addmm"
 
 
@@ -34,9 +40,17 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     compiling = torch.compiler.is_compiling()
-    h, b = _lora_down(self, name, x), self.lora_B[name].weight * self.scaling[name]
-    if (_plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
-            and (not compiling or COMPILED_ACCUMULATE == "op")):
+    plain = _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
+    b = self.lora_B[name].weight * self.scaling[name]
+    if plain and compiling and COMPILED_ACCUMULATE == "op_ab" and not _dropping(self.lora_dropout[name]):
+        dtype = base.weight.dtype
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        bias = None if base.bias is None else base.bias.to(dtype)
+        out, _ = torch.ops.align.lora_linear_ab(x2d, base.weight, bias, self.lora_A[name].weight.to(dtype),
+                                                b.to(dtype))
+        return out.view(*x.shape[:-1], out.shape[-1])
+    h = _lora_down(self, name, x)
+    if plain and (not compiling or COMPILED_ACCUMULATE == "op"):
         dtype = base.weight.dtype
         x2d, h2d, b = x.reshape(-1, x.shape[-1]).to(dtype), h.to(dtype).reshape(-1, h.shape[-1]), b.to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
@@ -58,9 +72,14 @@ def _fused_lora_forward(self, x, *args, **kwargs):
 def _lora_down(self, name, x):
     """x (through the adapter's dropout) times A, in the activations' dtype."""
     drop, a = self.lora_dropout[name], self.lora_A[name].weight.to(x.dtype)
-    if isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0:
+    if _dropping(drop):
         return _DropoutLinear.apply(x, a, drop.p)
     return F.linear(drop(x), a)
+
+
+def _dropping(drop) -> bool:
+    """The adapter's dropout drops elements now (a training `nn.Dropout` with p > 0); PEFT's p = 0 is Identity."""
+    return isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0
 
 
 def _plain_linear(layer) -> bool:
@@ -100,14 +119,70 @@ def _lora_linear_backward(ctx, grad):
 lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
 
 
+@torch.library.custom_op("align::lora_linear_ab", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b) -> (Tensor, Tensor)")
+def lora_linear_ab(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                   b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x @ weight.T (+ bias) + (x @ a.T) @ b.T, x @ a.T)` for 2-D `x`: the LoRA product (and bias) written first,
+    then the base GEMM accumulated into it in place (beta 1). The second output, the down-projection `h`, is what
+    the backward keeps for B's gradient (M x r); it carries no gradient of its own."""
+    h = torch.mm(x, a.t())
+    out = torch.mm(h, b.t()) if bias is None else torch.addmm(bias, h, b.t())
+    return out.addmm_(x, weight.t()), h
+
+
+@lora_linear_ab.register_fake
+def _lora_linear_ab_fake(x, weight, bias, a, b):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
+
+
+def _lora_linear_ab_setup(ctx, inputs, output):
+    x, weight, bias, a, b = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+@torch.library.custom_op("align::lora_linear_ab_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, bool need_x) "
+                                "-> (Tensor, Tensor, Tensor)")
+def lora_linear_ab_backward(grad, x, weight, a, b, h, need_x):
+    """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
+    part, `(grad @ b) @ a`, and the base GEMM adds `grad @ weight` into it in place (one buffer, no separate sum; as
+    an op of its own, so that inductor does not turn the in-place GEMM into a copy and an addmm)."""
+    gh = grad @ b
+    gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
+    return gx, gh.t() @ x, grad.t() @ h
+
+
+@lora_linear_ab_backward.register_fake
+def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, need_x):
+    return x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _lora_linear_ab_backward(ctx, grad, _grad_h):
+    x, weight, a, b, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, need[0])
+    return (gx if need[0] else None, grad.t() @ x if need[1] else None, grad.sum(0) if need[2] else None,
+            ga if need[3] else None, gb if need[4] else None)
+
+
+lora_linear_ab.register_autograd(_lora_linear_ab_backward, setup_context=_lora_linear_ab_setup)
+
+
 def _register_lora_linear_flops():
-    """The op's flops for the partitioner's cost model (`lean`): without a formula it counts as free, and the memory
-    budget would recompute these GEMMs before anything else."""
+    """The ops' flops for the partitioner's cost model (`lean`): without a formula they count as free, and the
+    memory budget would recompute these GEMMs before anything else."""
     from torch.utils.flop_counter import register_flop_formula
 
     @register_flop_formula(torch.ops.align.lora_linear)
     def _flops(x_shape, w_shape, bias_shape, h_shape, b_shape, *args, out_shape=None, **kwargs):
         return 2 * x_shape[0] * x_shape[1] * w_shape[0] + 2 * h_shape[0] * h_shape[1] * b_shape[0]
+
+    @register_flop_formula(torch.ops.align.lora_linear_ab)
+    def _flops_ab(x_shape, w_shape, bias_shape, a_shape, b_shape, *args, out_shape=None, **kwargs):
+        m, k = x_shape
+        return 2 * m * k * w_shape[0] + 2 * m * k * a_shape[0] + 2 * m * a_shape[0] * b_shape[0]
 
 
 _register_lora_linear_flops()

@@ -657,7 +657,10 @@ def compile_layers(model, memory_budget: float | None = None) -> None:
     functorch.activation_memory_budget = 1.0 if memory_budget is None else memory_budget  # 1.0: torch's default
     # fused LoRA's one-op form (`align::lora_linear`) must reach the budget's cost model as the GEMM it is: the
     # partitioner otherwise takes a custom op for a cheap one and recomputes the MLP's (benchmarks/lean_recompute.py)
-    functorch.is_non_builtin_to_include = fused_lora.COMPILED_ACCUMULATE == "op"
+    if fused_lora.COMPILED_ACCUMULATE not in fused_lora.COMPILED_ACCUMULATES:
+        raise ValueError(f"fused_lora.COMPILED_ACCUMULATE is {fused_lora.COMPILED_ACCUMULATE!r}; choose from "
+                         f"{', '.join(fused_lora.COMPILED_ACCUMULATES)}")
+    functorch.is_non_builtin_to_include = fused_lora.COMPILED_ACCUMULATE != "addmm"
 
     # Round to bf16 where eager rounds: the policy (training graph) and the reference (no-grad graph, adapter off)
     # then give the same log-probabilities at step 0, as in eager mode, instead of differing by fusion choices.

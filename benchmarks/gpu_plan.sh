@@ -34,14 +34,17 @@
 #            attention, at 0.8 neither), and with the partitioner's profiling runtime estimator (it benchmarks each op
 #            instead of counting flops) at 0.5; DPO at 0.2 (auto) / 0.3 / 0.2 profiled. All profiled: GPU busy ms a step is steadier than tokens/s.
 #            Then one SFT step profiled with stacks: the code behind the device copies and fills
-#   accumulate  the compiled layers' LoRA accumulate as one op (`align.fused_lora.COMPILED_ACCUMULATE='op'`: no copy
-#            of the base output before the addmm; call22's stack profile: 105 copies, 3.6 ms of a 1B SFT step) at
-#            lean budgets 0.5 and 0.8 against `auto` (addmm) at 0.5 and 0.8: 1B and 8B SFT beside stock, 1B DPO
-#   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against the op
+#   accumulate  the compiled layers' LoRA accumulate as one op (`align.fused_lora.COMPILED_ACCUMULATE`): 'op' (no copy
+#            of the base output before the addmm; call22's stack profile: 105 copies, 3.6 ms of a 1B SFT step) and
+#            'op_ab' (the whole LoRA layer one op: the LoRA product first, the base GEMM accumulating into it with
+#            beta 1, and the input gradient likewise) at lean budgets 0.5 and 0.8 against `auto` (addmm) at 0.5 and
+#            0.8: 1B SFT and 8B SFT (0.5) beside stock
+#   accumulate_dpo  the same for 1B DPO (0.2 and 0.3) and 8B SFT at 0.8
+#   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against both ops
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_1b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -52,7 +55,8 @@ NOINLINE="noinline=auto!dynamo.inline_inbuilt_nn_modules=False"  # one compiled 
 EST="functorch.activation_memory_budget_runtime_estimator='profile'"
 BUDGETS="b55=auto@0.55;b65=auto@0.65;b8=auto@0.8;b10=auto@1.0;p5=auto!$EST"
 OP="align.fused_lora.COMPILED_ACCUMULATE='op'"
-OPS="o8=auto@0.8!$OP;b8=auto@0.8;o5=auto!$OP"
+AB="align.fused_lora.COMPILED_ACCUMULATE='op_ab'"
+OPS="o5=auto!$OP;a5=auto!$AB;b8=auto@0.8;o8=auto@0.8!$OP;a8=auto@0.8!$AB"
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in
@@ -109,14 +113,17 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --align_variants "$BUDGETS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b" ;;
   accumulate_1b)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8 --align_variants "o8=auto@0.8!$OP;b8=auto@0.8" $W --profile 2 \
-        --timeout 90 --out "$OUT/1b" ;;
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8,align_a8 \
+        --align_variants "o8=auto@0.8!$OP;b8=auto@0.8;a8=auto@0.8!$AB" $W --profile 2 --timeout 90 --out "$OUT/1b" ;;
   accumulate)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$OPS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b"
-    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "o5=auto!$OP;o8=auto@0.8!$OP" \
-        $W --profile 2 --timeout 150 --out "$OUT/8b"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants "o2=auto!$OP;o3=auto@0.3!$OP" \
-        $W --profile 2 --timeout 150 --out "$OUT/dpo" ;;
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "o5=auto!$OP;a5=auto!$AB" \
+        $W --profile 2 --timeout 150 --out "$OUT/8b" ;;
+  accumulate_dpo)
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants \
+        "o2=auto!$OP;a2=auto!$AB;b3=auto@0.3;o3=auto@0.3!$OP;a3=auto@0.3!$AB" $W --profile 2 --timeout 150 --out "$OUT/dpo"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8,align_a8 \
+        --align_variants "b8=auto@0.8;o8=auto@0.8!$OP;a8=auto@0.8!$AB" $W --profile 2 --timeout 150 --out "$OUT/8b" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -96,7 +96,8 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> 
         val = getattr(a, "meta", {}).get("val")
         if isinstance(val, torch.Tensor) and a.name not in params and val.numel() >= seq:
             saved[a.name] = [list(val.shape), round(val.numel() * val.element_size() / 2**20, 2)]
-    return dict(budget=budget, bw_gemms=count(bw, "mm.default", "addmm.default", "lora_linear.default"),
+    return dict(budget=budget, bw_gemms=count(bw, "mm.default", "addmm.default", "lora_linear.default",
+                                              "lora_linear_ab.default", "lora_linear_ab_backward.default"),
                 bw_attention_forwards=count(bw, _ATTN_FWD), saved_mib=round(sum(v[1] for v in saved.values()), 1),
                 saved=saved)
 
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--budgets", default="0.5,0.55,0.65,0.8,1.0")
-    p.add_argument("--accumulate", default="addmm", choices=("addmm", "op"),
+    p.add_argument("--accumulate", default="addmm", choices=("addmm", "op", "op_ab"),
                    help="fused_lora.COMPILED_ACCUMULATE: how the compiled layer adds the LoRA product")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 """Fused LoRA (the `fused_lora` speedup): PEFT's LoRA linear layers computed in the activations' dtype, the scaling
 folded into B and B's product accumulated into the base output by one GEMM (in place on a plain `nn.Linear` base
-outside compiled code, `COMPILED_ACCUMULATE` inside it); with LoRA dropout, a one-byte
+outside compiled code; inside it, `COMPILED_ACCUMULATE`: by default the whole layer as one op, the base GEMM
+accumulating into the LoRA product); with LoRA dropout, a one-byte
 keep-mask saved per adapter instead of its own dropped copy of the input. See `align.speed` for when it is used."""
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ logger = logging.getLogger("align")
 # gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; used without
 # LoRA dropout). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
 # (`is_non_builtin_to_include`), without which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each
-# budget saves what "addmm" saves (benchmarks/lean_recompute.py). Opt-in until a GPU has measured them. A separate
-# product and `+` is no way out: inductor's pattern matcher makes it the same addmm. Eager layers accumulate in
-# place.
+# budget saves what "addmm" saves ("op_ab": what "addmm" saves at 0.5 at 0.58, `speed.LEAN_BUDGET_ONE_OP`;
+# benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less memory;
+# "op_ab" is the default. A separate product and `+` is no way out: inductor's pattern matcher makes it the same
+# addmm. Eager layers accumulate in place.
 COMPILED_ACCUMULATES = ("addmm", "op", "op_ab")
-COMPILED_ACCUMULATE = "addmm"
+COMPILED_ACCUMULATE = "op_ab"  # H100 call23: faster than "addmm" at each budget, with less memory (benchmarks/README.md)
 
 
 def _fused_lora_forward(self, x, *args, **kwargs):
@@ -212,6 +214,21 @@ class _DropoutLinear(torch.autograd.Function):
             dropped = (x * keep * ctx.scale).to(grad.dtype)
             grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped.reshape(-1, x.shape[-1])).to(weight.dtype)
         return grad_x, grad_w, None
+
+
+def compiled_accumulate(model) -> str:
+    """How the compiled layers of `model` add their LoRA products: `COMPILED_ACCUMULATE` where a fused LoRA layer
+    takes it (a plain bf16/fp16/fp32 `nn.Linear` base; for "op_ab" also no LoRA dropout), else "addmm" (k-bit,
+    FP8 and NF4 bases, dropout, no fused layer)."""
+    if COMPILED_ACCUMULATE not in COMPILED_ACCUMULATES:
+        raise ValueError(f"fused_lora.COMPILED_ACCUMULATE is {COMPILED_ACCUMULATE!r}; choose from "
+                         f"{', '.join(COMPILED_ACCUMULATES)}")
+    for module in model.modules():
+        if getattr(module.forward, "__func__", None) is _fused_lora_forward and _plain_linear(module.base_layer):
+            if COMPILED_ACCUMULATE != "op_ab" or not any(
+                    isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
+                return COMPILED_ACCUMULATE
+    return "addmm"
 
 
 def use_fused_lora(model) -> int:

@@ -88,7 +88,9 @@ def test_lean_budget_per_stage_and_checked():
 
     dpo, sft = object.__new__(trl.DPOTrainer), object.__new__(trl.SFTTrainer)
     assert speed.lean_budget(dpo) == 0.2 and speed.lean_budget(sft) == 0.5
-    assert speed.lean_budget(dpo, 0.7) == 0.7
+    # compiled layers with fused LoRA's whole-layer op: SFT keeps the same memory at 0.58 (H100 call23)
+    assert speed.lean_budget(dpo, one_op=True) == 0.2 and speed.lean_budget(sft, one_op=True) == 0.58
+    assert speed.lean_budget(dpo, 0.7) == 0.7 and speed.lean_budget(sft, 0.7, one_op=True) == 0.7
     with pytest.raises(ValueError, match="lean_memory_budget"):
         speed.lean_budget(sft, 0.0)
     assert config.RunArguments(lean_memory_budget=0.4).lean_memory_budget == 0.4
@@ -730,6 +732,28 @@ def test_lean_saves_the_same_with_the_one_op_lora_accumulate(monkeypatch):
     assert saved["op", False] < 0.8 * saved["addmm", None], saved  # the op recomputed: what the setting prevents
 
 
+def test_compiled_accumulate_names_the_form_the_compiled_layers_take(monkeypatch):
+    """`compiled_accumulate`: the whole-layer op where a fused LoRA layer has a plain base and no dropout; `addmm`
+    with LoRA dropout, without fused layers, or with the switch on `addmm`; an unknown switch value is an error."""
+    base, model = tiny_lora_model()
+    assert fused_lora.compiled_accumulate(model) == "addmm"  # not fused yet
+    fused_lora.use_fused_lora(model)
+    assert fused_lora.compiled_accumulate(model) == "op_ab"  # the default
+    monkeypatch.setattr(fused_lora, "COMPILED_ACCUMULATE", "op")
+    assert fused_lora.compiled_accumulate(model) == "op"
+    monkeypatch.setattr(fused_lora, "COMPILED_ACCUMULATE", "addmm")
+    assert fused_lora.compiled_accumulate(model) == "addmm"
+    monkeypatch.setattr(fused_lora, "COMPILED_ACCUMULATE", "opab")
+    with pytest.raises(ValueError, match="COMPILED_ACCUMULATE is 'opab'"):
+        fused_lora.compiled_accumulate(model)
+    monkeypatch.setattr(fused_lora, "COMPILED_ACCUMULATE", "op_ab")
+    torch.manual_seed(0)
+    dropped = get_peft_model(transformers.AutoModelForCausalLM.from_config(base.config),
+                             LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
+    fused_lora.use_fused_lora(dropped)
+    assert fused_lora.compiled_accumulate(dropped) == "addmm"
+
+
 def test_lora_linear_has_a_flop_count_for_the_partitioner():
     """`lean`'s cost model counts the op's GEMMs (without a formula it would be free to recompute)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -1023,11 +1047,12 @@ def test_throughput_variants_set_compiler_config_keys():
         assert inductor.cpp_wrapper is True and dynamo.cache_size_limit == 17
     with pytest.raises(ValueError, match="no config key 'no_such_key'"):
         throughput.apply_inductor_config({"no_such_key": 1})
+    before = fused_lora.COMPILED_ACCUMULATE
     try:  # align.<module>.<NAME>: align's own switches, imported on the way
         throughput.apply_inductor_config(throughput.inductor_config("align.fused_lora.COMPILED_ACCUMULATE='op'"))
         assert fused_lora.COMPILED_ACCUMULATE == "op"
     finally:
-        fused_lora.COMPILED_ACCUMULATE = "addmm"
+        fused_lora.COMPILED_ACCUMULATE = before
     for bad in ("align.no_module.X", "align.fused_lora.NO_SUCH", "tritn.cudagraphs"):
         with pytest.raises(ValueError, match="no config key"):
             throughput.apply_inductor_config({bad: 1})

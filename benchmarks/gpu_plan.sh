@@ -37,9 +37,10 @@
 #   accumulate  the compiled layers' LoRA accumulate as one op (`align.fused_lora.COMPILED_ACCUMULATE`): 'op' (no copy
 #            of the base output before the addmm; call22's stack profile: 105 copies, 3.6 ms of a 1B SFT step) and
 #            'op_ab' (the whole LoRA layer one op: the LoRA product first, the base GEMM accumulating into it with
-#            beta 1, and the input gradient likewise) at lean budgets 0.5 and 0.8 against `auto` (addmm) at 0.5 and
-#            0.8, and op_ab at 0.6: 1B SFT and 8B SFT (0.5, 0.6) beside stock
-#   accumulate_dpo  the same for 1B DPO (0.2 and 0.3) and 8B SFT at 0.8
+#            beta 1, and the input gradient likewise) at lean budgets 0.5 and 0.8 against addmm (the former auto) at
+#            0.5 and 0.8, and op_ab at 0.6: 1B SFT and 8B SFT (0.5, 0.6) beside stock and auto (ran as call23, when
+#            auto was addmm at 0.5; auto is now op_ab at 0.58)
+#   accumulate_dpo  the same for 1B DPO (0.2 and 0.3; auto is op_ab at 0.2) and 8B SFT at 0.8
 #   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against both ops
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
@@ -56,8 +57,9 @@ EST="functorch.activation_memory_budget_runtime_estimator='profile'"
 BUDGETS="b55=auto@0.55;b65=auto@0.65;b8=auto@0.8;b10=auto@1.0;p5=auto!$EST"
 OP="align.fused_lora.COMPILED_ACCUMULATE='op'"
 AB="align.fused_lora.COMPILED_ACCUMULATE='op_ab'"
+ADDMM="align.fused_lora.COMPILED_ACCUMULATE='addmm'"  # the former auto (op_ab is auto's since call23)
 # op_ab at 0.6 saves what addmm saves at 0.5 (305 MiB a 1B layer) but recomputes 2 of its ops, not 4 (lean_recompute.py)
-OPS="o5=auto!$OP;a5=auto!$AB;a6=auto@0.6!$AB;b8=auto@0.8;o8=auto@0.8!$OP;a8=auto@0.8!$AB"
+OPS="b5=auto@0.5!$ADDMM;o5=auto@0.5!$OP;a5=auto@0.5!$AB;a6=auto@0.6!$AB;b8=auto@0.8!$ADDMM;o8=auto@0.8!$OP;a8=auto@0.8!$AB"
 CG="cg=auto!dynamo.inline_inbuilt_nn_modules=False,triton.cudagraphs=True"  # and each replayed as a CUDA graph
 mkdir -p "$OUT"
 case $CALL in
@@ -115,16 +117,17 @@ case $CALL in
         --timeout 150 --out "$OUT/1b" ;;
   accumulate_1b)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align_b8,align_o8,align_a8 \
-        --align_variants "o8=auto@0.8!$OP;b8=auto@0.8;a8=auto@0.8!$AB" $W --profile 2 --timeout 90 --out "$OUT/1b" ;;
+        --align_variants "o8=auto@0.8!$OP;b8=auto@0.8!$ADDMM;a8=auto@0.8!$AB" $W --profile 2 --timeout 90 --out "$OUT/1b" ;;
   accumulate)
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align --align_variants "$OPS" $W --profile 2 \
         --timeout 150 --out "$OUT/1b"
-    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "o5=auto!$OP;a5=auto!$AB;a6=auto@0.6!$AB" \
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align --align_variants "b5=auto@0.5!$ADDMM;o5=auto@0.5!$OP;a5=auto@0.5!$AB;a6=auto@0.6!$AB" \
         $W --profile 2 --timeout 150 --out "$OUT/8b" ;;
   accumulate_dpo)
     $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align --align_variants \
-        "o2=auto!$OP;a2=auto!$AB;b3=auto@0.3;o3=auto@0.3!$OP;a3=auto@0.3!$AB" $W --profile 2 --timeout 150 --out "$OUT/dpo"
+        "b2=auto!$ADDMM;o2=auto!$OP;b3=auto@0.3!$ADDMM;o3=auto@0.3!$OP;a3=auto@0.3!$AB" $W --profile 2 --timeout 150 \
+        --out "$OUT/dpo"
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8,align_a8 \
-        --align_variants "b8=auto@0.8;o8=auto@0.8!$OP;a8=auto@0.8!$AB" $W --profile 2 --timeout 150 --out "$OUT/8b" ;;
+        --align_variants "b8=auto@0.8!$ADDMM;o8=auto@0.8!$OP;a8=auto@0.8!$AB" $W --profile 2 --timeout 150 --out "$OUT/8b" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

@@ -947,14 +947,20 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
         assert_same_grads(got_grads, want_grads)
 
 
-def test_throughput_repeats_report_the_median_run_and_the_spread():
-    """`--repeats`: a path's runs become the run with the median tokens/s (its own losses and memory), with every
-    repeat's tokens/s and the spread; one failed repeat fails the path. `--model_config` parses key=value."""
+def load_throughput():
+    """benchmarks/throughput.py as a module (it is a script, not part of the package)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
     throughput = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(throughput)
+    return throughput
+
+
+def test_throughput_repeats_report_the_median_run_and_the_spread():
+    """`--repeats`: a path's runs become the run with the median tokens/s (its own losses and memory), with every
+    repeat's tokens/s and the spread; one failed repeat fails the path. `--model_config` parses key=value."""
+    throughput = load_throughput()
     runs = [dict(path="align", tokens_per_s=t, peak_allocated_gib=g, wall_s=10.0)
             for t, g in ((90.0, 1.0), (120.0, 2.0), (100.0, 3.0))]
     run = throughput.median_run(runs)
@@ -998,17 +1004,12 @@ def test_throughput_repeats_report_the_median_run_and_the_spread():
     assert "dpo_memory_vs_sft" not in rows["align_x"]  # other options: no SFT step of its own to compare with
 
 
-
 def test_throughput_share_of_the_arithmetic_limit_counts_the_issue_s_flops():
     """Issue 6's limit: 4 x parameters + attention (12 x seq x width a layer) FLOPs per token at 790 TFLOP/s. The
     parameter counts are the published models' (Llama-3.1-8B 8,030,261,248; Llama-3.2-1B 1,235,814,400), the 8B
     limit without attention is the issue's 24,600 tokens/s and with it "about 22,000"; only fixed-length rows of a
     shape's own batch on an H100 / H200 get a share."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = load_throughput()
     b8, b1 = throughput.SHAPES["8b"], throughput.SHAPES["1b"]
     assert throughput.flops_per_token(b8["config"], 0) == 4 * 8_030_261_248
     assert throughput.flops_per_token(b1["config"], 0) == 4 * 1_235_814_400
@@ -1026,18 +1027,15 @@ def test_throughput_share_of_the_arithmetic_limit_counts_the_issue_s_flops():
     assert row["limit_share"] == pytest.approx(0.70, abs=0.001)
     assert "| 70% |" in throughput.markdown(dict(meta=dict(device="NVIDIA H100 80GB HBM3"), comparisons=[row], runs=runs))
 
+
 def test_throughput_variants_set_compiler_config_keys():
     """`--align_variants "name=opts!key=value"`: Python-literal values for torch._inductor.config keys (dotted for
     sub-configs; `dynamo.` / `functorch.` for those configs, `align.` for align's module switches), set in the worker;
     an unknown key or module is an error."""
-    import importlib.util
-
     import torch._dynamo.config as dynamo
     import torch._inductor.config as inductor
 
-    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+    throughput = load_throughput()
     parsed = throughput.inductor_config("cpp_wrapper=True, triton.cudagraphs=False,dynamo.cache_size_limit=17")
     assert parsed == {"cpp_wrapper": True, "triton.cudagraphs": False, "dynamo.cache_size_limit": 17}
     with pytest.raises(SystemExit, match="expected key=value"):

@@ -412,8 +412,9 @@ def worker(spec: dict) -> dict:
             trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
         budget = spec.get("lean_memory_budget")
         speed.finish(trainer, options, *([budget] if budget else []))  # an --align_src checkout may lack it
-        if hasattr(speed, "lean_budget") and "lean" in options:
-            budget = speed.lean_budget(trainer, budget)
+        if "lean" in options:  # the budget the stage used (an --align_src checkout may not record it)
+            budget = getattr(trainer, "align_lean_memory_budget", None) or (
+                speed.lean_budget(trainer, budget) if hasattr(speed, "lean_budget") else budget)
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
     trainer.data_collator = meter.count(trainer.data_collator, kind)

@@ -481,6 +481,20 @@ def test_throughput_benchmark_runs_both_paths(tmp_path):
     assert "| tiny | sft_lora | fixed (window) | align |" in (out / "throughput_cpu.md").read_text()
 
 
+def test_throughput_records_the_lean_budget_the_stage_used(tmp_path):
+    """A compiled lean run records the budget the stage chose: SFT with fused LoRA's whole-layer op takes 0.58
+    (`speed.LEAN_BUDGET_ONE_OP`), not the 0.5 of `LEAN_BUDGET`; a variant's own budget is recorded as given."""
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "throughput.py"), "--shapes", "tiny", "--cases",
+           "sft_lora", "--paths", "align", "--align_options", "padding_free,compile,lean,fused_lora",
+           "--align_variants", "b3=padding_free,compile,lean,fused_lora@0.3", "--steps", "1", "--warmup", "1",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = {r["path"]: r for r in json.loads((tmp_path / "throughput_cpu.json").read_text())["runs"]}
+    assert runs["align"]["lean_memory_budget"] == 0.58 and runs["align_b3"]["lean_memory_budget"] == 0.3
+    assert all("error" not in r for r in runs.values())
+
+
 def _lora_forward_and_grads(peft_model, ids, fused: bool):
     model = peft_model
     if fused:

@@ -1,8 +1,8 @@
 """Fused LoRA (the `fused_lora` speedup): PEFT's LoRA linear layers computed in the activations' dtype, the scaling
 folded into B and B's product accumulated into the base output by one GEMM (in place on a plain `nn.Linear` base
 outside compiled code; inside it, `COMPILED_ACCUMULATE`: by default the whole layer as one op, the base GEMM
-accumulating into the LoRA product); with LoRA dropout, a one-byte
-keep-mask saved per adapter instead of its own dropped copy of the input. See `align.speed` for when it is used."""
+accumulating into the LoRA product); with LoRA dropout, a one-byte keep-mask saved per adapter instead of its own
+dropped copy of the input. See `align.speed` for when it is used."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ logger = logging.getLogger("align")
 # (`align::lora_linear_ab`, the whole layer as one op taking A and B: the small LoRA product is written first and
 # the base GEMM accumulates into it with beta 1, where its extra read hides under its arithmetic, instead of a
 # memory-bound accumulate that reads and writes the (tokens x out) output; likewise in the backward, the input
-# gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; used without
-# LoRA dropout). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
+# gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; with LoRA
+# dropout the op takes the one-byte keep-mask and makes the dropped input as a temporary, forward and
+# backward). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
 # (`is_non_builtin_to_include`), without which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each
 # budget saves what "addmm" saves ("op_ab": what "addmm" saves at 0.5 at 0.58, `speed.LEAN_BUDGET_ONE_OP`;
-# benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less memory;
-# "op_ab" is the default. A separate product and `+` is no way out: inductor's pattern matcher makes it the same
+# benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less
+# memory; "op_ab" is the default. A separate product and `+` is no way out: inductor's pattern matcher makes it the same
 # addmm. Eager layers accumulate in place.
 COMPILED_ACCUMULATES = ("addmm", "op", "op_ab")
 COMPILED_ACCUMULATE = "op_ab"  # H100 call23: faster than "addmm" at each budget, with less memory (benchmarks/README.md)
@@ -44,12 +45,15 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     compiling = torch.compiler.is_compiling()
     plain = _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
     b = self.lora_B[name].weight * self.scaling[name]
-    if plain and compiling and COMPILED_ACCUMULATE == "op_ab" and not _dropping(self.lora_dropout[name]):
+    if plain and compiling and COMPILED_ACCUMULATE == "op_ab":
         dtype = base.weight.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
+        drop, keep, scale = self.lora_dropout[name], None, 1.0
+        if _dropping(drop):  # the mask drawn in the graph (random ops are saved, never recomputed), 1 byte each
+            keep, scale = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1 - drop.p), 1.0 / (1 - drop.p)
         out, _ = torch.ops.align.lora_linear_ab(x2d, base.weight, bias, self.lora_A[name].weight.to(dtype),
-                                                b.to(dtype))
+                                                b.to(dtype), keep, scale)
         return out.view(*x.shape[:-1], out.shape[-1])
     h = _lora_down(self, name, x)
     if plain and (not compiling or COMPILED_ACCUMULATE == "op"):
@@ -122,51 +126,61 @@ lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_
 
 
 @torch.library.custom_op("align::lora_linear_ab", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b) -> (Tensor, Tensor)")
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? keep=None, "
+                                "float scale=1.0) -> (Tensor, Tensor)")
 def lora_linear_ab(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                   b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x @ weight.T (+ bias) + (x @ a.T) @ b.T, x @ a.T)` for 2-D `x`: the LoRA product (and bias) written first,
-    then the base GEMM accumulated into it in place (beta 1). The second output, the down-projection `h`, is what
-    the backward keeps for B's gradient (M x r); it carries no gradient of its own."""
-    h = torch.mm(x, a.t())
+                   b: torch.Tensor, keep: torch.Tensor | None = None,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x @ weight.T (+ bias) + h @ b.T, h)` for 2-D `x`, where `h = (x * keep * scale) @ a.T` is the LoRA
+    down-projection of the dropped input (LoRA dropout: `keep` a boolean mask the shape of `x`, `scale` 1 / (1 - p);
+    without dropout `keep` is None and `h = x @ a.T`). The LoRA product (and bias) is written first, then the base
+    GEMM accumulated into it in place (beta 1). `h` (M x r) is what the backward keeps for B's gradient; it carries
+    no gradient of its own. The dropped input is a temporary, never saved: the backward makes it again from `x`
+    and the one-byte mask."""
+    h = torch.mm(x, a.t()) if keep is None else torch.mm(x * keep, (a * scale).t())
     out = torch.mm(h, b.t()) if bias is None else torch.addmm(bias, h, b.t())
     return out.addmm_(x, weight.t()), h
 
 
 @lora_linear_ab.register_fake
-def _lora_linear_ab_fake(x, weight, bias, a, b):
+def _lora_linear_ab_fake(x, weight, bias, a, b, keep=None, scale=1.0):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
 def _lora_linear_ab_setup(ctx, inputs, output):
-    x, weight, bias, a, b = inputs
-    ctx.save_for_backward(x, weight, a, b, output[1])
+    x, weight, bias, a, b, keep, scale = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1], keep)
+    ctx.scale = scale
     ctx.mark_non_differentiable(output[1])
 
 
 @torch.library.custom_op("align::lora_linear_ab_backward", mutates_args=(),
-                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, bool need_x) "
-                                "-> (Tensor, Tensor, Tensor)")
-def lora_linear_ab_backward(grad, x, weight, a, b, h, need_x):
+                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, Tensor? keep, "
+                                "float scale, bool need_x) -> (Tensor, Tensor, Tensor)")
+def lora_linear_ab_backward(grad, x, weight, a, b, h, keep, scale, need_x):
     """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
-    part, `(grad @ b) @ a`, and the base GEMM adds `grad @ weight` into it in place (one buffer, no separate sum; as
-    an op of its own, so that inductor does not turn the in-place GEMM into a copy and an addmm)."""
+    part, `(grad @ b) @ a` (masked and scaled under dropout), and the base GEMM adds `grad @ weight` into it in place
+    (one buffer, no separate sum; as an op of its own, so that inductor does not turn the in-place GEMM into a copy
+    and an addmm)."""
     gh = grad @ b
-    gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
-    return gx, gh.t() @ x, grad.t() @ h
+    if keep is None:
+        gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
+        return gx, gh.t() @ x, grad.t() @ h
+    gx = (gh @ (a * scale)).mul_(keep).addmm_(grad, weight) if need_x else x.new_empty(0)
+    return gx, (gh.t() * scale) @ (x * keep), grad.t() @ h
 
 
 @lora_linear_ab_backward.register_fake
-def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, need_x):
+def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, keep, scale, need_x):
     return x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _lora_linear_ab_backward(ctx, grad, _grad_h):
-    x, weight, a, b, h = ctx.saved_tensors
+    x, weight, a, b, h, keep = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, need[0])
+    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, keep, ctx.scale, need[0])
     return (gx if need[0] else None, grad.t() @ x if need[1] else None, grad.sum(0) if need[2] else None,
-            ga if need[3] else None, gb if need[4] else None)
+            ga if need[3] else None, gb if need[4] else None, None, None)
 
 
 lora_linear_ab.register_autograd(_lora_linear_ab_backward, setup_context=_lora_linear_ab_setup)
@@ -218,16 +232,14 @@ class _DropoutLinear(torch.autograd.Function):
 
 def compiled_accumulate(model) -> str:
     """How the compiled layers of `model` add their LoRA products: `COMPILED_ACCUMULATE` where a fused LoRA layer
-    takes it (a plain bf16/fp16/fp32 `nn.Linear` base; for "op_ab" also no LoRA dropout), else "addmm" (k-bit,
-    FP8 and NF4 bases, dropout, no fused layer)."""
+    takes it (a plain bf16/fp16/fp32 `nn.Linear` base, with or without LoRA dropout), else "addmm" (k-bit, FP8 and
+    NF4 bases, no fused layer)."""
     if COMPILED_ACCUMULATE not in COMPILED_ACCUMULATES:
         raise ValueError(f"fused_lora.COMPILED_ACCUMULATE is {COMPILED_ACCUMULATE!r}; choose from "
                          f"{', '.join(COMPILED_ACCUMULATES)}")
     for module in model.modules():
         if getattr(module.forward, "__func__", None) is _fused_lora_forward and _plain_linear(module.base_layer):
-            if COMPILED_ACCUMULATE != "op_ab" or not any(
-                    isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
-                return COMPILED_ACCUMULATE
+            return COMPILED_ACCUMULATE
     return "addmm"
 
 

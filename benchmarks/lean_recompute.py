@@ -2,7 +2,8 @@
 at each activation memory budget. The partitioner's choice depends on shapes and cost estimates, not on the device,
 so it is made here on the CPU with the GPU's shapes.
 
-    python benchmarks/lean_recompute.py [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0] [--out DIR]
+    python benchmarks/lean_recompute.py [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0] [--accumulate op_ab]
+        [--lora_dropout 0.05] [--out DIR]
 
 One Llama-3.2-1B decoder layer (bf16, LoRA r16 on every linear layer, align's `fused_lora`), compiled by
 `speed.compile_layers` with each budget, `rows` x `seq` tokens (the 1B throughput case: 4 x 2048). The CPU's flash
@@ -10,7 +11,7 @@ attention kernel has no flop formula in torch (the partitioner would count it as
 is given the GPU kernels' formula (`sdpa_flop_count`), so the choice is the one the GPU's partitioner makes. Counts
 per layer: GEMMs (mm/addmm, and fused_lora's base+LoRA op as one) and attention forwards in the backward graph beyond what the backward itself needs (a
 backward with nothing recomputed has `bw_gemms_none`), and the saved activations in MiB (weights left out).
-Writes `<out>/lean_recompute_cpu.json`.
+Writes `<out>/lean_recompute[_ACCUMULATE][_dropoutP]_cpu.json`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _attention_flops_as_on_gpu() -> None:
             return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> dict:
+def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lora_dropout: float = 0.0) -> dict:
     """Compile one layer at `budget` and read the partitioner's forward and backward graphs."""
     import torch._functorch.config as functorch
     import torch._functorch.partitioners as partitioners
@@ -71,7 +72,7 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm") -> 
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(num_hidden_layers=1, **LLAMA_1B)
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch.bfloat16)
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules="all-linear"))
         fused_lora.use_fused_lora(model)
         fused_lora.COMPILED_ACCUMULATE = accumulate
         speed.compile_layers(model.get_base_model(), memory_budget=budget)
@@ -109,13 +110,16 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="0.5,0.55,0.65,0.8,1.0")
     p.add_argument("--accumulate", default="addmm", choices=("addmm", "op", "op_ab"),
                    help="fused_lora.COMPILED_ACCUMULATE: how the compiled layer adds the LoRA product")
+    p.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="LoRA dropout (the shipped recipes' 0.05): its keep-masks are saved, one byte an element")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     _attention_flops_as_on_gpu()
     runs = []
     for b in (float(x) for x in args.budgets.split(",")):
         t0 = time.time()
-        runs.append(dict(partition(b, args.rows, args.seq, args.accumulate), accumulate=args.accumulate))
+        runs.append(dict(partition(b, args.rows, args.seq, args.accumulate, args.lora_dropout), accumulate=args.accumulate,
+                         lora_dropout=args.lora_dropout))
         r = runs[-1]
         print(f"budget {b:<5} backward GEMMs {r['bw_gemms']:3d}  attention forwards in the backward "
               f"{r['bw_attention_forwards']}  saved {r['saved_mib']:8.1f} MiB a layer  ({time.time() - t0:.0f} s)",
@@ -130,7 +134,8 @@ def main(argv=None) -> int:
                                "own); attention given the GPU kernels' flop formula"},
               "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"lean_recompute{'' if args.accumulate == 'addmm' else '_' + args.accumulate}_cpu.json")
+    name = "lean_recompute" + ("" if args.accumulate == "addmm" else "_" + args.accumulate)
+    path = os.path.join(args.out, name + (f"_dropout{args.lora_dropout:g}" if args.lora_dropout else "") + "_cpu.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=2)
     os.replace(path + ".tmp", path)

@@ -183,7 +183,8 @@ def build_model(spec: dict, device):
 
 
 def lora_kwargs(spec):
-    return dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type=task_type(spec))
+    return dict(r=16, lora_alpha=32, lora_dropout=spec.get("lora_dropout", 0.0), target_modules="all-linear",
+                task_type=task_type(spec))
 
 
 def stage(spec) -> str:
@@ -387,7 +388,8 @@ def worker(spec: dict) -> dict:
     else:
         from align import config, modeling, stacking, training
 
-        model_args = config.ModelArguments(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+        model_args = config.ModelArguments(use_peft=True, lora_r=16, lora_alpha=32,
+                                           lora_dropout=spec.get("lora_dropout", 0.0),
                                            lora_target_modules=["all-linear"], lora_task_type=task_type(spec),
                                            load_in_4bit=spec["case"].endswith("qlora"))
         options = speed.resolve(spec["align_options"], stage=kind, model_args=model_args)
@@ -593,14 +595,18 @@ def run_worker(spec: dict, timeout: int) -> dict:
                   data=spec["data"], path=spec["path"], rows=spec["rows"])
     if spec.get("timing") == "window":
         result["timing"] = "window"
+    if spec.get("lora_dropout"):
+        result["lora_dropout"] = spec["lora_dropout"]
     return result
 
 
 def key(r, **kw):
-    """shape:case:path:data, and :window for runs timed without a sync per step (`--timing window`)."""
+    """shape:case:path:data, :window for runs timed without a sync per step (`--timing window`) and :dropoutP for
+    runs with LoRA dropout P (`--lora_dropout`)."""
     r = {**r, **kw}
     timing = ":window" if r.get("timing") == "window" else ""
-    return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}{timing}"
+    dropout = f":dropout{r['lora_dropout']:g}" if r.get("lora_dropout") else ""
+    return f"{r['shape']}:{r['case']}:{r['path']}:{r.get('data', 'fixed')}{timing}{dropout}"
 
 
 def merge_runs(sources: list[list[dict]]) -> list[dict]:
@@ -626,6 +632,7 @@ def compare(runs: list[dict]) -> list[dict]:
         data = r.get("data", "fixed")
         stock = by.get(key(r, path="stock"))
         row = dict(shape=r["shape"], case=r["case"], data=data, timing=r.get("timing", "step"), path=r["path"],
+                   lora_dropout=r.get("lora_dropout", 0.0),
                    options=[f"lean@{r['lean_memory_budget']:g}" if o == "lean" and r.get("lean_memory_budget")
                             else o for o in r.get("options") or []],
                    stock=_summary(stock), other=_summary(r))
@@ -712,6 +719,9 @@ def markdown(result: dict) -> str:
          "| DPO/SFT memory | share of limit | step-1 loss diff | max abs loss diff | step-1 grad cosine (min) | options |"),
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
+    def dropout(row):
+        return f", LoRA dropout {row['lora_dropout']:g}" if row.get("lora_dropout") else ""
+
     for row in result["comparisons"]:
         s, a = row["stock"] or {"error": "not run"}, row["other"] or {}
         tps = lambda d: "error" if "error" in d else _f(d.get("tokens_per_s"), ",.0f") + (
@@ -720,7 +730,8 @@ def markdown(result: dict) -> str:
         peak = lambda d: "error" if "error" in d else (
             f"{_f(d.get('peak_allocated_gib'), '.1f')} ({_f(d.get('peak_reserved_gib'), '.1f')})")
         lines.append(
-            f"| {row['shape']} | {row['case']} | {row['data']}{' (window)' if row.get('timing') == 'window' else ''} "
+            f"| {row['shape']} | {row['case']} | {row['data']}{' (window)' if row.get('timing') == 'window' else ''}"
+            f"{dropout(row)} "
             f"| {row['path']} | {tps(s)} | {tps(a)} "
             f"| {_f(row.get('speedup'), '.2f')}x | {peak(s)} | {peak(a)} | {_f(row.get('memory_ratio'), '.2f')}x "
             f"| {_f(row.get('dpo_memory_vs_sft'), '.2f')} | {_f(row.get('limit_share'), '.0%')} "
@@ -798,6 +809,8 @@ def main(argv=None):
     ap.add_argument("--dpo_lr", type=float, default=5e-6, help="DPO learning rate (higher makes the DPO loss jump "
                     "around on random data, and the loss comparison meaningless)")
     ap.add_argument("--gradient_checkpointing", action="store_true", help="on for both paths (default off)")
+    ap.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout on both paths (the shipped recipes "
+                    "have 0.05; default 0, as issue 6 measures)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                     help="torch.profiler over this many extra steps after the timed ones: time per kernel category, top "
                     "kernels and GPU-idle share, in the result JSON and the table (the timed steps are not profiled)")
@@ -867,6 +880,7 @@ def main(argv=None):
                         align_options=options, data=args.data, memory_step=args.memory_step,
                         lr=args.dpo_lr if case.startswith("dpo") else args.lr,
                         gradient_checkpointing=args.gradient_checkpointing, seed=args.seed,
+                        lora_dropout=args.lora_dropout,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
                         lean_memory_budget=float(budget) if budget else None,

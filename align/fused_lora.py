@@ -21,8 +21,7 @@ logger = logging.getLogger("align")
 # the base GEMM accumulates into it with beta 1, where its extra read hides under its arithmetic, instead of a
 # memory-bound accumulate that reads and writes the (tokens x out) output; likewise in the backward, the input
 # gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; with LoRA
-# dropout the op takes the one-byte keep-mask and makes the dropped input as a temporary, forward and
-# backward). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
+# dropout the op takes the dropped input, made in the graph where inductor fuses the mask with its neighbours). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
 # (`is_non_builtin_to_include`), without which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each
 # budget saves what "addmm" saves ("op_ab": what "addmm" saves at 0.5 at 0.58, `speed.LEAN_BUDGET_ONE_OP`;
 # benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less
@@ -49,11 +48,13 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         dtype = base.weight.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
-        drop, keep, scale = self.lora_dropout[name], None, 1.0
-        if _dropping(drop):  # the mask drawn in the graph (random ops are saved, never recomputed), 1 byte each
-            keep, scale = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1 - drop.p), 1.0 / (1 - drop.p)
+        drop, dropped = self.lora_dropout[name], None
+        if _dropping(drop):  # in the graph, where inductor fuses it with its neighbours; random ops are saved, not
+            # recomputed: a 1-byte mask per adapter, the dropped input made again from it for the backward
+            keep = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1 - drop.p)
+            dropped = x2d * keep * (1.0 / (1 - drop.p))
         out, _ = torch.ops.align.lora_linear_ab(x2d, base.weight, bias, self.lora_A[name].weight.to(dtype),
-                                                b.to(dtype), keep, scale)
+                                                b.to(dtype), dropped)
         return out.view(*x.shape[:-1], out.shape[-1])
     h = _lora_down(self, name, x)
     if plain and (not compiling or COMPILED_ACCUMULATE == "op"):
@@ -126,61 +127,61 @@ lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_
 
 
 @torch.library.custom_op("align::lora_linear_ab", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? keep=None, "
-                                "float scale=1.0) -> (Tensor, Tensor)")
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? dropped=None) "
+                                "-> (Tensor, Tensor)")
 def lora_linear_ab(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                   b: torch.Tensor, keep: torch.Tensor | None = None,
-                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x @ weight.T (+ bias) + h @ b.T, h)` for 2-D `x`, where `h = (x * keep * scale) @ a.T` is the LoRA
-    down-projection of the dropped input (LoRA dropout: `keep` a boolean mask the shape of `x`, `scale` 1 / (1 - p);
-    without dropout `keep` is None and `h = x @ a.T`). The LoRA product (and bias) is written first, then the base
-    GEMM accumulated into it in place (beta 1). `h` (M x r) is what the backward keeps for B's gradient; it carries
-    no gradient of its own. The dropped input is a temporary, never saved: the backward makes it again from `x`
-    and the one-byte mask."""
-    h = torch.mm(x, a.t()) if keep is None else torch.mm(x * keep, (a * scale).t())
+                   b: torch.Tensor, dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x @ weight.T (+ bias) + h @ b.T, h)` for 2-D `x`, where `h` is the LoRA down-projection `x @ a.T`, or with
+    LoRA dropout `dropped @ a.T` (`dropped`: the input through the adapter's dropout, made outside the op, where
+    inductor fuses the mask with its neighbours). The LoRA product (and bias) is written first, then the base GEMM
+    accumulated into it in place (beta 1). `h` (M x r) is what the backward keeps for B's gradient; it carries no
+    gradient of its own."""
+    h = torch.mm(x if dropped is None else dropped, a.t())
     out = torch.mm(h, b.t()) if bias is None else torch.addmm(bias, h, b.t())
     return out.addmm_(x, weight.t()), h
 
 
 @lora_linear_ab.register_fake
-def _lora_linear_ab_fake(x, weight, bias, a, b, keep=None, scale=1.0):
+def _lora_linear_ab_fake(x, weight, bias, a, b, dropped=None):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
 def _lora_linear_ab_setup(ctx, inputs, output):
-    x, weight, bias, a, b, keep, scale = inputs
-    ctx.save_for_backward(x, weight, a, b, output[1], keep)
-    ctx.scale = scale
+    x, weight, bias, a, b, dropped = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1], dropped)
     ctx.mark_non_differentiable(output[1])
 
 
 @torch.library.custom_op("align::lora_linear_ab_backward", mutates_args=(),
-                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, Tensor? keep, "
-                                "float scale, bool need_x) -> (Tensor, Tensor, Tensor)")
-def lora_linear_ab_backward(grad, x, weight, a, b, h, keep, scale, need_x):
-    """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
-    part, `(grad @ b) @ a` (masked and scaled under dropout), and the base GEMM adds `grad @ weight` into it in place
-    (one buffer, no separate sum; as an op of its own, so that inductor does not turn the in-place GEMM into a copy
-    and an addmm)."""
+                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, Tensor? dropped, "
+                                "bool need_x, bool need_dropped) -> (Tensor, Tensor, Tensor, Tensor)")
+def lora_linear_ab_backward(grad, x, weight, a, b, h, dropped, need_x, need_dropped):
+    """The gradients of `lora_linear_ab`'s x, dropped input, A and B (x's and the dropped input's empty unless
+    `need_x`, `need_dropped`).
+    Without dropout the input gradient starts as the LoRA part, `(grad @ b) @ a`, and the base GEMM adds
+    `grad @ weight` into it in place (one buffer, no separate sum; as an op of its own, so that inductor does not
+    turn the in-place GEMM into a copy and an addmm). With dropout the LoRA part is the dropped input's gradient,
+    which inductor masks and adds to x's in its own fused kernels."""
     gh = grad @ b
-    if keep is None:
-        gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
-        return gx, gh.t() @ x, grad.t() @ h
-    gx = (gh @ (a * scale)).mul_(keep).addmm_(grad, weight) if need_x else x.new_empty(0)
-    return gx, (gh.t() * scale) @ (x * keep), grad.t() @ h
+    empty = x.new_empty(0)
+    if dropped is None:
+        return (gh @ a).addmm_(grad, weight) if need_x else empty, empty, gh.t() @ x, grad.t() @ h
+    return grad @ weight if need_x else empty, gh @ a if need_dropped else empty, gh.t() @ dropped, grad.t() @ h
 
 
 @lora_linear_ab_backward.register_fake
-def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, keep, scale, need_x):
-    return x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
+def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, dropped, need_x, need_dropped):
+    return (x.new_empty(x.shape if need_x else (0,)), x.new_empty(x.shape if need_dropped else (0,)),
+            a.new_empty(a.shape), b.new_empty(b.shape))
 
 
 def _lora_linear_ab_backward(ctx, grad, _grad_h):
-    x, weight, a, b, h, keep = ctx.saved_tensors
+    x, weight, a, b, h, dropped = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, keep, ctx.scale, need[0])
+    need_dropped = dropped is not None and need[5]
+    gx, gd, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, dropped, need[0], need_dropped)
     return (gx if need[0] else None, grad.t() @ x if need[1] else None, grad.sum(0) if need[2] else None,
-            ga if need[3] else None, gb if need[4] else None, None, None)
+            ga if need[3] else None, gb if need[4] else None, gd if need_dropped else None)
 
 
 lora_linear_ab.register_autograd(_lora_linear_ab_backward, setup_context=_lora_linear_ab_setup)

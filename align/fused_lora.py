@@ -163,10 +163,11 @@ def lora_linear_ab_backward(grad, x, weight, a, b, h, dropped, need_x, need_drop
     turn the in-place GEMM into a copy and an addmm). With dropout the LoRA part is the dropped input's gradient,
     which inductor masks and adds to x's in its own fused kernels."""
     gh = grad @ b
-    empty = x.new_empty(0)
     if dropped is None:
-        return (gh @ a).addmm_(grad, weight) if need_x else empty, empty, gh.t() @ x, grad.t() @ h
-    return grad @ weight if need_x else empty, gh @ a if need_dropped else empty, gh.t() @ dropped, grad.t() @ h
+        gx, gd = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0), x.new_empty(0)
+        return gx, gd, gh.t() @ x, grad.t() @ h
+    gx, gd = grad @ weight if need_x else x.new_empty(0), gh @ a if need_dropped else x.new_empty(0)
+    return gx, gd, gh.t() @ dropped, grad.t() @ h
 
 
 @lora_linear_ab_backward.register_fake

@@ -814,7 +814,8 @@ def test_lora_linear_has_a_flop_count_for_the_partitioner():
 def test_lora_linear_ab_gradients(bias, dropout):
     """The one-op LoRA layer's backward (input gradient built as the LoRA part plus the base GEMM in one buffer; A
     and B from the saved down-projection) against autograd's numerical gradients, in float64, with and without a
-    bias, a frozen or trained base weight, LoRA dropout (the dropped input given to the op) or none; its output is
+    bias, a frozen or trained base weight, an input with or without a gradient, LoRA dropout (the dropped input
+    given to the op) or none; its output is
     the dropout-then-linear formula's; the down-projection output `h` carries no gradient."""
     g = torch.Generator().manual_seed(3)
     x, w, a, b = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((6, 5), (7, 5), (3, 5), (7, 3)))
@@ -824,8 +825,8 @@ def test_lora_linear_ab_gradients(bias, dropout):
     def layer(x, w, bias, a, b):  # with dropout: the dropped input made outside the op, as the fused forward does
         return torch.ops.align.lora_linear_ab(x, w, bias, a, b, x * keep / 0.7 if dropout else None)
 
-    for trained_w in (False, True):
-        inputs = [x.clone().requires_grad_(True), w.clone().requires_grad_(trained_w),
+    for trained_w, x_grad in ((False, True), (True, True), (False, False)):  # a frozen input: the first layer's
+        inputs = [x.clone().requires_grad_(x_grad), w.clone().requires_grad_(trained_w),
                   None if bias_t is None else bias_t.clone().requires_grad_(True), a.clone().requires_grad_(True),
                   b.clone().requires_grad_(True)]
         assert torch.autograd.gradcheck(lambda *t: layer(*t)[0], inputs)

@@ -44,12 +44,12 @@
 #   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against both ops
 #   dropout  LoRA dropout 0.05, as every shipped recipe has (the cases have none): 1B and 8B SFT, stock, auto
 #            (the whole-layer op taking the keep-mask) and addmm (what dropout got before); DPO and the reward model
-#            train without dropout (TRL's disable_dropout). Then the 1B reward model on fixed-length pairs with auto,
-#            last measured before the whole-layer op
+#            train without dropout (TRL's disable_dropout). Then 1B SFT auto without dropout (after the op's change)
+#   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -136,6 +136,8 @@ case $CALL in
   dropout)
     $PY benchmarks/throughput.py --runs 1b:sft_lora,8b:sft_lora --paths stock,align,align_b \
         --align_variants "b=auto!$ADDMM" --lora_dropout 0.05 $W --profile 2 --timeout 150 --out "$OUT/drop"
-    $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT/rm" ;;
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align $W --timeout 150 --out "$OUT/plain" ;;
+  rm_auto)
+    $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;
 esac

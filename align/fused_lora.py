@@ -1,8 +1,8 @@
 """Fused LoRA (the `fused_lora` speedup): PEFT's LoRA linear layers computed in the activations' dtype, the scaling
 folded into B and B's product accumulated into the base output by one GEMM (in place on a plain `nn.Linear` base
 outside compiled code; inside it, `COMPILED_ACCUMULATE`: by default the whole layer as one op, the base GEMM
-accumulating into the LoRA product); with LoRA dropout, a one-byte keep-mask saved per adapter instead of its own
-dropped copy of the input. See `align.speed` for when it is used."""
+accumulating into the LoRA product); with LoRA dropout, a one-byte
+keep-mask saved per adapter instead of its own dropped copy of the input. See `align.speed` for when it is used."""
 
 from __future__ import annotations
 
@@ -20,13 +20,17 @@ logger = logging.getLogger("align")
 # (`align::lora_linear_ab`, the whole layer as one op taking A and B: the small LoRA product is written first and
 # the base GEMM accumulates into it with beta 1, where its extra read hides under its arithmetic, instead of a
 # memory-bound accumulate that reads and writes the (tokens x out) output; likewise in the backward, the input
-# gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; with LoRA
-# dropout the op takes the dropped input, made in the graph where inductor fuses the mask with its neighbours). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
+# gradient starts as the LoRA part and the base GEMM adds into it, so no separate sum of the two; used without
+# LoRA dropout). With either op `speed.compile_layers` has the partitioner weigh custom ops by their flops
 # (`is_non_builtin_to_include`), without which `lean` recomputed the MLP GEMMs at budgets up to 0.65; with it each
 # budget saves what "addmm" saves ("op_ab": what "addmm" saves at 0.5 at 0.58, `speed.LEAN_BUDGET_ONE_OP`;
-# benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less
-# memory; "op_ab" is the default. A separate product and `+` is no way out: inductor's pattern matcher makes it the same
-# addmm. Eager layers accumulate in place.
+# benchmarks/lean_recompute.py). H100 call23, same budget against "addmm": "op" +2-8%, "op_ab" +0.5-9% and less memory;
+# "op_ab" is the default. A separate product and `+` is no way out: inductor's pattern matcher makes it the same
+# addmm. Eager layers accumulate in place. With LoRA dropout (every shipped recipe's 0.05) the compiled layers keep
+# "addmm": H100 call24 measured the op with dropout two ways, the keep-mask applied inside the op (eager element-wise
+# kernels, 1B SFT 48,519 tokens/s against addmm's 58,280) and the dropped input made in the graph and given to the op
+# (61,416 at 0.58 but 11.6 GiB against 8.9, the partitioner then saving the dropped inputs; at addmm's memory,
+# budget 0.5, 57,630 against 58,565; 8B alike), so at equal memory it does not pay.
 COMPILED_ACCUMULATES = ("addmm", "op", "op_ab")
 COMPILED_ACCUMULATE = "op_ab"  # H100 call23: faster than "addmm" at each budget, with less memory (benchmarks/README.md)
 
@@ -44,17 +48,12 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     compiling = torch.compiler.is_compiling()
     plain = _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
     b = self.lora_B[name].weight * self.scaling[name]
-    if plain and compiling and COMPILED_ACCUMULATE == "op_ab":
+    if plain and compiling and COMPILED_ACCUMULATE == "op_ab" and not _dropping(self.lora_dropout[name]):
         dtype = base.weight.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)
-        drop, dropped = self.lora_dropout[name], None
-        if _dropping(drop):  # in the graph, where inductor fuses it with its neighbours; random ops are saved, not
-            # recomputed: a 1-byte mask per adapter, the dropped input made again from it for the backward
-            keep = torch.empty_like(x2d, dtype=torch.bool).bernoulli_(1 - drop.p)
-            dropped = x2d * keep * (1.0 / (1 - drop.p))
         out, _ = torch.ops.align.lora_linear_ab(x2d, base.weight, bias, self.lora_A[name].weight.to(dtype),
-                                                b.to(dtype), dropped)
+                                                b.to(dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
     h = _lora_down(self, name, x)
     if plain and (not compiling or COMPILED_ACCUMULATE == "op"):
@@ -127,62 +126,51 @@ lora_linear.register_autograd(_lora_linear_backward, setup_context=_lora_linear_
 
 
 @torch.library.custom_op("align::lora_linear_ab", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b, Tensor? dropped=None) "
-                                "-> (Tensor, Tensor)")
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor a, Tensor b) -> (Tensor, Tensor)")
 def lora_linear_ab(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                   b: torch.Tensor, dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(x @ weight.T (+ bias) + h @ b.T, h)` for 2-D `x`, where `h` is the LoRA down-projection `x @ a.T`, or with
-    LoRA dropout `dropped @ a.T` (`dropped`: the input through the adapter's dropout, made outside the op, where
-    inductor fuses the mask with its neighbours). The LoRA product (and bias) is written first, then the base GEMM
-    accumulated into it in place (beta 1). `h` (M x r) is what the backward keeps for B's gradient; it carries no
-    gradient of its own."""
-    h = torch.mm(x if dropped is None else dropped, a.t())
+                   b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(x @ weight.T (+ bias) + (x @ a.T) @ b.T, x @ a.T)` for 2-D `x`: the LoRA product (and bias) written first,
+    then the base GEMM accumulated into it in place (beta 1). The second output, the down-projection `h`, is what
+    the backward keeps for B's gradient (M x r); it carries no gradient of its own."""
+    h = torch.mm(x, a.t())
     out = torch.mm(h, b.t()) if bias is None else torch.addmm(bias, h, b.t())
     return out.addmm_(x, weight.t()), h
 
 
 @lora_linear_ab.register_fake
-def _lora_linear_ab_fake(x, weight, bias, a, b, dropped=None):
+def _lora_linear_ab_fake(x, weight, bias, a, b):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
 def _lora_linear_ab_setup(ctx, inputs, output):
-    x, weight, bias, a, b, dropped = inputs
-    ctx.save_for_backward(x, weight, a, b, output[1], dropped)
+    x, weight, bias, a, b = inputs
+    ctx.save_for_backward(x, weight, a, b, output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 @torch.library.custom_op("align::lora_linear_ab_backward", mutates_args=(),
-                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, Tensor? dropped, "
-                                "bool need_x, bool need_dropped) -> (Tensor, Tensor, Tensor, Tensor)")
-def lora_linear_ab_backward(grad, x, weight, a, b, h, dropped, need_x, need_dropped):
-    """The gradients of `lora_linear_ab`'s x, dropped input, A and B (x's and the dropped input's empty unless
-    `need_x`, `need_dropped`).
-    Without dropout the input gradient starts as the LoRA part, `(grad @ b) @ a`, and the base GEMM adds
-    `grad @ weight` into it in place (one buffer, no separate sum; as an op of its own, so that inductor does not
-    turn the in-place GEMM into a copy and an addmm). With dropout the LoRA part is the dropped input's gradient,
-    which inductor masks and adds to x's in its own fused kernels."""
+                         schema="(Tensor grad, Tensor x, Tensor weight, Tensor a, Tensor b, Tensor h, bool need_x) "
+                                "-> (Tensor, Tensor, Tensor)")
+def lora_linear_ab_backward(grad, x, weight, a, b, h, need_x):
+    """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
+    part, `(grad @ b) @ a`, and the base GEMM adds `grad @ weight` into it in place (one buffer, no separate sum; as
+    an op of its own, so that inductor does not turn the in-place GEMM into a copy and an addmm)."""
     gh = grad @ b
-    if dropped is None:
-        gx, gd = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0), x.new_empty(0)
-        return gx, gd, gh.t() @ x, grad.t() @ h
-    gx, gd = grad @ weight if need_x else x.new_empty(0), gh @ a if need_dropped else x.new_empty(0)
-    return gx, gd, gh.t() @ dropped, grad.t() @ h
+    gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
+    return gx, gh.t() @ x, grad.t() @ h
 
 
 @lora_linear_ab_backward.register_fake
-def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, dropped, need_x, need_dropped):
-    return (x.new_empty(x.shape if need_x else (0,)), x.new_empty(x.shape if need_dropped else (0,)),
-            a.new_empty(a.shape), b.new_empty(b.shape))
+def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, need_x):
+    return x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
 
 
 def _lora_linear_ab_backward(ctx, grad, _grad_h):
-    x, weight, a, b, h, dropped = ctx.saved_tensors
+    x, weight, a, b, h = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_dropped = dropped is not None and need[5]
-    gx, gd, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, dropped, need[0], need_dropped)
+    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, need[0])
     return (gx if need[0] else None, grad.t() @ x if need[1] else None, grad.sum(0) if need[2] else None,
-            ga if need[3] else None, gb if need[4] else None, gd if need_dropped else None)
+            ga if need[3] else None, gb if need[4] else None)
 
 
 lora_linear_ab.register_autograd(_lora_linear_ab_backward, setup_context=_lora_linear_ab_setup)
@@ -234,14 +222,16 @@ class _DropoutLinear(torch.autograd.Function):
 
 def compiled_accumulate(model) -> str:
     """How the compiled layers of `model` add their LoRA products: `COMPILED_ACCUMULATE` where a fused LoRA layer
-    takes it (a plain bf16/fp16/fp32 `nn.Linear` base, with or without LoRA dropout), else "addmm" (k-bit, FP8 and
-    NF4 bases, no fused layer)."""
+    takes it (a plain bf16/fp16/fp32 `nn.Linear` base; for "op_ab" also no LoRA dropout), else "addmm" (k-bit,
+    FP8 and NF4 bases, dropout, no fused layer)."""
     if COMPILED_ACCUMULATE not in COMPILED_ACCUMULATES:
         raise ValueError(f"fused_lora.COMPILED_ACCUMULATE is {COMPILED_ACCUMULATE!r}; choose from "
                          f"{', '.join(COMPILED_ACCUMULATES)}")
     for module in model.modules():
         if getattr(module.forward, "__func__", None) is _fused_lora_forward and _plain_linear(module.base_layer):
-            return COMPILED_ACCUMULATE
+            if COMPILED_ACCUMULATE != "op_ab" or not any(
+                    isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
+                return COMPILED_ACCUMULATE
     return "addmm"
 
 

@@ -42,9 +42,10 @@
 #            auto was addmm at 0.5; auto is now op_ab at 0.58)
 #   accumulate_dpo  the same for 1B DPO (0.2 and 0.3; auto is op_ab at 0.2) and 8B SFT at 0.8
 #   accumulate_1b  the short form (a few minutes of device time left): 1B SFT at budget 0.8, addmm against both ops
-#   dropout  LoRA dropout 0.05, as every shipped recipe has (the cases have none): 1B and 8B SFT, stock, auto
-#            (the whole-layer op taking the keep-mask) and addmm (what dropout got before); DPO and the reward model
-#            train without dropout (TRL's disable_dropout). Then 1B SFT auto without dropout (after the op's change)
+#   dropout  LoRA dropout 0.05, as every shipped recipe has (the cases have none): 1B and 8B SFT, stock, align
+#            and align_b (addmm); DPO and the reward model train without dropout (TRL's disable_dropout). Then 1B SFT
+#            auto without dropout. Ran as call24a/b while auto tried the whole-layer op with dropout (it did not pay;
+#            auto now takes addmm with dropout, so align and align_b are the same there)
 #   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)

@@ -703,7 +703,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Throughput: align vs stock TRL + PEFT ({meta['device']})", "",
         *([meta["note"], ""] if meta.get("note") else []),
-        (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 dropout 0 on all linear layers, "
+        (f"Versions: {meta.get('versions')}. LoRA r=16 alpha=32 on all linear layers, dropout 0 unless a row names "
+         "it (the same on both paths; their masks differ, so the step-1 grad cosine falls), "
          f"{'fp32' if meta['device'] == 'cpu' else 'bf16'}, random "
          "weights and tokens, sdpa attention. Tokens/s over the timed steps (DPO: prompt+chosen and prompt+rejected "
          "tokens of each pair); peak = `torch.cuda.max_memory_allocated` (reserved in brackets) from the start of "

@@ -46,11 +46,13 @@
 #            and align_b (addmm); DPO and the reward model train without dropout (TRL's disable_dropout). Then 1B SFT
 #            auto without dropout. Ran as call24a/b while auto tried the whole-layer op with dropout (it did not pay;
 #            auto now takes addmm with dropout, so align and align_b are the same there)
+#   rows     every fixed-length LoRA row with today's auto, stock beside it: 1B SFT, DPO and reward model, 8B SFT and
+#            DPO (on an H200 it refreshes rows measured with the former auto; on an H100 it is a second sample)
 #   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -138,6 +140,9 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_lora,8b:sft_lora --paths stock,align,align_b \
         --align_variants "b=auto!$ADDMM" --lora_dropout 0.05 $W --profile 2 --timeout 150 --out "$OUT/drop"
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align $W --timeout 150 --out "$OUT/plain" ;;
+  rows)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,1b:rm_lora,8b:sft_lora,8b:dpo_lora --paths stock,align \
+        $W --timeout 150 --out "$OUT" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

@@ -729,6 +729,7 @@ def test_compiled_fused_lora_accumulate_modes(accumulate, dropout, monkeypatch):
     if form != "op_ab":
         torch.testing.assert_close(compiled, eager, atol=0, rtol=0)
         torch.testing.assert_close(got[1], g_eager[0], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got[2], g_eager[1], atol=1e-2, rtol=1e-2)
         torch.testing.assert_close(got[3], g_eager[2], atol=1e-2, rtol=1e-2)
     else:  # bf16 rounds in another order (one fp32 accumulation of both products): close as a whole
         for g, want in zip(got, [eager] + g_eager):

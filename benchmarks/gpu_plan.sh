@@ -141,7 +141,7 @@ case $CALL in
         --align_variants "b=auto!$ADDMM" --lora_dropout 0.05 $W --profile 2 --timeout 150 --out "$OUT/drop"
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align $W --timeout 150 --out "$OUT/plain" ;;
   rows)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora,8b:dpo_lora,1b:rm_lora --paths stock,align \
+    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora,1b:sft_lora,1b:dpo_lora,1b:rm_lora --paths stock,align \
         $W --timeout 150 --out "$OUT" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;

@@ -111,7 +111,10 @@ REMOVED = {
                   "without them, and with a graph per layer no faster (H100: a 1B step keeps the GPU busy throughout)",
     "mlp_chunks": "MLPs over token slices raised the 1B DPO peak 8.9 -> 23.1 GiB at 0.87x the tokens/s",
 }
-LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}  # measured on an H100 and an H200: benchmarks/README.md
+# measured on an H100 and an H200: benchmarks/README.md; SFT with LoRA dropout (the layers keep "addmm") takes 0.5,
+# where it recomputes no GEMM (benchmarks/lean_recompute.py --lora_dropout 0.05; H100 call24: 1B 0.45x, 8B 0.56x of
+# stock's peak, stock with dropout too)
+LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}
 # with fused LoRA's whole-layer op in the compiled layers (`fused_lora.compiled_accumulate` "op_ab") the partitioner
 # picks other tensors at each budget: SFT at 0.58 keeps what "addmm" keeps at 0.5 (1B: 7.9 GiB either way, 8B 24.9
 # against 24.5; H100 call23), recomputing 2 GEMM ops a layer instead of 4 (benchmarks/lean_recompute.py)

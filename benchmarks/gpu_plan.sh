@@ -48,6 +48,8 @@
 #            auto now takes addmm with dropout, so align and align_b are the same there)
 #   rows     every fixed-length LoRA row with today's auto, stock beside it: 1B SFT, DPO and reward model, 8B SFT and
 #            DPO (on an H200 it refreshes rows measured with the former auto; on an H100 it is a second sample)
+#            (every profiled run now records the GPU's span, idle and short gaps and its kernel count per step:
+#            where a 1B SFT step's ~8% beyond its kernel time goes; `--profile 2` on the 1B rows would show it)
 #   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)

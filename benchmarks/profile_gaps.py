@@ -63,7 +63,9 @@ def _short(name: str) -> str:
 
 
 def analyze(trace: dict | str, steps: int = 1, top: int = 40, min_gap_us: float = 2.0) -> dict:
-    """GPU-idle time per step charged to the frames that issued the late launches, and blocking calls likewise."""
+    """GPU-idle time per step charged to the frames that issued the late launches, and blocking calls likewise; the
+    span from the first kernel to the last, the gaps of `min_gap_us` or less between back-to-back kernels (each
+    kernel's start-up, not the CPU's) and the kernels, copies and fills per step."""
     if isinstance(trace, str):
         with open(trace) as fh:
             trace = json.load(fh)
@@ -72,9 +74,11 @@ def analyze(trace: dict | str, steps: int = 1, top: int = 40, min_gap_us: float 
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     stacks = _Stacks([e for e in events if e.get("cat") in _STACK or e.get("cat") == "cuda_runtime"])
-    idle, cpu_bound, inclusive, leaf = 0.0, 0.0, defaultdict(float), defaultdict(float)
+    idle, short, cpu_bound, inclusive, leaf = 0.0, 0.0, 0.0, defaultdict(float), defaultdict(float)
     busy_until = None
     for k in gpu:
+        if busy_until is not None and 0 < k["ts"] - busy_until <= min_gap_us:
+            short += k["ts"] - busy_until  # back-to-back kernels: the device's own time between them
         if busy_until is not None and k["ts"] - busy_until > min_gap_us:
             gap = k["ts"] - busy_until
             idle += gap
@@ -109,6 +113,7 @@ def analyze(trace: dict | str, steps: int = 1, top: int = 40, min_gap_us: float 
     copy_list = [dict(r, calls_per_step=copy_calls[r["frame"]] / steps) for r in per(copies)]
     span = (gpu[-1]["ts"] + gpu[-1].get("dur", 0) - gpu[0]["ts"]) if gpu else 0.0
     return dict(steps=steps, gpu_span_ms_per_step=span / 1000 / steps, idle_ms_per_step=idle / 1000 / steps,
+                short_gaps_ms_per_step=short / 1000 / steps, kernels_per_step=len(gpu) / steps,
                 cpu_bound_idle_ms_per_step=cpu_bound / 1000 / steps, by_frame=per(inclusive), by_leaf=per(leaf),
                 blocking_calls=per(syncs), copies=copy_list)
 

@@ -531,7 +531,7 @@ class StepProfiler:
                         me.torch.cuda.synchronize()
                     me.prof.__exit__(None, None, None)
                     me.done = True
-                    if me.stack and me.cuda:  # GPU-idle gaps charged to the Python frames that were behind
+                    if me.cuda:  # the GPU's span, idle gaps and kernel count (with stacks: charged to the frames)
                         from profile_gaps import analyze
 
                         with tempfile.NamedTemporaryFile(suffix=".json") as fh:
@@ -749,7 +749,11 @@ def markdown(result: dict) -> str:
             lines.append(f"- {key(r)}: wall {p['wall_ms_per_step']:.1f} ms, busy {p['busy_ms_per_step']:.1f} ms "
                          f"(idle {_f(p.get('idle_share'), '.0%')}): {cats}")
             g = p.get("gaps")
-            if g:
+            if g and "kernels_per_step" in g:
+                lines.append(f"  - GPU span {g['gpu_span_ms_per_step']:.1f} ms per step: idle {g['idle_ms_per_step']:.1f} "
+                             f"ms in gaps over 2 us, {g['short_gaps_ms_per_step']:.1f} ms between back-to-back "
+                             f"kernels; {g['kernels_per_step']:,.0f} kernels, copies and fills")
+            if g and g.get("by_leaf"):
                 leaves = "; ".join(f"{x['frame']} {x['ms_per_step']:.1f}" for x in g["by_leaf"][:6])
                 lines.append(f"  - GPU waiting for the CPU {g['cpu_bound_idle_ms_per_step']:.1f} ms per step, issued "
                              f"from: {leaves}")

@@ -52,3 +52,16 @@ def test_device_copies_and_fills_are_charged_to_the_frame_and_op_that_issued_the
              frame="Memcpy DtoD (Device -> Device): align/fused_lora.py(36): backward -> aten::copy_"),
         dict(ms_per_step=0.001, calls_per_step=0.5,
              frame="Memset (Device): align/fused_lora.py(36): backward -> aten::zero_")]
+
+
+def test_short_gaps_between_back_to_back_kernels_and_the_kernel_count_are_reported_apart_from_idle():
+    trace = {"traceEvents": [
+        _x("kernel", "k1", 0, 10, tid=7, correlation=1),
+        _x("kernel", "k2", 11, 9, tid=7, correlation=2),      # 1 us after k1: a short gap
+        _x("kernel", "k3", 21.5, 8.5, tid=7, correlation=3),  # 1.5 us after k2: short
+        _x("gpu_memset", "Memset (Device)", 40, 10, tid=7, correlation=4),  # 10 us after k3: idle
+    ]}
+    g = analyze(trace, steps=2, min_gap_us=2.0)
+    assert abs(g["short_gaps_ms_per_step"] - 0.00125) < 1e-9
+    assert abs(g["idle_ms_per_step"] - 0.005) < 1e-9
+    assert g["kernels_per_step"] == 2.0 and abs(g["gpu_span_ms_per_step"] - 0.025) < 1e-9

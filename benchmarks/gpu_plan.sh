@@ -48,13 +48,14 @@
 #            auto now takes addmm with dropout, so align and align_b are the same there)
 #   rows     every fixed-length LoRA row with today's auto, stock beside it: 1B SFT, DPO and reward model, 8B SFT and
 #            DPO (on an H200 it refreshes rows measured with the former auto; on an H100 it is a second sample)
-#            (every profiled run now records the GPU's span, idle and short gaps and its kernel count per step:
-#            where a 1B SFT step's ~8% beyond its kernel time goes; `--profile 2` on the 1B rows would show it)
+#   gaps     where a 1B / 8B SFT step's time beyond its kernels goes (call23: 118.5 ms a 1B step holding 109.2 ms of
+#            kernels): stock and auto with 2 profiled steps, each recording the GPU's span, its idle gaps, the short
+#            gaps between back-to-back kernels and the kernels per step (profile_gaps.analyze)
 #   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -145,6 +146,9 @@ case $CALL in
   rows)
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora,1b:sft_lora,1b:dpo_lora,1b:rm_lora --paths stock,align \
         $W --timeout 150 --out "$OUT" ;;
+  gaps)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,8b:sft_lora --paths stock,align $W --profile 2 --timeout 150 \
+        --out "$OUT" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

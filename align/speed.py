@@ -660,6 +660,29 @@ def _reward_pair_forward(inner, model, kwargs, plan=None):
 
 # --- compile -------------------------------------------------------------------------------------------------
 
+def align_op_schemas() -> list[str]:
+    """The schemas of align's custom ops (`align::*`, registered on import), sorted."""
+    names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("align::"))
+    return [str(getattr(torch.ops.align, n.split("::", 1)[1]).default._schema) for n in names]
+
+
+def tag_compile_caches() -> str:
+    """Add a hash of align's op schemas to torch.compile's cache keys (`torch.compiler.config.cache_key_tag`, kept
+    beside a tag of the user's own). Inductor's on-disk cache (`/tmp/torchinductor_<user>`) can otherwise hand code
+    compiled against an op's earlier arguments to a newer align: seen after `align::lora_linear_ab` took two more
+    arguments and was changed back ("expected at most 5 argument(s) but received 7")."""
+    import hashlib
+
+    import torch.compiler.config as compiler
+
+    ours = "align-ops-" + hashlib.sha1("\n".join(align_op_schemas()).encode()).hexdigest()[:12]
+    if not hasattr(compiler, "cache_key_tag"):  # torch < 2.6
+        return ours
+    kept = [t for t in compiler.cache_key_tag.split("|") if t and not t.startswith("align-ops-")]
+    compiler.cache_key_tag = "|".join(kept + [ours])
+    return ours
+
+
 def compile_layers(model, memory_budget: float | None = None) -> None:
     """`torch.compile` each decoder layer in place. With `inline_inbuilt_nn_modules` (torch >= 2.5) the layers share
     one compiled graph; shapes that vary between batches are compiled as dynamic after the first change.
@@ -668,6 +691,7 @@ def compile_layers(model, memory_budget: float | None = None) -> None:
     import torch._inductor.config as inductor
 
     functorch.activation_memory_budget = 1.0 if memory_budget is None else memory_budget  # 1.0: torch's default
+    tag_compile_caches()
     # fused LoRA's one-op form (`align::lora_linear`) must reach the budget's cost model as the GEMM it is: the
     # partitioner otherwise takes a custom op for a cheap one and recomputes the MLP's (benchmarks/lean_recompute.py)
     functorch.is_non_builtin_to_include = fused_lora.compiled_accumulate(model) != "addmm"

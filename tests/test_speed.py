@@ -771,6 +771,31 @@ def test_lean_saves_the_same_with_the_one_op_lora_accumulate(monkeypatch):
     assert saved["op", False] < 0.8 * saved["addmm", None], saved  # the op recomputed: what the setting prevents
 
 
+def test_compiled_layers_tag_the_compile_caches_with_align_s_op_schemas(monkeypatch):
+    """`compile_layers` puts a hash of align's custom-op schemas in torch.compile's cache keys, beside a user's own
+    tag and instead of an older align's: inductor's on-disk cache can otherwise hand code compiled against an op's
+    earlier arguments to a newer align (seen while the whole-layer op's arguments changed and changed back). Another
+    set of schemas gives another tag."""
+    import torch._functorch.config as functorch
+    import torch.compiler.config as compiler
+
+    schemas = speed.align_op_schemas()
+    assert any(x.startswith("align::lora_linear_ab(Tensor x, Tensor weight") for x in schemas), schemas
+    base, _ = tiny_lora_model()
+    try:
+        with compiler.patch(cache_key_tag="mine|align-ops-000000000000"):  # a user's tag and a stale one of ours
+            speed.compile_layers(base)
+            tag = compiler.cache_key_tag
+            assert tag.startswith("mine|align-ops-") and tag.count("align-ops-") == 1, tag
+            assert "000000000000" not in tag
+            assert speed.tag_compile_caches() == tag.split("|")[-1] and compiler.cache_key_tag == tag  # stable
+            monkeypatch.setattr(speed, "align_op_schemas", lambda: schemas[:-1])
+            assert speed.tag_compile_caches() != tag.split("|")[-1]
+    finally:
+        functorch.activation_memory_budget, functorch.is_non_builtin_to_include = 1.0, False
+        torch._dynamo.reset()
+
+
 def test_compiled_accumulate_names_the_form_the_compiled_layers_take(monkeypatch):
     """`compiled_accumulate`: the whole-layer op where a fused LoRA layer has a plain base and no dropout; `addmm`
     with LoRA dropout, without fused layers, or with the switch on `addmm`; an unknown switch value is an error."""

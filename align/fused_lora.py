@@ -83,9 +83,14 @@ def _lora_down(self, name, x):
     return F.linear(drop(x), a)
 
 
+def _has_dropout(drop) -> bool:
+    """The adapter has a dropout that drops elements in training (`nn.Dropout` with p > 0; PEFT's p = 0 is Identity)."""
+    return isinstance(drop, torch.nn.Dropout) and drop.p > 0
+
+
 def _dropping(drop) -> bool:
-    """The adapter's dropout drops elements now (a training `nn.Dropout` with p > 0); PEFT's p = 0 is Identity."""
-    return isinstance(drop, torch.nn.Dropout) and drop.training and drop.p > 0
+    """The adapter's dropout drops elements now (it has one and is in training mode)."""
+    return _has_dropout(drop) and drop.training
 
 
 def _plain_linear(layer) -> bool:
@@ -229,8 +234,8 @@ def compiled_accumulate(model) -> str:
                          f"{', '.join(COMPILED_ACCUMULATES)}")
     for module in model.modules():
         if getattr(module.forward, "__func__", None) is _fused_lora_forward and _plain_linear(module.base_layer):
-            if COMPILED_ACCUMULATE != "op_ab" or not any(
-                    isinstance(d, torch.nn.Dropout) and d.p > 0 for d in module.lora_dropout.values()):
+            # whatever the mode now: a model is set up in eval mode and trained in training mode
+            if COMPILED_ACCUMULATE != "op_ab" or not any(_has_dropout(d) for d in module.lora_dropout.values()):
                 return COMPILED_ACCUMULATE
     return "addmm"
 

@@ -51,6 +51,8 @@
 #   gaps     where a 1B / 8B SFT step's time beyond its kernels goes (call23: 118.5 ms a 1B step holding 109.2 ms of
 #            kernels): stock and auto with 2 profiled steps, each recording the GPU's span, its idle gaps, the short
 #            gaps between back-to-back kernels and the kernels per step (profile_gaps.analyze)
+#   gaps_nb  gaps for 1B SFT with `non_blocking` beside stock and auto, one stack-profiled align step (the frames
+#            behind each idle gap), then 8B SFT the same way
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -58,7 +60,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -152,6 +154,13 @@ case $CALL in
   gaps)
     $PY benchmarks/throughput.py --runs 1b:sft_lora,8b:sft_lora --paths stock,align $W --profile 2 --timeout 150 \
         --out "$OUT" ;;
+  gaps_nb)  # gaps, with non_blocking beside auto (a pageable batch copy waits for the GPU), then 1 step with stacks
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align,align_nb --align_variants "nb=auto,non_blocking" \
+        $W --profile 2 --timeout 150 --out "$OUT"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align --steps 2 --warmup 3 --profile 2 --profile_stack \
+        --timeout 150 --out "$OUT/stack"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align,align_nb --align_variants "nb=auto,non_blocking" \
+        $W --profile 2 --timeout 200 --out "$OUT/8b" ;;
   memory_8b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6 --align_variants "a6=auto@0.6" --memory_step \
         $W --timeout 200 --out "$OUT" ;;

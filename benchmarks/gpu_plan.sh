@@ -53,7 +53,7 @@
 #            gaps between back-to-back kernels and the kernels per step (profile_gaps.analyze)
 #   gaps_nb  gaps for 1B SFT with `non_blocking` beside stock and auto, one stack-profiled align step (the frames
 #            behind each idle gap), then 8B SFT the same way
-#   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6, which
+#   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
 #   rm_auto  the 1B reward model on fixed-length pairs, stock and auto (last measured before the whole-layer op)
@@ -162,8 +162,9 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align,align_nb --align_variants "nb=auto,non_blocking" \
         $W --profile 2 --timeout 200 --out "$OUT/8b" ;;
   memory_8b)
-    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6 --align_variants "a6=auto@0.6" --memory_step \
-        $W --timeout 200 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6,align_a62,align_a65,align_a7 \
+        --align_variants "a6=auto@0.6;a62=auto@0.62;a65=auto@0.65;a7=auto@0.7" --memory_step $W --profile 2 \
+        --timeout 200 --out "$OUT" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

@@ -49,9 +49,10 @@ Options (a comma-separated list, `auto`, or `none`):
   (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's forward.
 - `non_blocking`: the data loader copies each batch to the GPU from pinned memory without waiting (accelerate's
   `non_blocking`, TrainingArguments' `accelerator_config`). By default the copy of step N+1's batch waits until the
-  GPU has finished step N, so the host never prepares a step while the GPU runs the previous one. Not in `auto`:
-  on an H200 it showed no gain beyond the 10% run-to-run spread (1B SFT, 1B DPO, 8B QLoRA), also once SFT steps
-  stopped waiting for the GPU.
+  GPU has finished step N (a copy from pageable memory synchronizes the stream), so the GPU idles while the host
+  starts each step. In `auto` on a GPU: an H100's profiled steps (call26) idled 4.2 -> 2.3 ms a 1B SFT step and
+  5.8 -> 4.1 ms an 8B one, the time spent waiting for the host's launches 1.6 -> 0.4 and 1.8 -> 0.6 ms (tokens/s
+  +2.4% / +0.1%, within the run-to-run spread, as on an H200 before).
 - `torch_nf4` (4-bit base, with `compile`): bitsandbytes' NF4 linear layers computed with torch ops
   (`align/nf4.py`): inside a compiled layer inductor fuses the dequantization into one kernel per weight instead
   of bitsandbytes' ops with Python per call (twice per weight per forward, again in the backward); bit for bit
@@ -79,8 +80,8 @@ Options (a comma-separated list, `auto`, or `none`):
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4` on a
-CUDA GPU and `padding_free,shared_prompt,ref_first,head_grad` on a CPU
+`auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,non_blocking`
+on a CUDA GPU and `padding_free,shared_prompt,ref_first,head_grad` on a CPU
 (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same losses); `compile` and `lean` come with it only on
 one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
 that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
@@ -119,7 +120,8 @@ LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}
 # picks other tensors at each budget: SFT at 0.58 keeps what "addmm" keeps at 0.5 (1B: 7.9 GiB either way, 8B 24.9
 # against 24.5; H100 call23), recomputing 2 GEMM ops a layer instead of 4 (benchmarks/lean_recompute.py)
 LEAN_BUDGET_ONE_OP = {"sft": 0.58, "dpo": 0.2}
-AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
+AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4",
+             "non_blocking")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION
 _STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm"), "ref_first": ("dpo",)}

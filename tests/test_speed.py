@@ -107,23 +107,24 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     model_args = SimpleNamespace(load_in_4bit=True)
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
-    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")
+    full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
     assert speed.resolve("auto", "sft", model_args, one) == full
     assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "ref_first") + full[1:]
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
-    assert speed.resolve("auto", "sft", model_args, checkpointed) == ("padding_free", "kbit_bf16", "fused_lora")
+    assert speed.resolve("auto", "sft", model_args, checkpointed) == (
+        "padding_free", "kbit_bf16", "fused_lora", "non_blocking")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
-        "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4")
+        "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
     # torch_nf4 (in auto) only on a 4-bit base with compile; head_grad named (not in a GPU's auto)
     assert speed.resolve("auto,head_grad", "sft", model_args, one) == full + ("head_grad",)
     assert speed.resolve("auto", "sft", SimpleNamespace(load_in_4bit=False), one) == (
-        "padding_free", "compile", "lean", "fused_lora")
+        "padding_free", "compile", "lean", "fused_lora", "non_blocking")
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
     assert speed.resolve("auto,head_grad", "rm", model_args, one) == (
-        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4")  # no LM head in a reward model
+        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")  # no LM head in RM
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
-    assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora")
+    assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora", "non_blocking")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # torch 2.11's CPU compiler gets torch_nf4 wrong
     monkeypatch.setattr(speed, "_torch_version", lambda: (2, 11))

@@ -2,11 +2,12 @@
 at each activation memory budget. The partitioner's choice depends on shapes and cost estimates, not on the device,
 so it is made here on the CPU with the GPU's shapes.
 
-    python benchmarks/lean_recompute.py [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0] [--accumulate op_ab]
-        [--lora_dropout 0.05] [--out DIR]
+    python benchmarks/lean_recompute.py [--shape 1b|8b] [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0]
+        [--accumulate op_ab] [--lora_dropout 0.05] [--out DIR]
 
-One Llama-3.2-1B decoder layer (bf16, LoRA r16 on every linear layer, align's `fused_lora`), compiled by
-`speed.compile_layers` with each budget, `rows` x `seq` tokens (the 1B throughput case: 4 x 2048). The CPU's flash
+One Llama-3.2-1B decoder layer (`--shape 8b`: Llama-3.1-8B's, 2 x 2048 tokens unless given; its vocabulary cut to
+1,000, the head being outside the compiled layer) (bf16, LoRA r16 on every linear layer, align's `fused_lora`),
+compiled by `speed.compile_layers` with each budget, `rows` x `seq` tokens (the 1B throughput case: 4 x 2048). The CPU's flash
 attention kernel has no flop formula in torch (the partitioner would count it as free and always recompute it); it
 is given the GPU kernels' formula (`sdpa_flop_count`), so the choice is the one the GPU's partitioner makes. Counts
 per layer: GEMMs (mm/addmm, and fused_lora's base+LoRA op as one) and attention forwards in the backward graph beyond what the backward itself needs (a
@@ -30,6 +31,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from saved_activations import LLAMA_1B  # noqa: E402
 
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=128, vocab_size=1000, tie_word_embeddings=False, rope_theta=500000.0)
+LAYERS = {"1b": (LLAMA_1B, 4), "8b": (LLAMA_8B, 2)}  # the layer's config, rows of 2048 in its throughput case
+
 _ATTN_FWD = "_scaled_dot_product_flash_attention_for_cpu.default"
 
 
@@ -43,7 +48,8 @@ def _attention_flops_as_on_gpu() -> None:
             return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lora_dropout: float = 0.0) -> dict:
+def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lora_dropout: float = 0.0,
+              shape: str = "1b") -> dict:
     """Compile one layer at `budget` and read the partitioner's forward and backward graphs."""
     import torch._functorch.config as functorch
     import torch._functorch.partitioners as partitioners
@@ -70,7 +76,7 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lor
         m.min_cut_rematerialization_partition = spy
     try:
         torch.manual_seed(0)
-        cfg = transformers.LlamaConfig(num_hidden_layers=1, **LLAMA_1B)
+        cfg = transformers.LlamaConfig(num_hidden_layers=1, **LAYERS[shape][0])
         model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").to(torch.bfloat16)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules="all-linear"))
         fused_lora.use_fused_lora(model)
@@ -105,7 +111,8 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lor
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--shape", choices=sorted(LAYERS), default="1b")
+    p.add_argument("--rows", type=int, default=None, help="rows of --seq tokens (default: the shape's case)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--budgets", default="0.5,0.55,0.65,0.8,1.0")
     p.add_argument("--accumulate", default="addmm", choices=("addmm", "op", "op_ab"),
@@ -115,10 +122,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     _attention_flops_as_on_gpu()
+    rows = args.rows or LAYERS[args.shape][1]
     runs = []
     for b in (float(x) for x in args.budgets.split(",")):
         t0 = time.time()
-        runs.append(dict(partition(b, args.rows, args.seq, args.accumulate, args.lora_dropout), accumulate=args.accumulate,
+        runs.append(dict(partition(b, rows, args.seq, args.accumulate, args.lora_dropout, args.shape),
+                         accumulate=args.accumulate,
                          lora_dropout=args.lora_dropout))
         r = runs[-1]
         print(f"budget {b:<5} backward GEMMs {r['bw_gemms']:3d}  attention forwards in the backward "
@@ -127,14 +136,16 @@ def main(argv=None) -> int:
     least = min(r["bw_gemms"] for r in runs)
     for r in runs:
         r["recomputed_gemms"] = r["bw_gemms"] - least
-    result = {"meta": {"shape": "one Llama-3.2-1B decoder layer, LoRA r16 all-linear, fused_lora, compiled",
-                       "tokens": f"{args.rows} x {args.seq}", "torch": torch.__version__,
+    model = {"1b": "Llama-3.2-1B", "8b": "Llama-3.1-8B"}[args.shape]
+    result = {"meta": {"shape": f"one {model} decoder layer, LoRA r16 all-linear, fused_lora, compiled",
+                       "tokens": f"{rows} x {args.seq}", "torch": torch.__version__,
                        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                        "note": "recomputed_gemms: backward GEMMs beyond the fewest over the budgets (the backward's "
                                "own); attention given the GPU kernels' flop formula"},
               "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    name = "lean_recompute" + ("" if args.accumulate == "addmm" else "_" + args.accumulate)
+    name = "lean_recompute" + ("" if args.shape == "1b" else "_" + args.shape) + (
+        "" if args.accumulate == "addmm" else "_" + args.accumulate)
     path = os.path.join(args.out, name + (f"_dropout{args.lora_dropout:g}" if args.lora_dropout else "") + "_cpu.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(result, fh, indent=2)

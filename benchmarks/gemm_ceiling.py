@@ -14,13 +14,14 @@ attention, norms, the loss and the optimizer come on top of the floor. Writes `<
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from align.manifest import write_json_atomic  # noqa: E402
 from throughput import PEAK_TFLOPS, SHAPES, flops_per_token, gpu_tag  # noqa: E402
 
 
@@ -110,11 +111,8 @@ def main(argv=None) -> int:
     result = dict(meta=dict(device=name, torch=torch.__version__, time=time.strftime("%Y-%m-%d %H:%M:%S"),
                             reps=args.reps, peak_tflops=PEAK_TFLOPS.get(gpu_tag(name))),
                   square=dict(side=s, tflops=square), shapes=shapes)
-    os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"gemm_ceiling_{gpu_tag(name)}.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, result)
     print(f"[gemm_ceiling] wrote {path}")
     return 0
 

@@ -12,13 +12,12 @@ attention kernel has no flop formula in torch (the partitioner would count it as
 is given the GPU kernels' formula (`sdpa_flop_count`), so the choice is the one the GPU's partitioner makes. Counts
 per layer: GEMMs (mm/addmm, and fused_lora's base+LoRA op as one) and attention forwards in the backward graph beyond what the backward itself needs (a
 backward with nothing recomputed has `bw_gemms_none`), and the saved activations in MiB (weights left out).
-Writes `<out>/lean_recompute[_ACCUMULATE][_dropoutP]_cpu.json`.
+Writes `<out>/lean_recompute[_8b][_ACCUMULATE][_dropoutP]_cpu.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from align.manifest import write_json_atomic  # noqa: E402
 from saved_activations import LLAMA_1B  # noqa: E402
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -143,13 +143,10 @@ def main(argv=None) -> int:
                        "note": "recomputed_gemms: backward GEMMs beyond the fewest over the budgets (the backward's "
                                "own); attention given the GPU kernels' flop formula"},
               "runs": runs}
-    os.makedirs(args.out, exist_ok=True)
     name = "lean_recompute" + ("" if args.shape == "1b" else "_" + args.shape) + (
         "" if args.accumulate == "addmm" else "_" + args.accumulate)
     path = os.path.join(args.out, name + (f"_dropout{args.lora_dropout:g}" if args.lora_dropout else "") + "_cpu.json")
-    with open(path + ".tmp", "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, result)
     print(f"wrote {path}")
     return 0
 

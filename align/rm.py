@@ -47,6 +47,7 @@ def main(argv=None):
     # 3. Base with a one-score head, and the LoRA adapter (the head trains with it and is saved with it).
     # The new score head is drawn from the seed alone: the same reward model under every launch engine.
     speedups = speed.resolve(run_args.speedups, "rm", model_args, train_args)
+    speed.prepare_args(train_args, speedups, "rm")
     model = modeling.load_model(model_args, task="seq_cls", num_labels=1, training=True, head_seed=train_args.seed)
     model = speed.prepare_model(model, speedups)
     model.config.pad_token_id = tokenizer.pad_token_id

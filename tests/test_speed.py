@@ -1187,3 +1187,37 @@ def test_removed_speedups_are_refused_with_the_measurement(monkeypatch):
     for name, why in (("cudagraphs", "0.13x"), ("mlp_chunks", "23.1 GiB")):
         with pytest.raises(ValueError, match=f"'{name}' was removed: .*{why}"):
             speed.resolve(f"compile,{name}", "dpo")
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_every_stage_applies_its_options_trainer_keys_before_loading_the_model(stage, tiny_llama, chat_jsonl,
+                                                                              preference_jsonl, tmp_path,
+                                                                              monkeypatch):
+    """Each stage hands its resolved options to `speed.prepare_args` (the trainer keys: padding-free batches,
+    `non_blocking`'s pinned, unwaited batch copies), so an option in `auto` is applied, not only listed (the reward
+    stage once resolved `non_blocking` and never applied it)."""
+    import importlib
+
+    from align import modeling
+
+    from .test_sft import sft_argv
+
+    module = importlib.import_module(f"align.{stage}")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    monkeypatch.setattr(speed, "resolve", lambda spec, st, *a, **k: ("non_blocking",))
+
+    def load_model(*a, **k):
+        raise Stop("model loaded")
+
+    monkeypatch.setattr(modeling, "load_model", load_model)
+    real = speed.prepare_args
+    monkeypatch.setattr(speed, "prepare_args", lambda args, options, st: seen.append((options, st)) or real(
+        args, options, st))
+    data = chat_jsonl if stage == "sft" else preference_jsonl
+    with pytest.raises(Stop):
+        module.main(sft_argv(tiny_llama, data, str(tmp_path / stage), speedups="non_blocking"))
+    assert seen == [(("non_blocking",), stage)]

@@ -5,9 +5,9 @@ so it is made here on the CPU with the GPU's shapes.
     python benchmarks/lean_recompute.py [--shape 1b|8b] [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0]
         [--accumulate op_ab] [--lora_dropout 0.05] [--out DIR]
 
-One Llama-3.2-1B decoder layer (`--shape 8b`: Llama-3.1-8B's, 2 x 2048 tokens unless given; its vocabulary cut to
-1,000, the head being outside the compiled layer) (bf16, LoRA r16 on every linear layer, align's `fused_lora`),
-compiled by `speed.compile_layers` with each budget, `rows` x `seq` tokens (the 1B throughput case: 4 x 2048). The CPU's flash
+One decoder layer of Llama-3.2-1B, or with `--shape 8b` of Llama-3.1-8B (its vocabulary cut to 1,000: the head is
+outside the compiled layer), bf16, LoRA r16 on every linear layer, align's `fused_lora`, compiled by
+`speed.compile_layers` with each budget, `rows` x `seq` tokens (the throughput cases: 4 x 2048, 8B 2 x 2048). The CPU's flash
 attention kernel has no flop formula in torch (the partitioner would count it as free and always recompute it); it
 is given the GPU kernels' formula (`sdpa_flop_count`), so the choice is the one the GPU's partitioner makes. Counts
 per layer: GEMMs (mm/addmm, and fused_lora's base+LoRA op as one) and attention forwards in the backward graph beyond what the backward itself needs (a

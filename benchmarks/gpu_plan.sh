@@ -58,6 +58,8 @@
 #   gemm     every base GEMM of a 1B / 8B LoRA step timed alone (cuBLAS), and a square GEMM: the floor under a step
 #   agrad    1B SFT with A's gradient of the whole-layer op outside the op (the SwiGLU product's recompute may then
 #            fuse into the SwiGLU backward: 2.05 ms a 1B step today), profiled beside auto
+#   autotune 1B SFT with fused LoRA's addmm (its rank-16 GEMMs in the compiled graph, where they run at about 40% of
+#            the memory bandwidth as cuBLAS calls) with and without inductor's GEMM autotuning (Triton templates)
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -65,7 +67,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|agrad|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|agrad|autotune|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -177,6 +179,9 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align,align_ag --align_variants \
         "ag=auto!align.fused_lora.A_GRAD_OUTSIDE_OP=True" --steps 6 --warmup 3 --timing window --profile 2 \
         --timeout 80 --out "$OUT" ;;
+  autotune)  # inductor's GEMM autotuning (cuBLAS against its Triton templates) where the LoRA GEMMs are in the graph
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align,align_b,align_bt --align_variants \
+        "b=auto!$ADDMM;bt=auto!$ADDMM,max_autotune_gemm=True" $W --profile 2 --timeout 500 --out "$OUT" ;;
   memory_8b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6,align_a62,align_a65,align_a7 \
         --align_variants "a6=auto@0.6;a62=auto@0.62;a65=auto@0.65;a7=auto@0.7" --memory_step $W --profile 2 \

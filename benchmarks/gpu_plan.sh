@@ -60,6 +60,8 @@
 #            fuse into the SwiGLU backward: 2.05 ms a 1B step today), profiled beside auto
 #   autotune 1B SFT with fused LoRA's addmm (its rank-16 GEMMs in the compiled graph, where they run at about 40% of
 #            the memory bandwidth as cuBLAS calls) with and without inductor's GEMM autotuning (Triton templates)
+#   forms    each linear layer's LoRA GEMMs timed alone: the base GEMMs, fused LoRA's op as auto runs it, and LoRA
+#            folded into the base GEMM's inner dimension ([x | h] @ [W | B].T): what the fold would save a step
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -67,7 +69,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|agrad|autotune|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|agrad|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -182,6 +184,8 @@ case $CALL in
   autotune)  # inductor's GEMM autotuning (cuBLAS against its Triton templates) where the LoRA GEMMs are in the graph
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align,align_b,align_bt --align_variants \
         "b=auto!$ADDMM;bt=auto!$ADDMM,max_autotune_gemm=True" $W --profile 2 --timeout 500 --out "$OUT" ;;
+  forms)  # a LoRA layer's GEMMs alone in fused LoRA's op form and folded into the base GEMM (benchmarks/lora_gemm_forms.py)
+    $PY benchmarks/lora_gemm_forms.py --shapes 1b,8b --out "$OUT" ;;
   memory_8b)
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6,align_a62,align_a65,align_a7 \
         --align_variants "a6=auto@0.6;a62=auto@0.62;a65=auto@0.65;a7=auto@0.7" --memory_step $W --profile 2 \

@@ -1,0 +1,160 @@
+"""Ways to compute a LoRA linear layer's GEMMs, timed alone per layer shape: what a change to fused LoRA would
+save before it is built into the model.
+
+    python benchmarks/lora_gemm_forms.py --shapes 1b,8b --out benchmarks/results      # on the GPU
+    python benchmarks/lora_gemm_forms.py --shapes tiny --reps 2 --out /tmp/x          # CPU smoke run
+
+For each linear layer of a shape (q, k, v, o, gate, up, down at the shape's tokens a step, LoRA rank 16), the forward
+and the backward (input, A and B gradients; a frozen base) in these forms:
+
+- `base`: the base GEMMs alone (forward and input gradient), the floor.
+- `op_ab`: fused LoRA's whole-layer op as `auto` runs it (`align::lora_linear_ab`): the rank-16 product written
+  first and the base GEMM accumulated into it; in the backward the input gradient started as `(g @ B) @ A` and the
+  base GEMM added into it; `(g @ B).T @ x` and `g.T @ h` for A and B.
+- `kcat`: LoRA folded into the base GEMM's inner dimension: `[x | h] @ [W | B].T`, with W kept inside a
+  `(out, in + r)` buffer and x written into an `(tokens, in + r)` one (as a producer kernel could write it), so no
+  rank-16 product is written and read back; the backward's `g @ [W | B]` gives the base input gradient and `g @ B`
+  in one GEMM, then `(g @ B) @ A` is added into the first part in place.
+
+Every form gives the same outputs and gradients (`check_forms`, run before timing). Per shape: ms a step for each
+form summed over the layers, and each form's excess over `base`. Writes `<out>/lora_gemm_forms_<gpu>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from align.manifest import write_json_atomic  # noqa: E402
+from throughput import SHAPES, gpu_tag  # noqa: E402
+
+FORMS = ("base", "op_ab", "kcat")
+
+
+def linears(config: dict) -> list[tuple[str, int, int]]:
+    d, f = config["hidden_size"], config["intermediate_size"]
+    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]
+    return [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d), ("gate_proj", d, f),
+            ("up_proj", d, f), ("down_proj", f, d)]
+
+
+def make(torch, m: int, i: int, o: int, r: int, device: str, dtype, seed: int = 0) -> dict:
+    """One layer's tensors: input x, output gradient g, base weight W, LoRA A (r, i) and B (o, r) (scaling folded)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    rand = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device=device) * scale).to(dtype)
+    t = dict(x=rand(m, i), g=rand(m, o), w=rand(o, i, scale=i ** -0.5), a=rand(r, i, scale=i ** -0.5),
+             b=rand(o, r, scale=r ** -0.5))
+    wb = torch.empty(o, i + r, device=device, dtype=dtype)  # W kept inside [W | B]; B written each step
+    wb[:, :i], wb[:, i:] = t["w"], t["b"]
+    xh = torch.empty(m, i + r, device=device, dtype=dtype)  # x as its producer would write it, h beside it
+    xh[:, :i] = t["x"]
+    t.update(wb=wb, xh=xh)
+    return t
+
+
+def run(torch, form: str, t: dict) -> tuple:
+    """(output, input gradient, A gradient, B gradient) of one layer in `form` (`base`: output and input gradient)."""
+    x, g, w, a, b = t["x"], t["g"], t["w"], t["a"], t["b"]
+    if form == "base":
+        return x @ w.t(), g @ w, None, None
+    if form == "op_ab":
+        h = x @ a.t()
+        out = (h @ b.t()).addmm_(x, w.t())
+        gh = g @ b
+        gx = (gh @ a).addmm_(g, w)
+        return out, gx, gh.t() @ x, g.t() @ h
+    if form == "kcat":
+        i = x.shape[1]
+        xh, wb = t["xh"], t["wb"]
+        torch.mm(xh[:, :i], a.t(), out=xh[:, i:])
+        h = xh[:, i:]
+        out = xh @ wb.t()
+        full = g @ wb  # [g @ W | g @ B]
+        gx, gh = full[:, :i], full[:, i:]
+        gx.addmm_(gh, a)
+        return out, gx, gh.t() @ xh[:, :i], g.t() @ h
+    raise ValueError(f"unknown form {form!r}; choose from {', '.join(FORMS)}")
+
+
+def check_forms(torch, device: str = "cpu") -> float:
+    """Largest relative difference of any form's outputs and gradients from `op_ab`'s (float64 on a small layer)."""
+    t = make(torch, 48, 40, 24, 4, device, torch.float64, seed=1)
+    want = run(torch, "op_ab", t)
+    worst = 0.0
+    got = run(torch, "kcat", t)
+    for x, y in zip(got, want):
+        worst = max(worst, ((x - y).abs().max() / y.abs().max()).item())
+    base = run(torch, "base", t)
+    lora_out = (t["x"] @ t["a"].t()) @ t["b"].t()
+    worst = max(worst, ((base[0] + lora_out - want[0]).abs().max() / want[0].abs().max()).item())
+    return worst
+
+
+def time_form(torch, form: str, t: dict, device: str, reps: int) -> float:
+    for _ in range(2):
+        run(torch, form, t)
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(torch, form, t)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            run(torch, form, t)
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure(torch, shape: str, device: str, reps: int, rank: int = 16) -> dict:
+    spec = SHAPES[shape]
+    tokens, layers = spec["batch"] * spec["seq"], spec["config"]["num_hidden_layers"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    rows, step = [], dict.fromkeys(FORMS, 0.0)
+    for name, i, o in linears(spec["config"]):
+        t = make(torch, tokens, i, o, rank, device, dtype)
+        ms = {f: time_form(torch, f, t, device, reps) * 1000 for f in FORMS}
+        rows.append(dict(name=name, m=tokens, k=i, n=o, ms=ms))
+        for f in FORMS:
+            step[f] += ms[f] * layers
+        del t
+    return dict(shape=shape, tokens=tokens, rank=rank, layers=rows, ms_per_step=step,
+                excess_over_base_ms=({f: step[f] - step["base"] for f in FORMS if f != "base"}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = p.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    worst = check_forms(torch)
+    if worst > 1e-9:
+        raise SystemExit(f"the forms disagree: largest relative difference {worst:.2e}")
+    shapes = [measure(torch, s, device, args.reps) for s in args.shapes.split(",")]
+    for r in shapes:
+        ex = ", ".join(f"{f} +{v:.1f} ms" for f, v in r["excess_over_base_ms"].items())
+        print(f"[lora_gemm_forms] {r['shape']}: base GEMMs {r['ms_per_step']['base']:.1f} ms a step; over it: {ex}",
+              flush=True)
+    path = os.path.join(args.out, f"lora_gemm_forms_{gpu_tag(name)}.json")
+    write_json_atomic(path, dict(meta=dict(device=name, torch=torch.__version__, reps=args.reps, forms_agree=worst,
+                                           time=time.strftime("%Y-%m-%d %H:%M:%S")), shapes=shapes))
+    print(f"[lora_gemm_forms] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

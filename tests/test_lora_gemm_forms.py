@@ -1,0 +1,34 @@
+"""benchmarks/lora_gemm_forms.py: ways to compute a LoRA layer's GEMMs give the same outputs and gradients."""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def test_lora_gemm_forms_agree_and_a_cpu_run_writes_every_form():
+    """The folded form (`[x | h] @ [W | B].T`, input gradient and `g @ B` from one GEMM) gives fused LoRA's op's
+    output and x / A / B gradients in float64, and the base form plus the LoRA product is the same output."""
+    import lora_gemm_forms as lgf
+
+    assert lgf.check_forms(torch) < 1e-12
+    t = lgf.make(torch, 16, 12, 10, 4, "cpu", torch.float64, seed=2)
+    out, gx, ga, gb = lgf.run(torch, "kcat", t)
+    x, g, w, a, b = t["x"], t["g"], t["w"], t["a"], t["b"]
+    torch.testing.assert_close(out, x @ w.t() + (x @ a.t()) @ b.t())
+    torch.testing.assert_close(gx, g @ w + (g @ b) @ a)
+    torch.testing.assert_close(ga, (g @ b).t() @ x)
+    torch.testing.assert_close(gb, g.t() @ (x @ a.t()))
+
+
+def test_lora_gemm_forms_cpu_run_writes_each_form_per_layer(tmp_path):
+    import lora_gemm_forms as lgf
+
+    assert lgf.main(["--shapes", "tiny", "--reps", "1", "--out", str(tmp_path)]) == 0
+    (tiny,) = json.loads((tmp_path / "lora_gemm_forms_cpu.json").read_text())["shapes"]
+    assert [r["name"] for r in tiny["layers"]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"]
+    assert set(tiny["ms_per_step"]) == set(lgf.FORMS) and set(tiny["excess_over_base_ms"]) == {"op_ab", "kcat"}

@@ -160,9 +160,15 @@ def lora_linear_ab_backward(grad, x, weight, a, b, h, need_x):
     """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
     part, `(grad @ b) @ a`, and the base GEMM adds `grad @ weight` into it in place (one buffer, no separate sum; as
     an op of its own, so that inductor does not turn the in-place GEMM into a copy and an addmm)."""
-    gh = grad @ b
-    gx = (gh @ a).addmm_(grad, weight) if need_x else x.new_empty(0)
+    gx, gh = _input_grad(grad, weight, a, b, need_x)
     return gx, gh.t() @ x, grad.t() @ h
+
+
+def _input_grad(grad, weight, a, b, need_x):
+    """(x's gradient, empty unless `need_x`; `grad @ b`): the LoRA part `(grad @ b) @ a` written first, the base
+    GEMM `grad @ weight` added into it in place."""
+    gh = grad @ b
+    return ((gh @ a).addmm_(grad, weight) if need_x else grad.new_empty(0)), gh
 
 
 @lora_linear_ab_backward.register_fake
@@ -177,8 +183,7 @@ def lora_linear_ab_backward_gh(grad, weight, a, b, h, need_x):
     """`lora_linear_ab_backward` without A's gradient: returns (x's gradient, `grad @ b`, B's gradient); A's,
     `(grad @ b).T @ x`, is left to the compiled graph (`A_GRAD_OUTSIDE_OP`), where x may be a recomputed tensor
     whose producer inductor can then fuse with other kernels (the SwiGLU product with the SwiGLU backward)."""
-    gh = grad @ b
-    gx = (gh @ a).addmm_(grad, weight) if need_x else grad.new_empty(0)
+    gx, gh = _input_grad(grad, weight, a, b, need_x)
     return gx, gh, grad.t() @ h
 
 

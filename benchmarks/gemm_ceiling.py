@@ -25,16 +25,21 @@ from align.manifest import write_json_atomic  # noqa: E402
 from throughput import PEAK_TFLOPS, SHAPES, flops_per_token, gpu_tag  # noqa: E402
 
 
+def linear_shapes(config: dict) -> list[tuple[str, int, int]]:
+    """(name, in, out) of a decoder layer's linear layers: q, k, v, o, gate, up, down."""
+    d, f = config["hidden_size"], config["intermediate_size"]
+    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]
+    return [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d), ("gate_proj", d, f),
+            ("up_proj", d, f), ("down_proj", f, d)]
+
+
 def step_gemms(config: dict, tokens: int) -> list[dict]:
     """The base-weight GEMMs of one LoRA training step over `tokens` tokens: per linear layer of every decoder layer
     (q, k, v, o, gate, up, down) and the LM head, the forward `(tokens, in) @ (in, out)` and the input gradient
     `(tokens, out) @ (out, in)`, with how many times each runs a step."""
-    d, f, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]
-    linears = [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d), ("gate_proj", d, f),
-               ("up_proj", d, f), ("down_proj", f, d)]
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
     out = []
-    for name, i, o in linears:
+    for name, i, o in linear_shapes(config):
         out.append(dict(name=f"{name} forward", m=tokens, k=i, n=o, count=layers))
         out.append(dict(name=f"{name} input gradient", m=tokens, k=o, n=i, count=layers))
     v = config["vocab_size"]
@@ -43,28 +48,33 @@ def step_gemms(config: dict, tokens: int) -> list[dict]:
     return out
 
 
-def time_mm(torch, m: int, k: int, n: int, device: str, reps: int) -> float:
-    """Seconds per `(m, k) @ (k, n)` bf16 GEMM (median of `reps` timed after 3 warm-up calls)."""
-    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
-    c = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.mm(a, b, out=c)
+def median_seconds(torch, fn, device: str, reps: int, warmup: int = 3) -> float:
+    """Seconds per call of `fn` (median of `reps` calls after `warmup`; CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            torch.mm(a, b, out=c)
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1000)
         else:
             t0 = time.perf_counter()
-            torch.mm(a, b, out=c)
+            fn()
             times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def time_mm(torch, m: int, k: int, n: int, device: str, reps: int) -> float:
+    """Seconds per `(m, k) @ (k, n)` bf16 GEMM (median of `reps` timed after 3 warm-up calls)."""
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+    return median_seconds(torch, lambda: torch.mm(a, b, out=c), device, reps)
 
 
 def measure(shape: str, device: str, reps: int) -> dict:

@@ -31,16 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from align.manifest import write_json_atomic  # noqa: E402
+from gemm_ceiling import linear_shapes, median_seconds  # noqa: E402
 from throughput import SHAPES, gpu_tag  # noqa: E402
 
 FORMS = ("base", "op_ab", "kcat")
-
-
-def linears(config: dict) -> list[tuple[str, int, int]]:
-    d, f = config["hidden_size"], config["intermediate_size"]
-    kv = d // config["num_attention_heads"] * config["num_key_value_heads"]
-    return [("q_proj", d, d), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", d, d), ("gate_proj", d, f),
-            ("up_proj", d, f), ("down_proj", f, d)]
 
 
 def make(torch, m: int, i: int, o: int, r: int, device: str, dtype, seed: int = 0) -> dict:
@@ -95,34 +89,14 @@ def check_forms(torch, device: str = "cpu") -> float:
     return worst
 
 
-def time_form(torch, form: str, t: dict, device: str, reps: int) -> float:
-    for _ in range(2):
-        run(torch, form, t)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run(torch, form, t)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            run(torch, form, t)
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def measure(torch, shape: str, device: str, reps: int, rank: int = 16) -> dict:
     spec = SHAPES[shape]
     tokens, layers = spec["batch"] * spec["seq"], spec["config"]["num_hidden_layers"]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows, step = [], dict.fromkeys(FORMS, 0.0)
-    for name, i, o in linears(spec["config"]):
+    for name, i, o in linear_shapes(spec["config"]):
         t = make(torch, tokens, i, o, rank, device, dtype)
-        ms = {f: time_form(torch, f, t, device, reps) * 1000 for f in FORMS}
+        ms = {f: median_seconds(torch, lambda f=f, t=t: run(torch, f, t), device, reps, warmup=2) * 1000 for f in FORMS}
         rows.append(dict(name=name, m=tokens, k=i, n=o, ms=ms))
         for f in FORMS:
             step[f] += ms[f] * layers

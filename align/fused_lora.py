@@ -160,15 +160,9 @@ def lora_linear_ab_backward(grad, x, weight, a, b, h, need_x):
     """The gradients of `lora_linear_ab`'s x (empty unless `need_x`), A and B. The input gradient starts as the LoRA
     part, `(grad @ b) @ a`, and the base GEMM adds `grad @ weight` into it in place (one buffer, no separate sum; as
     an op of its own, so that inductor does not turn the in-place GEMM into a copy and an addmm)."""
-    gx, gh = _input_grad(grad, weight, a, b, need_x)
-    return gx, gh.t() @ x, grad.t() @ h
-
-
-def _input_grad(grad, weight, a, b, need_x):
-    """(x's gradient, empty unless `need_x`; `grad @ b`): the LoRA part `(grad @ b) @ a` written first, the base
-    GEMM `grad @ weight` added into it in place."""
     gh = grad @ b
-    return ((gh @ a).addmm_(grad, weight) if need_x else grad.new_empty(0)), gh
+    gx = (gh @ a).addmm_(grad, weight) if need_x else grad.new_empty(0)
+    return gx, gh.t() @ x, grad.t() @ h
 
 
 @lora_linear_ab_backward.register_fake
@@ -176,35 +170,10 @@ def _lora_linear_ab_backward_fake(grad, x, weight, a, b, h, need_x):
     return x.new_empty(x.shape if need_x else (0,)), a.new_empty(a.shape), b.new_empty(b.shape)
 
 
-@torch.library.custom_op("align::lora_linear_ab_backward_gh", mutates_args=(),
-                         schema="(Tensor grad, Tensor weight, Tensor a, Tensor b, Tensor h, bool need_x) "
-                                "-> (Tensor, Tensor, Tensor)")
-def lora_linear_ab_backward_gh(grad, weight, a, b, h, need_x):
-    """`lora_linear_ab_backward` without A's gradient: returns (x's gradient, `grad @ b`, B's gradient); A's,
-    `(grad @ b).T @ x`, is left to the compiled graph (`A_GRAD_OUTSIDE_OP`), where x may be a recomputed tensor
-    whose producer inductor can then fuse with other kernels (the SwiGLU product with the SwiGLU backward)."""
-    gx, gh = _input_grad(grad, weight, a, b, need_x)
-    return gx, gh, grad.t() @ h
-
-
-@lora_linear_ab_backward_gh.register_fake
-def _lora_linear_ab_backward_gh_fake(grad, weight, a, b, h, need_x):
-    return (grad.new_empty((grad.shape[0], weight.shape[1]) if need_x else (0,)), grad.new_empty(grad.shape[0],
-            b.shape[1]), b.new_empty(b.shape))
-
-
-# Experimental (not measured yet): A's gradient of the whole-layer op as a plain mm in the compiled backward
-A_GRAD_OUTSIDE_OP = False
-
-
 def _lora_linear_ab_backward(ctx, grad, _grad_h):
     x, weight, a, b, h = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if A_GRAD_OUTSIDE_OP:
-        gx, gh, gb = torch.ops.align.lora_linear_ab_backward_gh(grad, weight, a, b, h, need[0])
-        ga = gh.t() @ x if need[3] else None
-    else:
-        gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, need[0])
+    gx, ga, gb = torch.ops.align.lora_linear_ab_backward(grad, x, weight, a, b, h, need[0])
     return (gx if need[0] else None, grad.t() @ x if need[1] else None, grad.sum(0) if need[2] else None,
             ga if need[3] else None, gb if need[4] else None)
 

@@ -56,8 +56,8 @@
 #   rows_nb  1B DPO, 1B reward model and 8B DPO (fixed length), stock and auto with non_blocking (auto's since call26)
 #   qlora_nb 1B and 8B SFT QLoRA likewise
 #   gemm     every base GEMM of a 1B / 8B LoRA step timed alone (cuBLAS), and a square GEMM: the floor under a step
-#   agrad    1B SFT with A's gradient of the whole-layer op outside the op (the SwiGLU product's recompute may then
-#            fuse into the SwiGLU backward: 2.05 ms a 1B step today), profiled beside auto
+#   refbits  the compiled 4-layer 8B-shape model's reference forward (adapters off) against its policy forward at
+#            B = 0, bit for bit, twice in fresh processes and with inductor's deterministic mode (DPO's first loss)
 #   autotune 1B SFT with fused LoRA's addmm (its rank-16 GEMMs in the compiled graph, where they run at about 40% of
 #            the memory bandwidth as cuBLAS calls) with and without inductor's GEMM autotuning (Triton templates)
 #   forms    each linear layer's LoRA GEMMs timed alone: the base GEMMs, fused LoRA's op as auto runs it, and LoRA
@@ -69,7 +69,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|agrad|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -177,10 +177,10 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_qlora,8b:sft_qlora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   gemm)  # cuBLAS's own rate on each shape's base GEMMs: the floor under a LoRA step (benchmarks/gemm_ceiling.py)
     $PY benchmarks/gemm_ceiling.py --shapes 1b,8b --out "$OUT" ;;
-  agrad)  # A's gradient of the whole-layer op as a plain mm in the compiled graph (fused_lora.A_GRAD_OUTSIDE_OP)
-    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align,align_ag --align_variants \
-        "ag=auto!align.fused_lora.A_GRAD_OUTSIDE_OP=True" --steps 6 --warmup 3 --timing window --profile 2 \
-        --timeout 80 --out "$OUT" ;;
+  refbits)  # benchmarks/ref_policy_bits.py: is the compiled reference the policy's bits at B = 0?
+    for d in "" "" --deterministic; do
+      $PY benchmarks/ref_policy_bits.py --layers 4 $d --out "$OUT/ref_policy_bits_$(date +%s%N)$d.json"
+    done ;;
   autotune)  # inductor's GEMM autotuning (cuBLAS against its Triton templates) where the LoRA GEMMs are in the graph
     $PY benchmarks/throughput.py --runs 1b:sft_lora --paths align,align_b,align_bt --align_variants \
         "b=auto!$ADDMM;bt=auto!$ADDMM,max_autotune_gemm=True" $W --profile 2 --timeout 500 --out "$OUT" ;;

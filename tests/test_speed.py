@@ -836,14 +836,12 @@ def test_lora_linear_has_a_flop_count_for_the_partitioner():
     assert counter.get_total_flops() == 2 * 32 * 64 * 96 + 2 * 32 * 64 * 8 + 2 * 32 * 8 * 96
 
 
-@pytest.mark.parametrize("a_grad_outside", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_lora_linear_ab_gradients(bias, a_grad_outside, monkeypatch):
+def test_lora_linear_ab_gradients(bias):
     """The one-op LoRA layer's backward (input gradient built as the LoRA part plus the base GEMM in one buffer; A
-    and B from the saved down-projection; A's also as a plain mm after the op, `A_GRAD_OUTSIDE_OP`) against
-    autograd's numerical gradients, in float64, with and without a bias, a frozen or trained base weight, an input
-    with or without a gradient; its output is the formula's; the down-projection output `h` carries no gradient."""
-    monkeypatch.setattr(fused_lora, "A_GRAD_OUTSIDE_OP", a_grad_outside)
+    and B from the saved down-projection) against autograd's numerical gradients, in float64, with and without a
+    bias, a frozen or trained base weight, an input with or without a gradient; its output is the formula's; the
+    down-projection output `h` carries no gradient."""
     g = torch.Generator().manual_seed(3)
     x, w, a, b = (torch.randn(*s, dtype=torch.float64, generator=g) for s in ((6, 5), (7, 5), (3, 5), (7, 3)))
     bias_t = torch.randn(7, dtype=torch.float64, generator=g) if bias else None

@@ -62,7 +62,18 @@ class QuickReferenceSwitch:
     found once) instead of TRL's `use_adapter`, an unwrap and a gradient-checkpointing query per call: each walks
     every module of the model, ~15 ms of host time per step on a 2-core CPU at the start of the step, while the GPU
     has nothing queued. Same forward, same values; TRL's own method where the switch does not apply (a separate
-    reference model, other tuners, length-desensitised `ld_alpha`)."""
+    reference model, other tuners, length-desensitised `ld_alpha`).
+
+    `reference_in_policy_graph` (set by `speed.finish` with `compile` and `ref_first`): the reference forward runs
+    the policy's own forward with the policy adapter carrying the reference's weights (the base's: B = 0;
+    `AdapterSwitch.stand_in`), in the caller's grad mode (on in training) and its result detached, so that it runs
+    the policy's compiled graph.
+    With the adapter switched off under `no_grad` it ran another compiled graph (an inference graph without the
+    LoRA ops), whose kernels may round differently: on an H100 at the Llama-3.1-8B shape the first DPO loss, log 2
+    when the reference is the policy, came out 0.57-0.67 (benchmarks/README.md, Call27). The autograd graph it
+    records is dropped with the detached result, before the policy forward (`ref_first`)."""
+
+    reference_in_policy_graph = False
 
     def compute_ref_log_probs(self, model, inputs):
         cached = self.__dict__.get("_reference_switch")
@@ -83,10 +94,15 @@ class QuickReferenceSwitch:
                                                                      "ref_rejected_logps")}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        no_checkpointing = (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
-                            if checkpointing else contextlib.nullcontext())
-        with torch.no_grad(), no_checkpointing, switch.use(reference), self.accelerator.autocast():
-            per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
+        if self.reference_in_policy_graph and switch.can_stand_in(reference):
+            # as the policy's forward (the caller's grad mode, checkpointing as it is): the policy's compiled graph
+            with switch.stand_in(reference), self.accelerator.autocast():
+                per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs.detach()
+        else:
+            no_checkpointing = (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)
+                                if checkpointing else contextlib.nullcontext())
+            with torch.no_grad(), no_checkpointing, switch.use(reference), self.accelerator.autocast():
+                per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs
         mask = inputs["completion_mask"][..., 1:]
         return per_token[:, -mask.size(1):].sum(dim=1).chunk(2, dim=0)
 

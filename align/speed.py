@@ -287,6 +287,12 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
             fused_lora.use_fused_lora(trainer.model)
     if hasattr(trainer, "reference_first"):  # align's DPO trainer (align/dpo.py `ReferenceFirst`)
         trainer.reference_first = "ref_first" in options
+        from align import launch
+
+        # the reference through the policy's compiled graph (`QuickReferenceSwitch`): first, so that its autograd
+        # graph is gone before the policy's forward; not where the adapter weights are sharded
+        trainer.reference_in_policy_graph = ("compile" in options and "ref_first" in options
+                                             and launch.distributed_engine(trainer.args) in ("none", "ddp"))
     if "fp8" in options:
         from align import launch
 

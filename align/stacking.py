@@ -195,6 +195,61 @@ class AdapterSwitch:
                 layers.append(module)
         return cls(model, layers) if layers else None
 
+    def can_stand_in(self, adapter: str | None) -> bool:
+        """Whether the active adapter (the policy's) can carry `adapter`'s weights, or the base's for None (B = 0),
+        through its own forward (`stand_in`): one active adapter, no dropout that drops in training, and in every
+        layer that has it, `adapter` with the same shapes, dtypes and scaling."""
+        from align.fused_lora import _has_dropout
+
+        active = self.peft_model.active_adapter
+        if not isinstance(active, str) or (adapter is not None and adapter not in self.peft_model.peft_config):
+            return False
+        for layer in self.layers:
+            if active not in layer.lora_A:
+                continue  # the base in this layer either way
+            if _has_dropout(layer.lora_dropout[active]) or active in layer.lora_variant:
+                return False
+            if adapter is None:
+                continue
+            if adapter not in layer.lora_A or layer.scaling[adapter] != layer.scaling[active]:
+                return False
+            for mine, theirs in ((layer.lora_A[active], layer.lora_A[adapter]),
+                                 (layer.lora_B[active], layer.lora_B[adapter])):
+                if (mine.weight.shape != theirs.weight.shape or mine.weight.dtype != theirs.weight.dtype
+                        or (mine.bias is None) != (theirs.bias is None)):
+                    return False
+        return True
+
+    @contextlib.contextmanager
+    def stand_in(self, adapter: str | None):
+        """The active adapter carries `adapter`'s weights (None: the base's, B = 0) for the block: the reference's
+        forward through the policy's own code and, under `torch.compile`, the policy's own compiled graph. The
+        parameters stay the same objects (their `.data` is swapped and put back after), so a compiled layer runs
+        the graph it has for them. Check `can_stand_in` first."""
+        active = self.peft_model.active_adapter
+        saved = []
+        for layer in self.layers:
+            if active not in layer.lora_A:
+                continue
+            mine = [layer.lora_A[active], layer.lora_B[active]]
+            params = [p for m in mine for p in (m.weight, m.bias) if p is not None]
+            saved.extend((p, p.data) for p in params)
+            if adapter is None:
+                for p in mine[1].weight, mine[1].bias:
+                    if p is not None:
+                        p.data = torch.zeros_like(p.data)
+            else:
+                theirs = [layer.lora_A[adapter], layer.lora_B[adapter]]
+                for m, t in zip(mine, theirs):
+                    m.weight.data = t.weight.data
+                    if m.bias is not None:
+                        m.bias.data = t.bias.data
+        try:
+            yield self
+        finally:
+            for p, data in saved:
+                p.data = data
+
     @contextlib.contextmanager
     def use(self, adapter: str | None):
         """As PEFT's `set_adapter(adapter)` (a layer without that adapter runs its base layer alone) or, for None,

@@ -358,3 +358,66 @@ def test_adapter_switch_to_another_adapter_is_peft_set_adapter(tiny_llama):
     with pytest.raises(ValueError, match="no adapter 'missing'"):
         with switch.use("missing"):
             pass
+
+
+def test_adapter_switch_stand_in_carries_the_reference_through_the_policy_adapter(tiny_llama):
+    """`AdapterSwitch.stand_in(None)` gives the base's logits and `stand_in(name)` that adapter's, both through the
+    active adapter's own parameters (the same objects, their data swapped), which are back as they were after;
+    `can_stand_in` refuses an adapter of another rank, an unknown one and a dropout that drops."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    model.add_adapter("ref", LoraConfig(r=4, target_modules="all-linear"))
+    model.add_adapter("wide", LoraConfig(r=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    params = dict(model.named_parameters())
+    before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in params.items()}
+    ids = torch.arange(3, 19)[None]
+    switch = stacking.AdapterSwitch.for_model(model)
+    assert switch.can_stand_in(None) and switch.can_stand_in("ref")
+    assert not switch.can_stand_in("wide") and not switch.can_stand_in("missing")
+    with torch.no_grad():
+        policy = model(input_ids=ids).logits
+        for adapter in (None, "ref"):
+            with switch.use(adapter):
+                want = model(input_ids=ids).logits
+            with switch.stand_in(adapter):
+                got = model(input_ids=ids).logits
+                assert model.active_adapter == "default"
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert not torch.allclose(got, policy, atol=1e-3)
+    after = dict(model.named_parameters())
+    for n, (p, data, flag) in before.items():
+        assert after[n] is p and p.requires_grad == flag and p.grad is None
+        torch.testing.assert_close(p.detach(), data, rtol=0, atol=0)
+    torch.testing.assert_close(model(input_ids=ids).logits.detach(), policy, rtol=0, atol=0)
+    dropped = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                             LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    assert not stacking.AdapterSwitch.for_model(dropped).can_stand_in(None)
+
+
+def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """`compile` with `ref_first`: the reference forward runs the policy's compiled graph (grad on, the adapter
+    carrying B = 0; `QuickReferenceSwitch.reference_in_policy_graph`), not a no-grad graph of its own; the first loss
+    is log 2 and the losses are the eager run's."""
+    import transformers
+
+    calls = []
+    real = transformers.LlamaModel.forward
+    monkeypatch.setattr(transformers.LlamaModel, "forward",
+                        lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or real(self, *a, **k))
+    runs = {}
+    for spec in ("ref_first", "ref_first,compile"):
+        calls.clear()
+        runs[spec] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")),
+                                       max_steps=3, speedups=spec, eval_split_size=0, learning_rate=1e-2))
+        assert calls == ([False, True] * 3 if spec == "ref_first" else [True, True] * 3)
+    assert runs["ref_first,compile"].reference_in_policy_graph and not runs["ref_first"].reference_in_policy_graph
+    got, want = losses(runs["ref_first,compile"]), losses(runs["ref_first"])
+    assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3

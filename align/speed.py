@@ -25,7 +25,9 @@ Options (a comma-separated list, `auto`, or `none`):
   the 2B pooled tokens only (transformers' rule: each sequence's rightmost token that is not the pad token).
 - `ref_first` (DPO): the reference log-probabilities are computed before the policy forward, not after it as in
   TRL (`align/dpo.py` `ReferenceFirst`): the reference forward's working memory no longer comes on top of every
-  activation the policy keeps for its backward. Same values.
+  activation the policy keeps for its backward. Same values. With `compile` the reference forward runs the policy's
+  own compiled graph, the policy adapter carrying the reference's weights (`QuickReferenceSwitch`), so that both
+  round alike and the first loss is log 2, as in eager mode.
 - `compile`: `torch.compile` of each decoder layer (one compiled graph shared by all layers): fused norms, RoPE,
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and

@@ -84,8 +84,9 @@ class QuickReferenceSwitch:
             switch = AdapterSwitch.for_model(peft_model) if self.ref_model is None else None
             reference = "ref" if switch is not None and "ref" in peft_model.peft_config else None  # TRL's rule
             checkpointing = bool(getattr(peft_model, "is_gradient_checkpointing", False))
-            cached = self._reference_switch = (switch, reference, checkpointing)
-        switch, reference, checkpointing = cached
+            stands_in = switch is not None and switch.can_stand_in(reference)
+            cached = self._reference_switch = (switch, reference, checkpointing, stands_in)
+        switch, reference, checkpointing, stands_in = cached
         if switch is None or model is not self.model or self.ld_alpha is not None:
             return super().compute_ref_log_probs(model, inputs)
         from trl.models.utils import disable_gradient_checkpointing
@@ -94,7 +95,7 @@ class QuickReferenceSwitch:
                                                                      "ref_rejected_logps")}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        if self.reference_in_policy_graph and switch.can_stand_in(reference):
+        if self.reference_in_policy_graph and stands_in:
             # as the policy's forward (the caller's grad mode, checkpointing as it is): the policy's compiled graph
             with switch.stand_in(reference), self.accelerator.autocast():
                 per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs.detach()

@@ -273,8 +273,8 @@ def test_quick_reference_switch_gives_trls_reference_without_walking_the_model(
     got = trainer.compute_ref_log_probs(model, batch)
     monkeypatch.undo()
     assert walks == []
-    switch, reference, _ = trainer._reference_switch  # TRL copies any adapter it gets into "ref" (a fresh one: the base)
-    assert switch is not None and reference == ("ref" if "ref" in model.peft_config else None)
+    switch, reference, _, stands_in = trainer._reference_switch  # TRL copies any adapter it gets into "ref" (a fresh one: the base)
+    assert switch is not None and reference == ("ref" if "ref" in model.peft_config else None) and stands_in
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
     assert state() == before

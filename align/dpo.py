@@ -97,7 +97,7 @@ class QuickReferenceSwitch:
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         if self.reference_in_policy_graph and stands_in:
             # as the policy's forward (the caller's grad mode, checkpointing as it is): the policy's compiled graph
-            with switch.stand_in(reference), self.accelerator.autocast():
+            with switch.stand_in(reference), speed.head_without_grad(), self.accelerator.autocast():
                 per_token = model(**model_kwargs, labels=labels, fused_lm_head=True).log_probs.detach()
         else:
             no_checkpointing = (disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs)

@@ -95,6 +95,7 @@ speed, memory and the losses against stock TRL + PEFT.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -459,6 +460,23 @@ def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS
                       num_items=kwargs.get("num_items_in_batch"), head_grad=head_grad)
 
 
+_head_without_grad = False  # set by `head_without_grad`
+
+
+@contextlib.contextmanager
+def head_without_grad():
+    """The packed forwards' LM head (outside the compiled layers) runs without grad in the block: for a forward run
+    with grad on only to take the policy's compiled graph, its result detached (DPO's reference,
+    `dpo.QuickReferenceSwitch`): with `head_grad` the head would otherwise build the hidden-state gradient (a
+    vocabulary-wide GEMM more) for nothing."""
+    global _head_without_grad
+    previous, _head_without_grad = _head_without_grad, True
+    try:
+        yield
+    finally:
+        _head_without_grad = previous
+
+
 def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None, head_grad=False):
     """TRL's fused LM head (`add_fused_lm_head`, temperature 1, no logit scale or softcap: what segment attention
     admits) on host-planned positions: `hidden` (T, d) of a packed row, `rows` the positions scored, `targets`
@@ -471,13 +489,14 @@ def fused_head(model, hidden, rows, targets, flat, mask, outputs, num_items=None
 
     head = model.get_output_embeddings()
     hidden = hidden.to(head.weight.device).index_select(0, rows)
-    if head_grad and grad_in_forward.frozen(head.weight, head.bias):  # a trained head needs TRL's weight gradient
-        per_token = grad_in_forward.log_probs(hidden, head.weight, head.bias, targets, _CHUNKED_LOGPROB_CHUNK_SIZE,
-                                              outputs)
-    else:
-        per_token = ChunkedLogProbFunction.apply(
-            hidden, head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
-        )
+    with torch.no_grad() if _head_without_grad else contextlib.nullcontext():
+        if head_grad and grad_in_forward.frozen(head.weight, head.bias):  # a trained head needs TRL's weight gradient
+            per_token = grad_in_forward.log_probs(hidden, head.weight, head.bias, targets,
+                                                  _CHUNKED_LOGPROB_CHUNK_SIZE, outputs)
+        else:
+            per_token = ChunkedLogProbFunction.apply(
+                hidden, head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs,
+            )
     log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
         None if x is None else x.new_zeros(mask.numel()).index_copy(0, flat, x).view(mask.shape) for x in per_token
     )

@@ -404,20 +404,29 @@ def test_adapter_switch_stand_in_carries_the_reference_through_the_policy_adapte
 def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
     """`compile` with `ref_first`: the reference forward runs the policy's compiled graph (grad on, the adapter
     carrying B = 0; `QuickReferenceSwitch.reference_in_policy_graph`), not a no-grad graph of its own; the first loss
-    is log 2 and the losses are the eager run's."""
+    is log 2 and the losses are the eager run's. With `head_grad` the reference's LM head runs without grad (it
+    builds no hidden-state gradient) and the policy's with it."""
     import transformers
 
-    calls = []
-    real = transformers.LlamaModel.forward
+    from align import head_grad
+
+    calls, heads = [], []
+    real, real_head = transformers.LlamaModel.forward, head_grad.log_probs
     monkeypatch.setattr(transformers.LlamaModel, "forward",
                         lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or real(self, *a, **k))
+    monkeypatch.setattr(head_grad, "log_probs",
+                        lambda *a, **k: heads.append(torch.is_grad_enabled()) or real_head(*a, **k))
     runs = {}
-    for spec in ("ref_first", "ref_first,compile"):
+    for spec in ("ref_first", "ref_first,compile", "shared_prompt,ref_first,compile,head_grad"):
         calls.clear()
         runs[spec] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")),
                                        max_steps=3, speedups=spec, eval_split_size=0, learning_rate=1e-2))
+        assert runs[spec].align_speedups == tuple(spec.split(","))
+        assert runs[spec].reference_in_policy_graph == ("compile" in spec)
         assert calls == ([False, True] * 3 if spec == "ref_first" else [True, True] * 3)
-    assert runs["ref_first,compile"].reference_in_policy_graph and not runs["ref_first"].reference_in_policy_graph
-    got, want = losses(runs["ref_first,compile"]), losses(runs["ref_first"])
-    assert got[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3
+    assert heads == [False, True] * 3
+    want = losses(runs["ref_first"])
+    for spec in ("ref_first,compile", "shared_prompt,ref_first,compile,head_grad"):
+        got = losses(runs[spec])
+        assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+        assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3

@@ -6,6 +6,7 @@ keep-mask saved per adapter instead of its own dropped copy of the input. See `a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -137,9 +138,32 @@ def lora_linear_ab(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """`(x @ weight.T (+ bias) + (x @ a.T) @ b.T, x @ a.T)` for 2-D `x`: the LoRA product (and bias) written first,
     then the base GEMM accumulated into it in place (beta 1). The second output, the down-projection `h`, is what
     the backward keeps for B's gradient (M x r); it carries no gradient of its own."""
+    if _b_is_zero:  # the LoRA product is zero: the same buffer and base GEMM without it (`zero_b`)
+        h = x.new_zeros(x.shape[0], a.shape[0])
+        out = x.new_zeros(x.shape[0], weight.shape[0])
+        if bias is not None:
+            out.add_(bias)
+        return out.addmm_(x, weight.t()), h
     h = torch.mm(x, a.t())
     out = torch.mm(h, b.t()) if bias is None else torch.addmm(bias, h, b.t())
     return out.addmm_(x, weight.t()), h
+
+
+_b_is_zero = False  # set by `zero_b`
+
+
+@contextlib.contextmanager
+def zero_b():
+    """For the block, every B given to `lora_linear_ab` is zero (`stacking.AdapterSwitch.stand_in(None)`: the policy
+    adapter carrying the base, DPO's reference run through the policy's compiled graph). The op, run by that graph
+    at run time, skips its two LoRA GEMMs and writes the base GEMM into a zero-filled buffer: the bits of its
+    product with B = 0, as the same beta-1 GEMM, without the LoRA reads of x."""
+    global _b_is_zero
+    previous, _b_is_zero = _b_is_zero, True
+    try:
+        yield
+    finally:
+        _b_is_zero = previous
 
 
 @lora_linear_ab.register_fake

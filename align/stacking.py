@@ -11,7 +11,7 @@ import os
 import torch
 from peft import PeftModel, get_peft_model
 
-from align import manifest, modeling
+from align import fused_lora, manifest, modeling
 
 logger = logging.getLogger("align")
 
@@ -199,15 +199,13 @@ class AdapterSwitch:
         """Whether the active adapter (the policy's) can carry `adapter`'s weights, or the base's for None (B = 0),
         through its own forward (`stand_in`): one active adapter, no dropout that drops in training, and in every
         layer that has it, `adapter` with the same shapes, dtypes and scaling."""
-        from align.fused_lora import _has_dropout
-
         active = self.peft_model.active_adapter
         if not isinstance(active, str) or (adapter is not None and adapter not in self.peft_model.peft_config):
             return False
         for layer in self.layers:
             if active not in layer.lora_A:
                 continue  # the base in this layer either way
-            if _has_dropout(layer.lora_dropout[active]) or active in layer.lora_variant:
+            if fused_lora._has_dropout(layer.lora_dropout[active]) or active in layer.lora_variant:
                 return False
             if adapter is None:
                 continue
@@ -225,7 +223,8 @@ class AdapterSwitch:
         """The active adapter carries `adapter`'s weights (None: the base's, B = 0) for the block: the reference's
         forward through the policy's own code and, under `torch.compile`, the policy's own compiled graph. The
         parameters stay the same objects (their `.data` is swapped and put back after), so a compiled layer runs
-        the graph it has for them. Check `can_stand_in` first."""
+        the graph it has for them; with B = 0 its fused LoRA ops skip their zero products (`fused_lora.zero_b`).
+        Check `can_stand_in` first."""
         active = self.peft_model.active_adapter
         saved = []
         for layer in self.layers:
@@ -245,7 +244,8 @@ class AdapterSwitch:
                     if m.bias is not None:
                         m.bias.data = t.bias.data
         try:
-            yield self
+            with fused_lora.zero_b() if adapter is None else contextlib.nullcontext():
+                yield self
         finally:
             for p, data in saved:
                 p.data = data

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align import dpo, sft, stacking
+from align import dpo, fused_lora, sft, stacking
 from align.manifest import read_json
 
 from .test_sft import base_state, losses, sft_argv
@@ -389,6 +389,8 @@ def test_adapter_switch_stand_in_carries_the_reference_through_the_policy_adapte
             with switch.stand_in(adapter):
                 got = model(input_ids=ids).logits
                 assert model.active_adapter == "default"
+                assert fused_lora._b_is_zero == (adapter is None)  # the fused op skips its zero LoRA product
+            assert not fused_lora._b_is_zero
             torch.testing.assert_close(got, want, rtol=0, atol=0)
             assert not torch.allclose(got, policy, atol=1e-3)
     after = dict(model.named_parameters())
@@ -417,7 +419,7 @@ def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_j
     monkeypatch.setattr(head_grad, "log_probs",
                         lambda *a, **k: heads.append(torch.is_grad_enabled()) or real_head(*a, **k))
     runs = {}
-    for spec in ("ref_first", "ref_first,compile", "shared_prompt,ref_first,compile,head_grad"):
+    for spec in ("ref_first", "ref_first,compile", "shared_prompt,ref_first,compile,fused_lora,head_grad"):
         calls.clear()
         runs[spec] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")),
                                        max_steps=3, speedups=spec, eval_split_size=0, learning_rate=1e-2))
@@ -426,7 +428,7 @@ def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_j
         assert calls == ([False, True] * 3 if spec == "ref_first" else [True, True] * 3)
     assert heads == [False, True] * 3
     want = losses(runs["ref_first"])
-    for spec in ("ref_first,compile", "shared_prompt,ref_first,compile,head_grad"):
+    for spec in ("ref_first,compile", "shared_prompt,ref_first,compile,fused_lora,head_grad"):
         got = losses(runs[spec])
         assert got[0] == pytest.approx(math.log(2), abs=1e-6)
         assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3

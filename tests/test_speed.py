@@ -856,6 +856,27 @@ def test_lora_linear_ab_gradients(bias):
         torch.testing.assert_close(out.detach(), want)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_ab_with_zero_b_skips_the_lora_gemms_for_the_same_bits(bias, monkeypatch):
+    """`fused_lora.zero_b()` (DPO's reference through the policy's graph, B = 0): the op ignores B, runs only the
+    base GEMM (neither LoRA GEMM) and gives the bits it gives with a zero B, and a zero `h`; outside the block B
+    counts."""
+    mms = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: mms.append(1) or real_mm(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    x, w, a, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((64, 48), (40, 48), (8, 48), (40, 8)))
+    bias_t = torch.randn(40, generator=g).to(torch.bfloat16) if bias else None
+    want, _ = torch.ops.align.lora_linear_ab(x, w, bias_t, a, torch.zeros_like(b))
+    mms.clear()
+    with fused_lora.zero_b():
+        got, h = torch.ops.align.lora_linear_ab(x, w, bias_t, a, b)
+    assert mms == []
+    assert torch.equal(got, want) and h.shape == (64, 8) and not h.any()
+    assert not torch.equal(torch.ops.align.lora_linear_ab(x, w, bias_t, a, b)[0], want)
+    assert len(mms) == (1 if bias else 2)  # x @ a.T, and h @ b.T unless the bias takes an addmm
+
+
 def test_fused_lora_dropout_saves_a_mask_not_a_copy():
     """LoRA dropout in the fused path: the same outputs and gradients as dropout-then-linear with the same keep-mask
     (drawn from the same seed), and the forward saves a one-byte mask per adapter instead of PEFT's dropped bf16

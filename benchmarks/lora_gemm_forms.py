@@ -16,8 +16,15 @@ and the backward (input, A and B gradients; a frozen base) in these forms:
   rank-16 product is written and read back; the backward's `g @ [W | B]` gives the base input gradient and `g @ B`
   in one GEMM, then `(g @ B) @ A` is added into the first part in place.
 
+Layers that read one input (q / k / v, gate / up) are also timed as a group (`GROUPS`):
+- `separate`: each layer's `op_ab` on the shared x (what the model runs today), summed;
+- `grouped`: one `op_ab` over the concatenated weights, `W` (sum of outs, in), `A` (sum of ranks, in) and B
+  block-diagonal (sum of outs, sum of ranks): one base GEMM at the group's width and one set of LoRA GEMMs (x read
+  once for A), the outputs side by side; B's gradient is the diagonal blocks of `g.T @ h`.
+
 Every form gives the same outputs and gradients (`check_forms`, run before timing). Per shape: ms a step for each
-form summed over the layers, and each form's excess over `base`. Writes `<out>/lora_gemm_forms_<gpu>.json`.
+form summed over the layers, each form's excess over `base`, and per group `separate` against `grouped`. Writes
+`<out>/lora_gemm_forms_<gpu>.json`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from gemm_ceiling import linear_shapes, median_seconds  # noqa: E402
 from throughput import SHAPES, gpu_tag  # noqa: E402
 
 FORMS = ("base", "op_ab", "kcat")
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
 
 
 def make(torch, m: int, i: int, o: int, r: int, device: str, dtype, seed: int = 0) -> dict:
@@ -75,6 +83,42 @@ def run(torch, form: str, t: dict) -> tuple:
     raise ValueError(f"unknown form {form!r}; choose from {', '.join(FORMS)}")
 
 
+def make_group(torch, m: int, i: int, outs: list[int], r: int, device: str, dtype, seed: int = 0) -> dict:
+    """Layers on one input x: each layer's tensors (`make`, x shared) and the group's concatenated ones."""
+    layers = [make(torch, m, i, o, r, device, dtype, seed=seed + n) for n, o in enumerate(outs)]
+    x = layers[0]["x"]
+    for t in layers:
+        t["x"] = x
+    b = torch.zeros(sum(outs), r * len(outs), device=device, dtype=dtype)
+    row = 0
+    for n, t in enumerate(layers):
+        b[row:row + t["b"].shape[0], n * r:(n + 1) * r] = t["b"]
+        row += t["b"].shape[0]
+    cat = lambda key: torch.cat([t[key] for t in layers])
+    return dict(layers=layers, cat=dict(x=x, g=torch.cat([t["g"] for t in layers], 1), w=cat("w"), a=cat("a"), b=b))
+
+
+def run_group(torch, form: str, group: dict) -> tuple:
+    """(outputs side by side, input gradient, A gradients stacked, B gradients stacked) of a group of layers on one
+    input: `separate` (each layer's `op_ab`) or `grouped` (one `op_ab` over the concatenated weights)."""
+    if form == "separate":
+        parts = [run(torch, "op_ab", t) for t in group["layers"]]
+        gx = parts[0][1]
+        for p in parts[1:]:
+            gx = gx + p[1]
+        return (torch.cat([p[0] for p in parts], 1), gx, torch.cat([p[2] for p in parts]),
+                torch.cat([p[3] for p in parts]))
+    if form == "grouped":
+        out, gx, ga, gb_full = run(torch, "op_ab", group["cat"])
+        r, row, blocks = group["layers"][0]["a"].shape[0], 0, []
+        for n, t in enumerate(group["layers"]):
+            o = t["b"].shape[0]
+            blocks.append(gb_full[row:row + o, n * r:(n + 1) * r])
+            row += o
+        return out, gx, ga, torch.cat(blocks)
+    raise ValueError(f"unknown group form {form!r}; choose from separate, grouped")
+
+
 def check_forms(torch, device: str = "cpu") -> float:
     """Largest relative difference of any form's outputs and gradients from `op_ab`'s (float64 on a small layer)."""
     t = make(torch, 48, 40, 24, 4, device, torch.float64, seed=1)
@@ -86,6 +130,9 @@ def check_forms(torch, device: str = "cpu") -> float:
     base = run(torch, "base", t)
     lora_out = (t["x"] @ t["a"].t()) @ t["b"].t()
     worst = max(worst, ((base[0] + lora_out - want[0]).abs().max() / want[0].abs().max()).item())
+    group = make_group(torch, 48, 40, [24, 8, 8], 4, device, torch.float64, seed=3)
+    for x, y in zip(run_group(torch, "grouped", group), run_group(torch, "separate", group)):
+        worst = max(worst, ((x - y).abs().max() / y.abs().max()).item())
     return worst
 
 
@@ -101,8 +148,16 @@ def measure(torch, shape: str, device: str, reps: int, rank: int = 16) -> dict:
         for f in FORMS:
             step[f] += ms[f] * layers
         del t
+    shapes = {name: (i, o) for name, i, o in linear_shapes(spec["config"])}
+    groups = {}
+    for group, names in GROUPS.items():
+        t = make_group(torch, tokens, shapes[names[0]][0], [shapes[n][1] for n in names], rank, device, dtype)
+        ms = {f: median_seconds(torch, lambda f=f, t=t: run_group(torch, f, t), device, reps, warmup=2) * 1000
+              for f in ("separate", "grouped")}
+        groups[group] = dict(layers=list(names), ms=ms, saved_ms_per_step=(ms["separate"] - ms["grouped"]) * layers)
+        del t
     return dict(shape=shape, tokens=tokens, rank=rank, layers=rows, ms_per_step=step,
-                excess_over_base_ms=({f: step[f] - step["base"] for f in FORMS if f != "base"}))
+                excess_over_base_ms=({f: step[f] - step["base"] for f in FORMS if f != "base"}), groups=groups)
 
 
 def main(argv=None) -> int:
@@ -123,6 +178,8 @@ def main(argv=None) -> int:
         ex = ", ".join(f"{f} +{v:.1f} ms" for f, v in r["excess_over_base_ms"].items())
         print(f"[lora_gemm_forms] {r['shape']}: base GEMMs {r['ms_per_step']['base']:.1f} ms a step; over it: {ex}",
               flush=True)
+        saved = ", ".join(f"{g} {v['saved_ms_per_step']:.1f} ms" for g, v in r["groups"].items())
+        print(f"[lora_gemm_forms] {r['shape']}: grouped layers save a step: {saved}", flush=True)
     path = os.path.join(args.out, f"lora_gemm_forms_{gpu_tag(name)}.json")
     write_json_atomic(path, dict(meta=dict(device=name, torch=torch.__version__, reps=args.reps, forms_agree=worst,
                                            time=time.strftime("%Y-%m-%d %H:%M:%S")), shapes=shapes))

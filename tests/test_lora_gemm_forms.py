@@ -32,3 +32,24 @@ def test_lora_gemm_forms_cpu_run_writes_each_form_per_layer(tmp_path):
     assert [r["name"] for r in tiny["layers"]] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"]
     assert set(tiny["ms_per_step"]) == set(lgf.FORMS) and set(tiny["excess_over_base_ms"]) == {"op_ab", "kcat"}
+    assert set(tiny["groups"]) == {"qkv", "gate_up"}
+    assert all(set(g["ms"]) == {"separate", "grouped"} and g["ms"]["grouped"] > 0 for g in tiny["groups"].values())
+
+
+def test_grouped_layers_give_each_layer_s_outputs_and_gradients():
+    """q / k / v as one op over concatenated weights (B block-diagonal): each layer's output side by side, the sum
+    of their input gradients, their A gradients stacked and B's as the diagonal blocks of one product."""
+    import lora_gemm_forms as lgf
+
+    group = lgf.make_group(torch, 16, 12, [10, 4, 4], 3, "cpu", torch.float64, seed=5)
+    out, gx, ga, gb = lgf.run_group(torch, "grouped", group)
+    x = group["cat"]["x"]
+    want_gx = 0
+    for n, t in enumerate(group["layers"]):
+        g, w, a, b = t["g"], t["w"], t["a"], t["b"]
+        cols = slice(sum(u["b"].shape[0] for u in group["layers"][:n]), None)
+        torch.testing.assert_close(out[:, cols][:, :w.shape[0]], x @ w.t() + (x @ a.t()) @ b.t())
+        torch.testing.assert_close(ga[3 * n:3 * n + 3], (g @ b).t() @ x)
+        torch.testing.assert_close(gb[cols][:w.shape[0]], g.t() @ (x @ a.t()))
+        want_gx = want_gx + g @ w + (g @ b) @ a
+    torch.testing.assert_close(gx, want_gx)

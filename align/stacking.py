@@ -197,15 +197,18 @@ class AdapterSwitch:
 
     def can_stand_in(self, adapter: str | None) -> bool:
         """Whether the active adapter (the policy's) can carry `adapter`'s weights, or the base's for None (B = 0),
-        through its own forward (`stand_in`): one active adapter, no dropout that drops in training, and in every
-        layer that has it, `adapter` with the same shapes, dtypes and scaling."""
+        through its own forward (`stand_in`): one active adapter, no variant (DoRA's magnitude makes B = 0 another
+        weight than the base's), and in every layer that has it, `adapter` with the same shapes, dtypes and scaling.
+        A dropout is no obstacle: with B = 0 the dropped LoRA input meets a zero product, and TRL's "ref" adapter
+        drops its input as the policy's does (its masks draw from the random stream, which the base reference of a
+        plain forward does not)."""
         active = self.peft_model.active_adapter
         if not isinstance(active, str) or (adapter is not None and adapter not in self.peft_model.peft_config):
             return False
         for layer in self.layers:
             if active not in layer.lora_A:
                 continue  # the base in this layer either way
-            if fused_lora._has_dropout(layer.lora_dropout[active]) or active in layer.lora_variant:
+            if active in layer.lora_variant:
                 return False
             if adapter is None:
                 continue

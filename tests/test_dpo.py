@@ -363,7 +363,8 @@ def test_adapter_switch_to_another_adapter_is_peft_set_adapter(tiny_llama):
 def test_adapter_switch_stand_in_carries_the_reference_through_the_policy_adapter(tiny_llama):
     """`AdapterSwitch.stand_in(None)` gives the base's logits and `stand_in(name)` that adapter's, both through the
     active adapter's own parameters (the same objects, their data swapped), which are back as they were after;
-    `can_stand_in` refuses an adapter of another rank, an unknown one and a dropout that drops."""
+    `can_stand_in` refuses an adapter of another rank, an unknown one and DoRA, and takes a dropout (with B = 0 in
+    training mode, the base's logits still)."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -398,9 +399,22 @@ def test_adapter_switch_stand_in_carries_the_reference_through_the_policy_adapte
         assert after[n] is p and p.requires_grad == flag and p.grad is None
         torch.testing.assert_close(p.detach(), data, rtol=0, atol=0)
     torch.testing.assert_close(model(input_ids=ids).logits.detach(), policy, rtol=0, atol=0)
+    dora = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
+                          LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    assert not stacking.AdapterSwitch.for_model(dora).can_stand_in(None)
     dropped = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama),
-                             LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
-    assert not stacking.AdapterSwitch.for_model(dropped).can_stand_in(None)
+                             LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.5))
+    for name, p in dropped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    switch = stacking.AdapterSwitch.for_model(dropped)
+    assert switch.can_stand_in(None)
+    dropped.train()
+    with torch.no_grad():
+        with dropped.disable_adapter():
+            base = dropped(input_ids=ids).logits
+        with switch.stand_in(None):
+            torch.testing.assert_close(dropped(input_ids=ids).logits, base, rtol=0, atol=0)
 
 
 def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_jsonl, tmp_path, monkeypatch):

@@ -56,6 +56,7 @@
 #   rows_nb  1B DPO, 1B reward model and 8B DPO (fixed length), stock and auto with non_blocking (auto's since call26)
 #   qlora_nb 1B and 8B SFT QLoRA likewise
 #   gemm     every base GEMM of a 1B / 8B LoRA step timed alone (cuBLAS), and a square GEMM: the floor under a step
+#   dpo_steps 8B and 1B DPO, stock and auto, per-step losses (call27c: auto's first loss 0.5718 at 8B, not log 2)
 #   head     1B SFT, 1B DPO and 8B SFT with head_grad on auto (the head alone 1.30x / 1.43x on an H200, call17's whole
 #            steps within the spread, before auto's later changes)
 #   refbits  the compiled 4-layer 8B-shape model's reference forward (adapters off) against its policy forward at
@@ -71,7 +72,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|head|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|head|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -179,6 +180,9 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:sft_qlora,8b:sft_qlora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   gemm)  # cuBLAS's own rate on each shape's base GEMMs: the floor under a LoRA step (benchmarks/gemm_ceiling.py)
     $PY benchmarks/gemm_ceiling.py --shapes 1b,8b --out "$OUT" ;;
+  dpo_steps)  # DPO with a loss logged every step: step 1 must be log 2 on both paths (the reference is the policy)
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora,1b:dpo_lora --paths stock,align --steps 12 --warmup 1 \
+        --timeout 240 --out "$OUT" ;;
   head)  # head_grad (the LM head's hidden-state gradient built in its forward: 2 vocabulary GEMMs, not 3) on auto
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align,align_hg \
         --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT" ;;

@@ -30,9 +30,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from align.manifest import write_json_atomic  # noqa: E402
 from saved_activations import LLAMA_1B  # noqa: E402
+from throughput import LLAMA_8B as THROUGHPUT_8B  # noqa: E402
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                head_dim=128, vocab_size=1000, tie_word_embeddings=False, rope_theta=500000.0)
+# Llama-3.1-8B's layer as the throughput benchmark builds it, its vocabulary cut to 1,000
+LLAMA_8B = {k: v for k, v in THROUGHPUT_8B.items() if k != "num_hidden_layers"} | {"vocab_size": 1000}
 LAYERS = {"1b": (LLAMA_1B, 4), "8b": (LLAMA_8B, 2)}  # the layer's config, rows of 2048 in its throughput case
 
 _ATTN_FWD = "_scaled_dot_product_flash_attention_for_cpu.default"

@@ -417,6 +417,10 @@ def worker(spec: dict) -> dict:
         if "lean" in options:  # the budget the stage used (an --align_src checkout may not record it)
             budget = getattr(trainer, "align_lean_memory_budget", None) or (
                 speed.lean_budget(trainer, budget) if hasattr(speed, "lean_budget") else budget)
+    if spec.get("step_bits"):  # benchmarks/dpo_step_bits.py: the first step's forwards, bit for bit
+        from benchmarks.dpo_step_bits import trace
+
+        return trace(trainer, torch)
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
     trainer.data_collator = meter.count(trainer.data_collator, kind)

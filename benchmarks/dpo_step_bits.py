@@ -1,0 +1,129 @@
+"""Where DPO's first step stops being log 2: each decoder layer's output in the reference and policy forwards.
+
+At step 1 the policy is its reference (B = 0), so the two forwards of a DPO step must give the same bits and the
+loss must be log 2 = 0.6931, as stock TRL + PEFT gives every time. `auto` on an H100 gave 0.57-0.73 at the
+Llama-3.1-8B shape (Call27, Call28) and 0.6931 at 1B. This builds the trainer as `throughput.py` does (the same
+worker), takes its first batch and runs the step's loss twice without an update (four forwards: reference,
+policy, reference, policy), keeping the embeddings, each decoder layer's output, the final norm's output and the
+per-token log-probabilities of every forward. Printed: the loss of each call and, for the pairs (reference,
+policy), (reference, reference again), (policy, policy again), the first layer whose output differs and the
+largest difference of each recorded tensor.
+
+    python benchmarks/dpo_step_bits.py --shape 8b --path align --out step_bits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def record_forwards(model, backbone, speed):
+    """Install recorders on the embeddings, every decoder layer (outside its compiled graph) and the final norm,
+    and on align's fused head; returns the list of passes, each a dict name -> tensor (a pass begins at the
+    embeddings)."""
+    passes = []
+
+    def keep(name, tensor):
+        if name == "embed":
+            passes.append({})
+        if passes and tensor is not None:
+            passes[-1][name] = tensor.detach().float().clone()
+
+    backbone.embed_tokens.register_forward_hook(lambda m, a, o: keep("embed", _first(o)))
+    backbone.norm.register_forward_hook(lambda m, a, o: keep("norm", _first(o)))
+    for i, layer in enumerate(backbone.layers):
+        compiled = getattr(layer, "_compiled_call_impl", None)
+        if compiled is None:  # eager: a hook runs outside any graph
+            layer.register_forward_hook(lambda m, a, o, i=i: keep(f"layer{i}", _first(o)))
+            continue
+
+        def call(*args, _compiled=compiled, _i=i, **kwargs):  # called by Module._wrapped_call_impl, outside dynamo
+            out = _compiled(*args, **kwargs)
+            keep(f"layer{_i}", _first(out))
+            return out
+
+        layer._compiled_call_impl = call
+    if speed is not None:
+        head = speed.fused_head
+
+        def fused_head(*args, **kwargs):
+            out = head(*args, **kwargs)
+            keep("log_probs", out.log_probs)
+            return out
+
+        speed.fused_head = fused_head
+    return passes
+
+
+def diff(a: dict, b: dict) -> dict:
+    import torch
+
+    names = [n for n in a if n in b]
+    first = next((n for n in names if n.startswith("layer") and not torch.equal(a[n], b[n])), None)
+    return {"equal": all(torch.equal(a[n], b[n]) for n in names), "first_layer_differing": first,
+            "max_abs_diff": {n: float((a[n] - b[n]).abs().max()) for n in names if a[n].shape == b[n].shape},
+            "shapes_differ": [n for n in names if a[n].shape != b[n].shape]}
+
+
+def trace(trainer, torch) -> dict:
+    """Run the first batch's DPO loss twice (no update between) with the forwards recorded."""
+    from align import speed
+
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    backbone = getattr(inner, inner.base_model_prefix)
+    passes = record_forwards(peft_model, backbone, speed)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    losses = []
+    for _ in range(2):
+        inputs = trainer._prepare_inputs(batch)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(trainer.model, inputs)
+        losses.append(float(loss.detach()))
+        del loss
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    out = {"losses": losses, "passes": len(passes), "names": list(passes[0]) if passes else []}
+    if len(passes) >= 4:
+        out.update({"reference vs policy": diff(passes[0], passes[1]),
+                    "reference vs reference again": diff(passes[0], passes[2]),
+                    "policy vs policy again": diff(passes[1], passes[3])})
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="8b")
+    ap.add_argument("--path", default="align", help="stock or align")
+    ap.add_argument("--align_options", default="auto")
+    ap.add_argument("--model_config", default="", help="`key=value,...` over the shape's model config")
+    ap.add_argument("--out", help="JSON file to write")
+    args = ap.parse_args(argv)
+    from benchmarks import throughput
+
+    shape_cfg = dict(throughput.SHAPES[args.shape])
+    if args.model_config:
+        shape_cfg["config"] = {**shape_cfg["config"], **throughput._model_config(args.model_config)}
+    spec = dict(shape=args.shape, case="dpo_lora", path=args.path, shape_cfg=shape_cfg, steps=1, warmup=0,
+                rows=shape_cfg["pairs"], align_options=args.align_options, data="fixed", lr=5e-6,
+                gradient_checkpointing=False, seed=0, lora_dropout=0.0, step_bits=True)
+    result = dict(vars(args), **throughput.worker(spec))
+    print(json.dumps(result, indent=1))
+    if args.out:
+        from align.manifest import write_json_atomic
+
+        write_json_atomic(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -38,7 +38,11 @@ def record_forwards(model, backbone, speed):
         if passes and tensor is not None:
             passes[-1][name] = tensor.detach().float().clone()
 
-    backbone.embed_tokens.register_forward_hook(lambda m, a, o: keep("embed", _first(o)))
+    def embed_hook(module, args, out):
+        keep("embed", _first(out))
+        keep("ids", args[0])
+
+    backbone.embed_tokens.register_forward_hook(embed_hook)
     backbone.norm.register_forward_hook(lambda m, a, o: keep("norm", _first(o)))
     for i, layer in enumerate(backbone.layers):
         compiled = getattr(layer, "_compiled_call_impl", None)
@@ -74,18 +78,23 @@ def diff(a: dict, b: dict) -> dict:
             "shapes_differ": [n for n in names if a[n].shape != b[n].shape]}
 
 
-def trace(trainer, torch) -> dict:
-    """Run the first batch's DPO loss twice (no update between) with the forwards recorded."""
+def trace(trainer, torch, train: bool = False) -> dict:
+    """Run the first batch's DPO loss twice (no update between) with the forwards recorded; `train`: the trainer's
+    own first step instead (`trainer.train()`, one step: its reference and policy forwards)."""
     from align import speed
 
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     backbone = getattr(inner, inner.base_model_prefix)
     passes = record_forwards(peft_model, backbone, speed)
+    losses = []
+    if train:
+        trainer.args.max_steps, trainer.args.logging_steps = 1, 1
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trainer.model.train()
     batch = next(iter(trainer.get_train_dataloader()))
-    losses = []
-    for _ in range(2):
+    for _ in range(0 if train else 2):
         inputs = trainer._prepare_inputs(batch)
         with trainer.compute_loss_context_manager():
             loss = trainer.compute_loss(trainer.model, inputs)
@@ -93,8 +102,13 @@ def trace(trainer, torch) -> dict:
         del loss
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    out = {"losses": losses, "passes": len(passes), "names": list(passes[0]) if passes else []}
-    if len(passes) >= 4:
+    from benchmarks.throughput import _dynamo_counters
+
+    out = {"losses": losses, "passes": len(passes), "names": list(passes[0]) if passes else [],
+           "dynamo": _dynamo_counters()}
+    if train and len(passes) >= 2:
+        out["reference vs policy"] = diff(passes[0], passes[1])
+    if len(passes) >= 4 and not train:
         out.update({"reference vs policy": diff(passes[0], passes[1]),
                     "reference vs reference again": diff(passes[0], passes[2]),
                     "policy vs policy again": diff(passes[1], passes[3])})
@@ -107,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--path", default="align", help="stock or align")
     ap.add_argument("--align_options", default="auto")
     ap.add_argument("--model_config", default="", help="`key=value,...` over the shape's model config")
+    ap.add_argument("--train", action="store_true", help="the trainer's own first step (trainer.train())")
     ap.add_argument("--out", help="JSON file to write")
     args = ap.parse_args(argv)
     from benchmarks import throughput
@@ -116,7 +131,7 @@ def main(argv=None) -> None:
         shape_cfg["config"] = {**shape_cfg["config"], **throughput._model_config(args.model_config)}
     spec = dict(shape=args.shape, case="dpo_lora", path=args.path, shape_cfg=shape_cfg, steps=1, warmup=0,
                 rows=shape_cfg["pairs"], align_options=args.align_options, data="fixed", lr=5e-6,
-                gradient_checkpointing=False, seed=0, lora_dropout=0.0, step_bits=True)
+                gradient_checkpointing=False, seed=0, lora_dropout=0.0, step_bits="train" if args.train else "loss")
     result = dict(vars(args), **throughput.worker(spec))
     print(json.dumps(result, indent=1))
     if args.out:

@@ -420,7 +420,7 @@ def worker(spec: dict) -> dict:
     if spec.get("step_bits"):  # benchmarks/dpo_step_bits.py: the first step's forwards, bit for bit
         from benchmarks.dpo_step_bits import trace
 
-        return trace(trainer, torch)
+        return trace(trainer, torch, train=spec["step_bits"] == "train")
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
     trainer.data_collator = meter.count(trainer.data_collator, kind)

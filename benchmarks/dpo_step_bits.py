@@ -26,16 +26,16 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def record_forwards(model, backbone, speed):
+def record_forwards(model, backbone, speed, limit: int | None = None):
     """Install recorders on the embeddings, every decoder layer (outside its compiled graph) and the final norm,
     and on align's fused head; returns the list of passes, each a dict name -> tensor (a pass begins at the
-    embeddings)."""
+    embeddings), the first `limit` passes only when given."""
     passes = []
 
     def keep(name, tensor):
         if name == "embed":
             passes.append({})
-        if passes and tensor is not None:
+        if passes and tensor is not None and (limit is None or len(passes) <= limit):
             passes[-1][name] = tensor.detach().float().clone()
 
     def embed_hook(module, args, out):
@@ -78,15 +78,21 @@ def diff(a: dict, b: dict) -> dict:
             "shapes_differ": [n for n in names if a[n].shape != b[n].shape]}
 
 
+def recorder(trainer, limit: int = 2):
+    """`record_forwards` on a trainer's model (the first `limit` forwards)."""
+    try:
+        from align import speed
+    except ImportError:
+        speed = None
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    return record_forwards(peft_model, getattr(inner, inner.base_model_prefix), speed, limit)
+
+
 def trace(trainer, torch, train: bool = False) -> dict:
     """Run the first batch's DPO loss twice (no update between) with the forwards recorded; `train`: the trainer's
     own first step instead (`trainer.train()`, one step: its reference and policy forwards)."""
-    from align import speed
-
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    backbone = getattr(inner, inner.base_model_prefix)
-    passes = record_forwards(peft_model, backbone, speed)
+    passes = recorder(trainer, limit=None)
     losses = []
     if train:
         trainer.args.max_steps, trainer.args.logging_steps = 1, 1

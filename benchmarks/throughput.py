@@ -417,7 +417,12 @@ def worker(spec: dict) -> dict:
         if "lean" in options:  # the budget the stage used (an --align_src checkout may not record it)
             budget = getattr(trainer, "align_lean_memory_budget", None) or (
                 speed.lean_budget(trainer, budget) if hasattr(speed, "lean_budget") else budget)
-    if spec.get("step_bits"):  # benchmarks/dpo_step_bits.py: the first step's forwards, bit for bit
+    step_bits = None
+    if spec.get("step_bits") == "record":  # the first two forwards (DPO: step 1's reference and policy) kept
+        from benchmarks.dpo_step_bits import recorder
+
+        step_bits = recorder(trainer)
+    elif spec.get("step_bits"):  # benchmarks/dpo_step_bits.py: the first step's forwards, bit for bit
         from benchmarks.dpo_step_bits import trace
 
         return trace(trainer, torch, train=spec["step_bits"] == "train")
@@ -460,7 +465,17 @@ def worker(spec: dict) -> dict:
         memory_step=memory or None,
         grad_sketch=sketch or None,
         dynamo=_dynamo_counters(),
+        step_bits=_step_bits(step_bits),
     )
+
+
+def _step_bits(passes) -> dict | None:
+    """The first two recorded forwards compared (`--step_bits`), None when not recorded."""
+    if passes is None or len(passes) < 2:
+        return None
+    from benchmarks.dpo_step_bits import diff
+
+    return diff(passes[0], passes[1])
 
 
 def _dynamo_counters() -> dict:
@@ -830,6 +845,9 @@ def main(argv=None):
                     help="step: GPU synchronized around every step and a log line per step (per-step times and "
                          "losses); window: synchronized only around the timed steps and one log line, so the host "
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
+    ap.add_argument("--step_bits", action="store_true",
+                    help="keep the first two forwards (DPO: step 1's reference and policy) and compare them bit for "
+                         "bit, layer by layer (benchmarks/dpo_step_bits.py); the result's `step_bits`")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
     ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step after the "
@@ -892,7 +910,7 @@ def main(argv=None):
                         lora_dropout=args.lora_dropout,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
-                        lean_memory_budget=float(budget) if budget else None,
+                        lean_memory_budget=float(budget) if budget else None, step_bits="record" if args.step_bits else None,
                         inductor=inductor_config(inductor))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)

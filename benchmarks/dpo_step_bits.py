@@ -26,16 +26,20 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def record_forwards(model, backbone, speed, limit: int | None = None):
+def record_forwards(model, backbone, speed, limit: int | None = None, light: bool = False):
     """Install recorders on the embeddings, every decoder layer (outside its compiled graph) and the final norm,
     and on align's fused head; returns the list of passes, each a dict name -> tensor (a pass begins at the
-    embeddings), the first `limit` passes only when given."""
+    embeddings), the first `limit` passes only when given; `light`: only the ids and the log-probabilities (a
+    recorder that barely changes the run's memory and timing)."""
     passes = []
 
     def keep(name, tensor):
         if name == "embed":
             passes.append({})
-        if passes and tensor is not None and (limit is None or len(passes) <= limit):
+        if light and name not in ("embed", "ids", "log_probs"):
+            return
+        if passes and tensor is not None and (limit is None or len(passes) <= limit) and not (
+                light and name == "embed"):
             passes[-1][name] = tensor.detach().float().clone()
 
     def embed_hook(module, args, out):
@@ -78,7 +82,7 @@ def diff(a: dict, b: dict) -> dict:
             "shapes_differ": [n for n in names if a[n].shape != b[n].shape]}
 
 
-def recorder(trainer, limit: int = 2):
+def recorder(trainer, limit: int = 2, light: bool = False):
     """`record_forwards` on a trainer's model (the first `limit` forwards)."""
     try:
         from align import speed
@@ -86,7 +90,7 @@ def recorder(trainer, limit: int = 2):
         speed = None
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    return record_forwards(peft_model, getattr(inner, inner.base_model_prefix), speed, limit)
+    return record_forwards(peft_model, getattr(inner, inner.base_model_prefix), speed, limit, light)
 
 
 def trace(trainer, torch, train: bool = False) -> dict:

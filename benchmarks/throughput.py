@@ -418,10 +418,10 @@ def worker(spec: dict) -> dict:
             budget = getattr(trainer, "align_lean_memory_budget", None) or (
                 speed.lean_budget(trainer, budget) if hasattr(speed, "lean_budget") else budget)
     step_bits = None
-    if spec.get("step_bits") == "record":  # the first two forwards (DPO: step 1's reference and policy) kept
+    if spec.get("step_bits") in ("record", "light"):  # the first two forwards (DPO: step 1's reference and policy) kept
         from benchmarks.dpo_step_bits import recorder
 
-        step_bits = recorder(trainer)
+        step_bits = recorder(trainer, light=spec["step_bits"] == "light")
     elif spec.get("step_bits"):  # benchmarks/dpo_step_bits.py: the first step's forwards, bit for bit
         from benchmarks.dpo_step_bits import trace
 
@@ -845,9 +845,10 @@ def main(argv=None):
                     help="step: GPU synchronized around every step and a log line per step (per-step times and "
                          "losses); window: synchronized only around the timed steps and one log line, so the host "
                          "runs ahead of the GPU as in a real run (tokens/s only; loss = the mean over all steps)")
-    ap.add_argument("--step_bits", action="store_true",
+    ap.add_argument("--step_bits", nargs="?", const="record", choices=("record", "light"),
                     help="keep the first two forwards (DPO: step 1's reference and policy) and compare them bit for "
-                         "bit, layer by layer (benchmarks/dpo_step_bits.py); the result's `step_bits`")
+                         "bit, layer by layer (benchmarks/dpo_step_bits.py); the result's `step_bits`; `light`: only the "
+                         "packed ids and the log-probabilities")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
     ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step after the "
@@ -910,7 +911,7 @@ def main(argv=None):
                         lora_dropout=args.lora_dropout,
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
-                        lean_memory_budget=float(budget) if budget else None, step_bits="record" if args.step_bits else None,
+                        lean_memory_budget=float(budget) if budget else None, step_bits=args.step_bits,
                         inductor=inductor_config(inductor))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)

@@ -65,6 +65,9 @@
 #            the memory bandwidth as cuBLAS calls) with and without inductor's GEMM autotuning (Triton templates)
 #   forms    each linear layer's LoRA GEMMs timed alone: the base GEMMs, fused LoRA's op as auto runs it, and LoRA
 #            folded into the base GEMM's inner dimension ([x | h] @ [W | B].T): what the fold would save a step
+#   firstloss  DPO's first loss at 8B (Call28: log 2 whenever step 1's forwards are recorded, 0.57-0.73 in 12-step
+#            runs without): 12-step runs with the light recorder (`--step_bits light`: only the packed ids and the
+#            log-probabilities of step 1's two forwards), twice, then once without any recorder
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -72,7 +75,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|head|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|head|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -186,6 +189,12 @@ case $CALL in
   head)  # head_grad (the LM head's hidden-state gradient built in its forward: 2 vocabulary GEMMs, not 3) on auto
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align,align_hg \
         --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT" ;;
+  firstloss)  # the light recorder barely moves memory or timing: are the ids or only the log-probabilities apart?
+    for r in light1 light2; do
+      $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --step_bits light \
+          --timeout 150 --out "$OUT/$r"
+    done
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150 --out "$OUT/plain" ;;
   refbits)  # benchmarks/ref_policy_bits.py: is the compiled reference the policy's bits at B = 0?
     for d in "" "" --deterministic; do
       $PY benchmarks/ref_policy_bits.py --layers 4 $d --out "$OUT/ref_policy_bits_$(date +%s%N)$d.json"

@@ -1,8 +1,9 @@
 """Where DPO's first step stops being log 2: each decoder layer's output in the reference and policy forwards.
 
 At step 1 the policy is its reference (B = 0), so the two forwards of a DPO step must give the same bits and the
-loss must be log 2 = 0.6931, as stock TRL + PEFT gives every time. `auto` on an H100 gave 0.57-0.73 at the
-Llama-3.1-8B shape (Call27, Call28) and 0.6931 at 1B. This builds the trainer as `throughput.py` does (the same
+loss must be log 2 = 0.6931, as stock TRL + PEFT gives every time. `auto` on an H100 logged 0.57-0.73 at the
+Llama-3.1-8B shape in 12-step runs (Call27, Call28) and 0.6931 at 1B; recorded by this script (and by
+`throughput.py --step_bits`) the forwards were equal and the loss log 2 every time (Call28). This builds the trainer as `throughput.py` does (the same
 worker), takes its first batch and runs the step's loss twice without an update (four forwards: reference,
 policy, reference, policy), keeping the embeddings, each decoder layer's output, the final norm's output and the
 per-token log-probabilities of every forward. Printed: the loss of each call and, for the pairs (reference,
@@ -26,20 +27,18 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def record_forwards(model, backbone, speed, limit: int | None = None, light: bool = False):
+def record_forwards(backbone, speed, limit: int | None = None, light: bool = False):
     """Install recorders on the embeddings, every decoder layer (outside its compiled graph) and the final norm,
-    and on align's fused head; returns the list of passes, each a dict name -> tensor (a pass begins at the
-    embeddings), the first `limit` passes only when given; `light`: only the ids and the log-probabilities (a
-    recorder that barely changes the run's memory and timing)."""
+    and on align's fused head (`speed`, None: not recorded); returns the list of passes, each a dict name -> tensor
+    (a pass begins at the embeddings), the first `limit` passes only when given; `light`: only the packed ids and
+    the log-probabilities (a recorder that barely changes the run's memory and timing)."""
     passes = []
 
     def keep(name, tensor):
         if name == "embed":
             passes.append({})
-        if light and name not in ("embed", "ids", "log_probs"):
-            return
-        if passes and tensor is not None and (limit is None or len(passes) <= limit) and not (
-                light and name == "embed"):
+        wanted = name in ("ids", "log_probs") if light else True
+        if wanted and passes and tensor is not None and (limit is None or len(passes) <= limit):
             passes[-1][name] = tensor.detach().float().clone()
 
     def embed_hook(module, args, out):
@@ -73,6 +72,8 @@ def record_forwards(model, backbone, speed, limit: int | None = None, light: boo
 
 
 def diff(a: dict, b: dict) -> dict:
+    """Two recorded forwards: whether every tensor is the same bits, the first decoder layer whose output is not,
+    each tensor's largest difference, and the names whose shapes differ."""
     import torch
 
     names = [n for n in a if n in b]
@@ -90,7 +91,7 @@ def recorder(trainer, limit: int = 2, light: bool = False):
         speed = None
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
     inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    return record_forwards(peft_model, getattr(inner, inner.base_model_prefix), speed, limit, light)
+    return record_forwards(getattr(inner, inner.base_model_prefix), speed, limit, light)
 
 
 def trace(trainer, torch, train: bool = False) -> dict:

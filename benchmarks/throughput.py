@@ -361,6 +361,9 @@ def worker(spec: dict) -> dict:
     from align import speed
 
     apply_inductor_config(spec.get("inductor") or {})
+    if spec.get("fill_uninitialized"):  # new tensors' memory filled with NaN: a read of unwritten memory shows
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if spec.get("cpu_varlen") and not cuda:  # a CPU stand-in of the GPU's flash-varlen attention (align.testing)
@@ -849,6 +852,10 @@ def main(argv=None):
                     help="keep the first two forwards (DPO: step 1's reference and policy) and compare them bit for "
                          "bit, layer by layer (benchmarks/dpo_step_bits.py); the result's `step_bits`; `light`: only the "
                          "packed ids and the log-probabilities")
+    ap.add_argument("--fill_uninitialized", action="store_true",
+                    help="torch's deterministic mode with fill_uninitialized_memory: every new tensor's memory is "
+                         "filled with NaN (floats) before use, so a kernel reading memory it did not write shows as "
+                         "NaN (slower; a diagnosis, not a timing)")
     ap.add_argument("--align_src", default=None,
                     help="import align from this checkout instead (a before/after run: its results go to --out)")
     ap.add_argument("--memory_step", action="store_true", help="record the allocations of one more step after the "
@@ -912,6 +919,7 @@ def main(argv=None):
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
                         lean_memory_budget=float(budget) if budget else None, step_bits=args.step_bits,
+                        fill_uninitialized=args.fill_uninitialized,
                         inductor=inductor_config(inductor))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)
             r = run_worker(spec, args.timeout)

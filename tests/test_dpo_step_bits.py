@@ -37,3 +37,16 @@ def test_throughput_step_bits_light_compares_only_the_ids_and_log_probs(tmp_path
     (run,) = json.loads((tmp_path / "throughput_cpu.json").read_text())["runs"]
     assert math.isclose(run["losses"][0], math.log(2), abs_tol=1e-6)
     assert run["step_bits"]["equal"] and set(run["step_bits"]["max_abs_diff"]) == {"ids", "log_probs"}
+
+
+def test_dpo_reads_no_unwritten_memory(tmp_path):
+    """`--fill_uninitialized`: every new tensor starts as NaN, so a read of memory no kernel wrote would make the
+    losses NaN; the packed DPO path's stay finite and start at log 2."""
+    from benchmarks import throughput
+
+    throughput.main(["--runs", "tiny:dpo_lora", "--paths", "align", "--align_options", "shared_prompt,ref_first",
+                     "--steps", "2", "--warmup", "1", "--fill_uninitialized", "--cpu_varlen", "--out", str(tmp_path)])
+    (run,) = json.loads((tmp_path / "throughput_cpu.json").read_text())["runs"]
+    assert "error" not in run, run.get("error")
+    assert math.isclose(run["losses"][0], math.log(2), abs_tol=1e-6)
+    assert all(math.isfinite(x) for x in run["losses"]), run["losses"]

@@ -68,7 +68,8 @@
 #   firstloss  DPO's first loss at 8B (Call28: log 2 whenever step 1's forwards are recorded, 0.57-0.73 in 12-step
 #            runs without): 12-step runs with the light recorder (`--step_bits light`: only the packed ids and the
 #            log-probabilities of step 1's two forwards), twice, then once without any recorder, then with every new
-#            tensor's memory filled with NaN (`--fill_uninitialized`: a kernel reading memory it did not write)
+#            tensor's memory filled with NaN (`--fill_uninitialized`: a kernel reading memory it did not write);
+#            then the step traced without fused_lora (Call28: reference and policy apart from layer 0 there)
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -198,7 +199,11 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150 --out "$OUT/plain"
     # every new tensor filled with NaN: a kernel reading memory it did not write makes the loss NaN
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --fill_uninitialized \
-        --timeout 200 --out "$OUT/nan_fill" ;;
+        --timeout 200 --out "$OUT/nan_fill"
+    # Call28's one deterministic mismatch: compiled PEFT LoRA layers without fused_lora (dynamo's counters and
+    # recompile reasons this time)
+    TORCH_LOGS=recompiles $PY benchmarks/dpo_step_bits.py --shape 8b --align_options \
+        shared_prompt,ref_first,compile,lean,non_blocking --out "$OUT/no_fused_lora.json" > "$OUT/no_fused_lora.log" 2>&1 ;;
   refbits)  # benchmarks/ref_policy_bits.py: is the compiled reference the policy's bits at B = 0?
     for d in "" "" --deterministic; do
       $PY benchmarks/ref_policy_bits.py --layers 4 $d --out "$OUT/ref_policy_bits_$(date +%s%N)$d.json"

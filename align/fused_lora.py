@@ -38,6 +38,12 @@ COMPILED_ACCUMULATE = "op_ab"  # H100 call23: faster than "addmm" at each budget
 
 def _fused_lora_forward(self, x, *args, **kwargs):
     """Forward of a PEFT LoRA linear layer (bound to the layer by `use_fused_lora`)."""
+    if getattr(self, "_align_precomputed", None) is not None:  # `grouped_lora`: its group's op ran on this input
+        from align.grouped_lora import take_precomputed
+
+        out = take_precomputed(self, x)
+        if out is not None:
+            return out
     active = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
             or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):

@@ -70,6 +70,9 @@
 #            log-probabilities of step 1's two forwards), twice, then once without any recorder, then with every new
 #            tensor's memory filled with NaN (`--fill_uninitialized`: a kernel reading memory it did not write);
 #            then the step traced without fused_lora (Call28: reference and policy apart from layer 0 there)
+#   group    `group_lora` (q/k/v and gate/up LoRA layers as one op each, align/grouped_lora.py; experimental, built
+#            before any GPU measurement): the grouping's GEMMs alone (lora_gemm_forms.py), then 1B SFT, 1B DPO and 8B
+#            SFT with auto and auto,group_lora (tokens/s, peak, losses)
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -77,7 +80,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|head|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -204,6 +207,10 @@ case $CALL in
     # recompile reasons this time)
     TORCH_LOGS=recompiles $PY benchmarks/dpo_step_bits.py --shape 8b --align_options \
         shared_prompt,ref_first,compile,lean,non_blocking --out "$OUT/no_fused_lora.json" > "$OUT/no_fused_lora.log" 2>&1 ;;
+  group)  # the grouping measured alone, then in whole steps beside auto
+    $PY benchmarks/lora_gemm_forms.py --shapes 1b,8b --out "$OUT"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align,align_grp \
+        --align_variants "grp=auto,group_lora" $W --timeout 150 --out "$OUT" ;;
   refbits)  # benchmarks/ref_policy_bits.py: is the compiled reference the policy's bits at B = 0?
     for d in "" "" --deterministic; do
       $PY benchmarks/ref_policy_bits.py --layers 4 $d --out "$OUT/ref_policy_bits_$(date +%s%N)$d.json"

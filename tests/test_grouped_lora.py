@@ -1,0 +1,104 @@
+"""align/grouped_lora.py (`group_lora`): a block's q/k/v and gate/up LoRA layers as one fused LoRA op each in the
+compiled layers: the separate layers' values and gradients, fewer ops, one weight buffer, eager paths untouched."""
+
+import math
+
+import pytest
+import torch
+
+from align import dpo, fused_lora, grouped_lora, speed
+from tests.test_dpo import dpo_argv, losses
+from tests.test_speed import VOCAB, assert_same_grads, grads, tiny_lora_model
+
+
+def _compiled_step(group: bool, budget=None):
+    """One forward and backward of the compiled tiny LoRA model: (log-probs, LoRA grads, inductor's code of the
+    forward graphs, groups, model)."""
+    from torch._inductor.utils import run_and_get_code
+
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    base, model = tiny_lora_model()
+    fused_lora.use_fused_lora(model)
+    groups = grouped_lora.group_lora(model) if group else 0
+    speed.compile_layers(base, memory_budget=budget)
+
+    def step():
+        out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        out.sum().backward()
+        return out.detach()
+
+    try:
+        out, code = run_and_get_code(step)
+    finally:
+        import torch._functorch.config as functorch
+
+        functorch.activation_memory_budget = 1.0
+        torch._dynamo.reset()
+    forward = "\n".join(c for c in code if "_forward']" in c.split("\n", 1)[0])  # the forward graphs' code
+    return out, grads(model), forward, groups, model
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])  # compile; compile + lean
+def test_grouped_layers_give_the_separate_layers_values_and_gradients(budget):
+    want, want_grads, want_code, _, _ = _compiled_step(False, budget)
+    got, got_grads, code, groups, model = _compiled_step(True, budget)
+    assert groups == 4  # 2 layers x (q/k/v, gate/up)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_grads(got_grads, want_grads)
+    # the forward graphs (one shared by both layers): 7 LoRA ops a layer separately, 4 grouped
+    separate, grouped = (c.count("align.lora_linear_ab.default(") for c in (want_code, code))
+    assert separate > 0 and grouped * 7 == separate * 4, (separate, grouped)
+    # every handed output was taken: nothing left on the members
+    assert all(getattr(m, "_align_precomputed", None) is None for m in model.modules())
+
+
+def test_group_lora_moves_the_base_weights_into_one_buffer_and_leaves_eager_alone():
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    _, model = tiny_lora_model()
+    fused_lora.use_fused_lora(model)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    keys = set(model.state_dict())
+    assert grouped_lora.group_lora(model) == 4
+    attn = model.base_model.model.model.layers[0].self_attn
+    buffer = attn._align_group_weight_0
+    assert buffer.shape[0] == sum(getattr(attn, n).base_layer.weight.shape[0] for n in ("q_proj", "k_proj", "v_proj"))
+    for n in ("q_proj", "k_proj", "v_proj"):  # views of the buffer, not copies
+        assert getattr(attn, n).base_layer.weight.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    assert set(model.state_dict()) == keys  # the buffer is not saved; adapters and base keys unchanged
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+    with torch.no_grad():  # eager: each layer as before, bit for bit
+        assert torch.equal(model(input_ids=ids).logits, before)
+    member = attn.k_proj
+    x = torch.randn(1, 3, 64)
+    member._align_precomputed = (x, torch.zeros(1, 3, 32))
+    assert grouped_lora.take_precomputed(member, x.clone()) is None  # another tensor: not this input's output
+    assert grouped_lora.take_precomputed(member, x).shape == (1, 3, 32) and member._align_precomputed is None
+
+
+def test_group_lora_needs_compile_and_fused_lora():
+    assert "group_lora" not in speed.resolve("compile,group_lora", "sft")
+    assert "group_lora" not in speed.resolve("fused_lora,group_lora", "sft")
+    assert speed.resolve("compile,fused_lora,group_lora", "sft")[-1] == "group_lora"
+    assert "group_lora" not in speed.resolve("auto", "sft")
+
+
+def test_compiled_dpo_with_grouped_lora_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
+    """DPO with the reference through the policy's compiled graph (B = 0 in the grouped op too): first loss log 2,
+    the eager run's losses."""
+    made = []
+    real = grouped_lora.group_lora
+    monkeypatch.setattr(grouped_lora, "group_lora", lambda m: made.append(real(m)) or made[-1])
+    runs = {}
+    for spec in ("ref_first", "shared_prompt,ref_first,compile,fused_lora,group_lora"):
+        runs[spec] = speed_run = dpo.main(
+            dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")), max_steps=3,
+                     speedups=spec, eval_split_size=0, learning_rate=1e-2))
+        assert speed_run.align_speedups == tuple(spec.split(","))
+    assert made and made[0] > 0
+    want, got = losses(runs["ref_first"]), losses(runs["shared_prompt,ref_first,compile,fused_lora,group_lora"])
+    assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3

@@ -36,6 +36,28 @@ COMPILED_ACCUMULATES = ("addmm", "op", "op_ab")
 COMPILED_ACCUMULATE = "op_ab"  # H100 call23: faster than "addmm" at each budget, with less memory (benchmarks/README.md)
 
 
+def keeps_peft_forward(layer) -> bool:
+    """The layer runs PEFT's own forward: adapters disabled or merged, several active, a variant (DoRA, ...) or a
+    bias on B."""
+    active = layer.active_adapters
+    return (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] not in layer.lora_A
+            or active[0] in layer.lora_variant or layer.lora_B[active[0]].bias is not None)
+
+
+def _plain_for(layer, x) -> bool:
+    """A plain linear base in the dtype `x` is multiplied in (autocast's, else x's own)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _plain_linear(layer.base_layer) and layer.base_layer.weight.dtype == dtype
+
+
+def runs_whole_layer_op(layer, x) -> bool:
+    """Under torch.compile the layer (not `keeps_peft_forward`) runs as `align::lora_linear_ab` on `x`: a plain
+    base, the "op_ab" form and no dropout dropping now."""
+    return (_plain_for(layer, x) and COMPILED_ACCUMULATE == "op_ab"
+            and not _dropping(layer.lora_dropout[layer.active_adapters[0]]))
+
+
 def _fused_lora_forward(self, x, *args, **kwargs):
     """Forward of a PEFT LoRA linear layer (bound to the layer by `use_fused_lora`)."""
     if getattr(self, "_align_precomputed", None) is not None:  # `grouped_lora`: its group's op ran on this input
@@ -44,18 +66,16 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         out = take_precomputed(self, x)
         if out is not None:
             return out
-    active = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1 or active[0] not in self.lora_A
-            or active[0] in self.lora_variant or self.lora_B[active[0]].bias is not None):
+    if args or kwargs or keeps_peft_forward(self):
         return type(self).forward(self, x, *args, **kwargs)  # PEFT's own: variants, lora_bias, mixed batches
-    name = active[0]
+    name = self.active_adapters[0]
     base = self.base_layer
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     compiling = torch.compiler.is_compiling()
-    plain = _plain_linear(base) and base.weight.dtype == (torch.get_autocast_dtype(device) if autocast else x.dtype)
+    plain = _plain_for(self, x)
     b = self.lora_B[name].weight * self.scaling[name]
-    if plain and compiling and COMPILED_ACCUMULATE == "op_ab" and not _dropping(self.lora_dropout[name]):
+    if compiling and runs_whole_layer_op(self, x):
         dtype = base.weight.dtype
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         bias = None if base.bias is None else base.bias.to(dtype)

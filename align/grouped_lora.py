@@ -76,21 +76,9 @@ def group_lora(model) -> int:
     return count
 
 
-def _qualifies(member, x) -> bool:
-    """The member would run fused LoRA's whole-layer op on `x` (`fused_lora._fused_lora_forward`'s test)."""
-    active = member.active_adapters
-    if (member.disable_adapters or member.merged or len(active) != 1 or active[0] not in member.lora_A
-            or active[0] in member.lora_variant or member.lora_B[active[0]].bias is not None
-            or fused_lora._dropping(member.lora_dropout[active[0]])):
-        return False
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return member.base_layer.weight.dtype == dtype and fused_lora.COMPILED_ACCUMULATE == "op_ab"
-
-
 def group_outputs(parent, i: int, members, x) -> list | None:
     """The members' outputs on `x` as one op, or None when some member would not run the op."""
-    if not all(_qualifies(m, x) for m in members):
+    if any(fused_lora.keeps_peft_forward(m) or not fused_lora.runs_whole_layer_op(m, x) for m in members):
         return None
     name = members[0].active_adapters[0]
     if any(m.active_adapters[0] != name for m in members):

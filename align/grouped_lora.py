@@ -49,8 +49,9 @@ def _compatible(members) -> bool:
 
 
 def group_lora(model) -> int:
-    """Group the q/k/v and gate/up LoRA layers of every block of `model` (after `fused_lora.use_fused_lora`);
-    returns how many groups."""
+    """Group the q/k/v and gate/up LoRA layers of every block of `model` (after `fused_lora.use_fused_lora`, with
+    the model on its device and in its dtype: a later `.to()` would copy the members' weights apart from the
+    group's buffer); returns how many groups."""
     count = 0
     for parent in list(model.modules()):
         groups = []

@@ -208,6 +208,8 @@ case $CALL in
     TORCH_LOGS=recompiles $PY benchmarks/dpo_step_bits.py --shape 8b --align_options \
         shared_prompt,ref_first,compile,lean,non_blocking --out "$OUT/no_fused_lora.json" > "$OUT/no_fused_lora.log" 2>&1 ;;
   group)  # the grouping measured alone, then in whole steps beside auto
+    $PY -m pytest -q -p no:logging tests/test_grouped_lora.py > "$OUT/tests.txt" 2>&1 || true
+    tail -3 "$OUT/tests.txt"
     $PY benchmarks/lora_gemm_forms.py --shapes 1b,8b --out "$OUT"
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align,align_grp \
         --align_variants "grp=auto,group_lora" $W --timeout 150 --out "$OUT" ;;

@@ -7,7 +7,7 @@ GEMMs; benchmarks/README.md, Call27), and the narrow k/v base GEMMs run at 384-5
 the wide ones. One op per group runs one base GEMM over [Wq; Wk; Wv] (or [Wgate; Wup]), one down-projection over
 [Aq; Ak; Av] and one up-projection over the block-diagonal of the scaled Bs (its zero blocks cost a few percent of
 the base GEMM's flops), so a Llama layer runs four LoRA ops instead of seven. Not measured on a GPU yet
-(`gpu_plan.sh forms` times the grouping alone); not in `auto`.
+(`gpu_plan.sh group` times it alone and in whole steps); not in `auto`.
 
 How: `group_lora` stores each group's base weights in one buffer (the parent's non-persistent buffer) and points
 every member's weight at its rows of it (views, no second copy), then wraps the parent's forward: under

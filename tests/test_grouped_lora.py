@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from align import dpo, fused_lora, grouped_lora, speed
+from tests import test_dpo
 from tests.test_dpo import dpo_argv, losses
 from tests.test_speed import VOCAB, assert_same_grads, grads, tiny_lora_model
 
@@ -37,6 +38,8 @@ def _compiled_step(group: bool, budget=None):
         torch._dynamo.reset()
     forward = "\n".join(c for c in code if "_forward']" in c.split("\n", 1)[0])  # the forward graphs' code
     return out, grads(model), forward, groups, model
+
+sft_adapter = test_dpo.sft_adapter  # its module-scoped fixture
 
 
 @pytest.mark.parametrize("budget", [None, 0.5])  # compile; compile + lean
@@ -99,6 +102,21 @@ def test_compiled_dpo_with_grouped_lora_keeps_the_losses(tiny_llama, preference_
                      speedups=spec, eval_split_size=0, learning_rate=1e-2))
         assert speed_run.align_speedups == tuple(spec.split(","))
     assert made and made[0] > 0
+    want, got = losses(runs["ref_first"]), losses(runs["shared_prompt,ref_first,compile,fused_lora,group_lora"])
+    assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3
+
+
+def test_compiled_dpo_from_an_sft_adapter_with_grouped_lora(tiny_llama, sft_adapter, preference_jsonl, tmp_path):
+    """The SFT adapter as DPO's reference, carried by the policy adapter through the grouped op
+    (`AdapterSwitch.stand_in("ref")`: A and B swapped under the group's concatenation): first loss log 2 (the policy
+    starts as the SFT adapter) and the eager run's losses."""
+    runs = {}
+    for spec in ("ref_first", "shared_prompt,ref_first,compile,fused_lora,group_lora"):
+        runs[spec] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")),
+                                       sft_adapter=sft_adapter, max_steps=3, speedups=spec, eval_split_size=0,
+                                       learning_rate=1e-2))
+    assert runs["shared_prompt,ref_first,compile,fused_lora,group_lora"].reference_in_policy_graph
     want, got = losses(runs["ref_first"]), losses(runs["shared_prompt,ref_first,compile,fused_lora,group_lora"])
     assert got[0] == pytest.approx(math.log(2), abs=1e-6)
     assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3

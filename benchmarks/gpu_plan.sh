@@ -194,15 +194,18 @@ case $CALL in
   head)  # head_grad (the LM head's hidden-state gradient built in its forward: 2 vocabulary GEMMs, not 3) on auto
     $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,8b:sft_lora --paths align,align_hg \
         --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT" ;;
-  firstloss)  # the light recorder barely moves memory or timing: are the ids or only the log-probabilities apart?
-    for r in light1 light2; do
-      $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --step_bits light \
-          --timeout 150 --out "$OUT/$r"
-    done
-    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150 --out "$OUT/plain"
+  firstloss)  # 12-step 8B DPO: step 1 not log 2 in 3 of 3 plain runs (call27/28), log 2 when recorded or in 2-step runs
+    R="--runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150"
+    $PY benchmarks/throughput.py $R --out "$OUT/plain"
+    # the light recorder barely moves memory or timing: are the ids or only the log-probabilities apart?
+    $PY benchmarks/throughput.py $R --step_bits light --out "$OUT/light"
     # every new tensor filled with NaN: a kernel reading memory it did not write makes the loss NaN
-    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --fill_uninitialized \
-        --timeout 200 --out "$OUT/nan_fill"
+    $PY benchmarks/throughput.py $R --fill_uninitialized --timeout 200 --out "$OUT/nan_fill"
+    # each kernel waited for: a race between streams or with the host goes away
+    CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py $R --out "$OUT/launch_blocking"
+    # recompilations and graph breaks, the worker's whole output kept
+    TORCH_LOGS=recompiles,graph_breaks THROUGHPUT_WORKER_LOG="$OUT/plain_logged.log" \
+        $PY benchmarks/throughput.py $R --out "$OUT/plain_logged"
     # Call28's one deterministic mismatch: compiled PEFT LoRA layers without fused_lora (dynamo's counters and
     # recompile reasons this time)
     TORCH_LOGS=recompiles $PY benchmarks/dpo_step_bits.py --shape 8b --align_options \

@@ -605,6 +605,9 @@ def run_worker(spec: dict, timeout: int) -> dict:
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, check=False)
         tail = (proc.stdout + proc.stderr)[-3000:]
+        if os.environ.get("THROUGHPUT_WORKER_LOG"):  # the worker's whole output kept (e.g. under TORCH_LOGS)
+            with open(os.environ["THROUGHPUT_WORKER_LOG"], "a") as log:
+                log.write(f"=== {spec['shape']}:{spec['case']}:{spec['path']}\n{proc.stdout}{proc.stderr}")
         with open(result_path) as fh:
             result = json.load(fh) if os.path.getsize(result_path) else {"error": f"exit {proc.returncode}: {tail}"}
         if proc.returncode and "error" not in result:

@@ -458,6 +458,7 @@ def worker(spec: dict) -> dict:
         inductor=spec.get("inductor") or None,
         tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:w + n]) / max(1, len(step_s[w:w + n])),
         tokens_per_step=tokens, step_s=step_s, losses=losses,
+        first_log=next((h for h in trainer.state.log_history if "loss" in h), None),  # DPO: step 1's rewards, logps
         peak_allocated_gib=torch.cuda.max_memory_allocated() / gib if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / gib if cuda else None,
         build_s=build_s, setup_s=setup_s, warmup_s=(meter.end[w - 1] - meter.start) if w > 0 else 0.0,

@@ -82,6 +82,25 @@ def test_group_lora_moves_the_base_weights_into_one_buffer_and_leaves_eager_alon
     assert grouped_lora.take_precomputed(member, x).shape == (1, 3, 32) and member._align_precomputed is None
 
 
+def test_ddp_leaves_the_group_buffers_alone(tmp_path):
+    """DDP broadcasts every module buffer from rank 0 in each forward: the groups' weight buffers (every q/k/v and
+    gate/up base weight) are on its ignore list."""
+    import torch.distributed as dist
+
+    _, model = tiny_lora_model()
+    fused_lora.use_fused_lora(model)
+    grouped_lora.group_lora(model)
+    names = {n for n, _ in model.named_buffers() if "_align_group_weight_" in n}
+    assert len(names) == 4 and set(model._ddp_params_and_buffers_to_ignore) == names
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        kept = {id(b) for b in ddp.modules_buffers}
+        assert not any(id(b) in kept for n, b in model.named_buffers() if n in names)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_group_lora_needs_compile_and_fused_lora():
     assert "group_lora" not in speed.resolve("compile,group_lora", "sft")
     assert "group_lora" not in speed.resolve("fused_lora,group_lora", "sft")

@@ -210,15 +210,15 @@ case $CALL in
     # recompile reasons this time)
     TORCH_LOGS=recompiles $PY benchmarks/dpo_step_bits.py --shape 8b --align_options \
         shared_prompt,ref_first,compile,lean,non_blocking --out "$OUT/no_fused_lora.json" > "$OUT/no_fused_lora.log" 2>&1 ;;
-  short)  # one call for a scarce machine: firstloss's three main runs, then group's whole-step rows (8B SFT first)
+  short)  # one call for a scarce machine: firstloss's first two runs, group's SFT rows, then the NaN fill, 1B DPO
     R="--runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150"
+    G="--paths align,align_grp --align_variants grp=auto,group_lora $W --timeout 150"
     $PY benchmarks/throughput.py $R --out "$OUT/plain"
     $PY benchmarks/throughput.py $R --step_bits light --out "$OUT/light"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora $G --out "$OUT/grp_8b_sft"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora $G --out "$OUT/grp_1b_sft"
     $PY benchmarks/throughput.py $R --fill_uninitialized --timeout 200 --out "$OUT/nan_fill"
-    for run in 8b:sft_lora 1b:sft_lora 1b:dpo_lora; do
-      $PY benchmarks/throughput.py --runs $run --paths align,align_grp --align_variants "grp=auto,group_lora" $W \
-          --timeout 150 --out "$OUT/grp_${run/:/_}"
-    done ;;
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora $G --out "$OUT/grp_1b_dpo" ;;
   group)  # the grouping measured alone, then in whole steps beside auto
     $PY -m pytest -q -p no:logging tests/test_grouped_lora.py > "$OUT/tests.txt" 2>&1 || true
     tail -3 "$OUT/tests.txt"

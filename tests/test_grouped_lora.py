@@ -101,11 +101,12 @@ def test_ddp_leaves_the_group_buffers_alone(tmp_path):
         dist.destroy_process_group()
 
 
-def test_group_lora_needs_compile_and_fused_lora():
+def test_group_lora_needs_compile_and_fused_lora(monkeypatch):
     assert "group_lora" not in speed.resolve("compile,group_lora", "sft")
     assert "group_lora" not in speed.resolve("fused_lora,group_lora", "sft")
     assert speed.resolve("compile,fused_lora,group_lora", "sft")[-1] == "group_lora"
-    assert "group_lora" not in speed.resolve("auto", "sft")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "group_lora" not in speed.resolve("auto", "sft")  # a CPU's auto has no compile (a GPU's: tests/test_speed)
 
 
 def test_compiled_dpo_with_grouped_lora_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path, monkeypatch):

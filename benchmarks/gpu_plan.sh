@@ -80,7 +80,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -238,6 +238,15 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6,align_a62,align_a65,align_a7 \
         --align_variants "a6=auto@0.6;a62=auto@0.62;a65=auto@0.65;a7=auto@0.7" --memory_step $W --profile 2 \
         --timeout 200 --out "$OUT" ;;
+  headline_1b)  # the 1B headline rows against stock with today's auto, head_grad beside it; 8B DPO's first loss again
+    command -v compute-sanitizer || ls -d /usr/local/cuda*/bin 2>/dev/null || echo "no compute-sanitizer"
+    R="--runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150"
+    $PY benchmarks/throughput.py $R --out "$OUT/plain"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align,align_hg \
+        --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT/rows"
+    CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py $R --out "$OUT/blocking" ;;
+  headline_8b)  # the 8B headline rows against stock with today's auto
+    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

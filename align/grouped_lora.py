@@ -1,6 +1,8 @@
-"""Sibling LoRA layers as one op (the `group_lora` speedup; in `auto` for SFT on a GPU): an attention block's q/k/v projections
-and an MLP's gate/up projections read the same input, so in the compiled layers each group runs as one fused LoRA
-op (`align::lora_linear_ab`) over the group's concatenated weights instead of one op per projection.
+"""Sibling LoRA layers as one op (the `group_lora` speedup; in `auto` for SFT on a GPU).
+
+An attention block's q/k/v projections and an MLP's gate/up projections read the same input, so in the compiled
+layers each group runs as one fused LoRA op (`align::lora_linear_ab`) over the group's concatenated weights instead
+of one op per projection.
 
 Why: on an H100 a LoRA projection costs a near-fixed ~0.14 ms over its base GEMM however narrow (its rank-16
 GEMMs; benchmarks/README.md, Call27), and the narrow k/v base GEMMs run at 384-526 TFLOP/s alone against ~665 for
@@ -33,6 +35,11 @@ from align import fused_lora
 logger = logging.getLogger("align")
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# members whose output leaves the group's buffer as a copy: v goes to attention as it is and is what the backward
+# keeps of it, and as a view it would keep the whole q/k/v output alive (q and k become new tensors through RoPE).
+# A Llama-3.2-1B layer at DPO's memory budget 0.2 saved 15.1 MiB per 1,024 tokens instead of 12.1 without grouping
+# (`benchmarks/saved_activations.py --lean_budgets 0.2 --group_lora`), the 1B DPO peak 6.0 -> 7.2 GiB (H100 call29).
+COPIED = ("v_proj",)
 _BUFFER = "_align_group_weight_{}"  # the parent's buffer of group i's concatenated base weights
 _PRECOMPUTED = "_align_precomputed"  # on a member: (input, output) handed to it by the parent's wrapper
 
@@ -99,7 +106,8 @@ def group_outputs(parent, i: int, members, x) -> list | None:
     bias = None if biases[0] is None else torch.cat(biases).to(dtype)
     out, _ = torch.ops.align.lora_linear_ab(x.reshape(-1, x.shape[-1]).to(dtype), weight, bias, a, b)
     sizes = [m.base_layer.weight.shape[0] for m in members]
-    return [o.view(*x.shape[:-1], n) for o, n in zip(out.split(sizes, dim=1), sizes)]
+    outs = [o.view(*x.shape[:-1], n) for o, n in zip(out.split(sizes, dim=1), sizes)]
+    return [o.contiguous() if name in COPIED else o for o, name in zip(outs, GROUPS[i])]
 
 
 def _grouped_forward(self, *args, **kwargs):

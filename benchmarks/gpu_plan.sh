@@ -242,8 +242,10 @@ case $CALL in
     command -v compute-sanitizer || ls -d /usr/local/cuda*/bin 2>/dev/null || echo "no compute-sanitizer"
     R="--runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150"
     $PY benchmarks/throughput.py $R --out "$OUT/plain"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora --paths stock,align,align_hg \
-        --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT/rows"
+    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align,align_hg \
+        --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT/sft"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_hg,align_grp \
+        --align_variants "hg=auto,head_grad;grp=auto,group_lora" $W --timeout 150 --out "$OUT/dpo"
     CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py $R --out "$OUT/blocking" ;;
   headline_8b)  # the 8B headline rows against stock with today's auto
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT" ;;

@@ -42,7 +42,7 @@ def qkv_saving_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: bool = False,
-              memory_budget: float | None = None) -> float:
+              memory_budget: float | None = None, grouped: bool = False) -> float:
     import transformers
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
@@ -57,6 +57,10 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     if fused:
         fused_lora.use_fused_lora(model)
+    if grouped:  # `group_lora`: q/k/v and gate/up as one op each (works inside the compiled layers)
+        from align import grouped_lora
+
+        grouped_lora.group_lora(model)
     if compiled:
         torch._dynamo.reset()  # the layers of every model share one code object: compile afresh for this budget
         speed.compile_layers(model.get_base_model(), memory_budget=memory_budget)
@@ -94,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--lean_budgets", default=None, help="comma list: instead of the four paths, `compile,fused_lora` "
                    "with `lean` at each budget (and without lean), dropout 0; writes saved_activations_lean_cpu.json")
+    p.add_argument("--group_lora", action="store_true", help="with --lean_budgets: each compiled path also with "
+                   "`group_lora`; writes saved_activations_group_cpu.json")
     args = p.parse_args(argv)
     runs = []
     paths = {"stock PEFT": (False, False, None), "align fused_lora": (True, False, None),
@@ -103,10 +109,13 @@ def main(argv=None) -> int:
         paths = {"stock PEFT": (False, False, None), "align compile,fused_lora": (True, True, None), **{
             f"align compile,fused_lora,lean@{b}": (True, True, float(b)) for b in args.lean_budgets.split(",")}}
         dropouts = (0.0,)
+        if args.group_lora:
+            paths.update({f"{k},group_lora": (*v, True) for k, v in paths.items() if v[1]})
     for dropout in dropouts:
-        for path, (fused, compiled, budget) in paths.items():
+        for path, (fused, compiled, budget, *grouped) in paths.items():
             t0 = time.time()
-            one, two = (saved_mib(n, args.tokens, dropout, fused, compiled, budget) for n in (1, 2))
+            one, two = (saved_mib(n, args.tokens, dropout, fused, compiled, budget, bool(grouped))
+                        for n in (1, 2))
             run = {"path": path, "lora_dropout": dropout,
                    "per_layer_mib": round(two - one, 2), "outside_layers_mib": round(2 * one - two, 2),
                    "16_layers_gib": round((2 * one - two + 16 * (two - one)) / 1024, 3)}
@@ -125,7 +134,9 @@ def main(argv=None) -> int:
                                "attention saves q, k, v as flash attention does on a GPU)"},
               "runs": runs}
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "saved_activations_lean_cpu.json" if args.lean_budgets else "saved_activations_cpu.json")
+    name = ("saved_activations_group_cpu.json" if args.group_lora else "saved_activations_lean_cpu.json") \
+        if args.lean_budgets else "saved_activations_cpu.json"
+    path = os.path.join(args.out, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(result, fh, indent=2)

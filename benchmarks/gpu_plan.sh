@@ -246,9 +246,13 @@ case $CALL in
         --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT/sft"
     $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_hg,align_grp \
         --align_variants "hg=auto,head_grad;grp=auto,group_lora" $W --timeout 150 --out "$OUT/dpo"
-    CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py $R --out "$OUT/blocking" ;;
-  headline_8b)  # the 8B headline rows against stock with today's auto
-    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT" ;;
+    # align with the packed row's small index tensors copied from pinned memory (an untracked A/B copy of align)
+    [ -d benchmarks/ab_pinned/align ] && $PY benchmarks/throughput.py $R --align_src benchmarks/ab_pinned \
+        --out "$OUT/pinned" ;;
+  headline_8b)  # the 8B headline rows against stock with today's auto; 8B DPO's first loss launch-blocking
+    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT/rows"
+    CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 \
+        --timeout 150 --out "$OUT/blocking" ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

@@ -253,6 +253,14 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT/rows"
     CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 \
         --timeout 150 --out "$OUT/blocking" ;;
+  extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
+        $W --timeout 150 --out "$OUT/grp"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_hg --align_variants "hg=auto,head_grad" \
+        $W --timeout 150 --out "$OUT/hg"
+    for i in 1 2; do
+      $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150 --out "$OUT/plain$i"
+    done ;;
   rm_auto)
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths stock,align $W --timeout 150 --out "$OUT" ;;
   *) echo "unknown call $CALL" >&2; exit 2 ;;

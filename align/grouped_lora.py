@@ -1,4 +1,4 @@
-"""Sibling LoRA layers as one op (the `group_lora` speedup; in `auto` for SFT on a GPU).
+"""Sibling LoRA layers as one op (the `group_lora` speedup; in `auto` on a GPU).
 
 An attention block's q/k/v projections and an MLP's gate/up projections read the same input, so in the compiled
 layers each group runs as one fused LoRA op (`align::lora_linear_ab`) over the group's concatenated weights instead
@@ -8,9 +8,10 @@ Why: on an H100 a LoRA projection costs a near-fixed ~0.14 ms over its base GEMM
 GEMMs; benchmarks/README.md, Call27), and the narrow k/v base GEMMs run at 384-526 TFLOP/s alone against ~665 for
 the wide ones. One op per group runs one base GEMM over [Wq; Wk; Wv] (or [Wgate; Wup]), one down-projection over
 [Aq; Ak; Av] and one up-projection over the block-diagonal of the scaled Bs (its zero blocks cost a few percent of
-the base GEMM's flops), so a Llama layer runs four LoRA ops instead of seven. H100 (call29, against `auto` in the
-same call): 1B SFT +3.8%, 8B SFT +2.3% tokens/s, the same peak and losses; 1B DPO +2.5% with 1.2 GiB more peak,
-so `auto` takes it in SFT only (`speed._AUTO_STAGES`).
+the base GEMM's flops), so a Llama layer runs four LoRA ops instead of seven. H100 (against `auto` in the
+same call): 1B SFT +3.8%, 8B SFT +2.3% tokens/s, the same peak and losses (call29); 1B DPO +2.7%, 8B DPO +2.0%,
+1B reward model +2.7% (call30) with v copied out of the group's buffer (`COPIED`), which took the 1B DPO peak's
+1.2 GiB rise of call29 down to 0.2 GiB.
 
 How: `group_lora` stores each group's base weights in one buffer (the parent's non-persistent buffer) and points
 every member's weight at its rows of it (views, no second copy), then wraps the parent's forward: under

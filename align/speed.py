@@ -49,12 +49,13 @@ Options (a comma-separated list, `auto`, or `none`):
   recomputed); on a GPU the masks are drawn differently from PEFT's, so runs with dropout match PEFT's in
   distribution, not bit for bit (on a CPU both draw the same masks). Left out under DeepSpeed ZeRO-3 (it reads LoRA weights outside their modules). Adapter variants
   (DoRA, ...), a bias on B, several active adapters and disabled adapters keep PEFT's forward.
-- `group_lora` (with `compile` and `fused_lora`; in `auto` for SFT on a GPU): each block's q/k/v LoRA layers, and
+- `group_lora` (with `compile` and `fused_lora`; in `auto` on a GPU): each block's q/k/v LoRA layers, and
   its MLP's gate/up layers, run as one fused LoRA op over their concatenated weights (`align/grouped_lora.py`: the
   base weights moved into one buffer, no second copy): four LoRA ops a Llama layer instead of seven. Same values
-  (CPU tests to 1e-5). H100 (call29, against `auto` in the same call): 1B SFT +3.8%, 8B SFT +2.3% tokens/s, the
-  same peak and losses; 1B DPO +2.5% but +1.2 GiB peak (6.0 -> 7.2 GiB), so `auto` takes it for SFT only. A plain
-  linear base only: a 4-bit (QLoRA) base keeps one op a layer.
+  (CPU tests to 1e-5). H100, against `auto` in the same call: 1B SFT +3.8%, 8B SFT +2.3% tokens/s (call29), the
+  same peak and losses; 1B DPO +2.7%, 8B DPO +2.0%, 1B reward model +2.7% (call30), peaks 6.0 -> 6.2, 21.7 -> 21.8
+  and 11.5 -> 11.0 GiB once v leaves the group's buffer as a copy (as a view it kept the whole q/k/v output alive
+  for the backward: 1B DPO 7.2 GiB in call29). A plain linear base only: a 4-bit (QLoRA) base keeps one op a layer.
 - `non_blocking`: the data loader copies each batch to the GPU from pinned memory without waiting (accelerate's
   `non_blocking`, TrainingArguments' `accelerator_config`). By default the copy of step N+1's batch waits until the
   GPU has finished step N (a copy from pageable memory synchronizes the stream), so the GPU idles while the host
@@ -68,9 +69,10 @@ Options (a comma-separated list, `auto`, or `none`):
   (same call): 1B QLoRA 41.4k -> 58.5k tokens/s, 8B QLoRA 13.1k -> 13.8k, at 0.53x / 0.59x stock's peak memory.
 - `head_grad` (with `padding_free` or `shared_prompt`, a frozen LM head): the packed forwards' LM head builds the
   hidden-state gradient of each token's log-probability in its forward (`align/head_grad.py`): two
-  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU. Not
-  on a GPU: there the head alone ran 1.30x (1B) / 1.43x (8B) faster, but whole 1B steps did not gain beyond the
-  run-to-run spread (SFT +1%, DPO +4%, QLoRA -20%; benchmarks/README.md).
+  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU, and
+  on a GPU with a bf16 base: the head alone runs 1.30x (1B) / 1.43x (8B) faster (H200), whole steps against `auto`
+  in the same call +2.2% (1B SFT), +2.1% (8B SFT), +1.6% (1B DPO) tokens/s (H100 call30). Not with a 4-bit base
+  (named, it applies): 1B SFT QLoRA ran at 0.80x with it in H200 call17, not measured since.
 - `fp8` (LoRA, one process): the frozen base linear layers multiply in FP8 (`align/fp8.py`): a bf16 weight held
   as two e4m3 copies with row-wise scales (as many bytes as bf16), activations and output gradients quantized per
   token, `torch._scaled_mm` with bf16 output; adapters, attention, norms and the LM head stay as they were. Twice
@@ -88,15 +90,16 @@ Options (a comma-separated list, `auto`, or `none`):
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
-`auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,non_blocking,
-group_lora` on a CUDA GPU (group_lora in SFT only) and `padding_free,shared_prompt,ref_first,head_grad` on a CPU
-(SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same losses); `compile` and `lean` come with it only on
-one process without gradient checkpointing, where they were measured (name them to use them elsewhere); options
-that do not apply to a stage or model are left out (and logged). Segment attention replaces SDPA
-(or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral without sliding window); with
-flash attention, padding-free batches use its own packing and `shared_prompt` is off. Every option keeps the loss: tests/test_speed.py checks the
-padded vs padding-free loss and the paired vs shared-prompt log-probabilities; benchmarks/throughput.py measures
-speed, memory and the losses against stock TRL + PEFT.
+`auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,
+non_blocking,group_lora,head_grad` on a CUDA GPU (head_grad not on a 4-bit base) and
+`padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same
+losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
+measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged).
+Segment attention replaces SDPA (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral
+without sliding window); with flash attention, padding-free batches use its own packing and `shared_prompt` is off.
+Every option keeps the loss: tests/test_speed.py checks the padded vs padding-free loss and the paired vs
+shared-prompt log-probabilities; benchmarks/throughput.py measures speed, memory and the losses against stock TRL +
+PEFT.
 """
 
 from __future__ import annotations
@@ -130,8 +133,10 @@ LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}
 # against 24.5; H100 call23), recomputing 2 GEMM ops a layer instead of 4 (benchmarks/lean_recompute.py)
 LEAN_BUDGET_ONE_OP = {"sft": 0.58, "dpo": 0.2}
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4",
-             "non_blocking", "group_lora")
-_AUTO_STAGES = {"group_lora": ("sft",)}  # where `auto` takes an option (named, it applies in every stage)
+             "non_blocking", "group_lora", "head_grad")
+# options `auto` leaves out on a 4-bit base (named, they apply): head_grad was measured with bf16 bases since
+# (H100 call30: +1.6% to +2.2% tokens/s in 1B SFT, 8B SFT and 1B DPO), with a 4-bit one only in H200 call17
+_AUTO_NOT_4BIT = {"head_grad": "1B SFT QLoRA ran at 0.80x with it in H200 call17, not measured since"}
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION
 _STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm"), "ref_first": ("dpo",)}
@@ -191,10 +196,9 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: torch_nf4 left out (torch %s's CPU compiler gets it wrong; 2.13 does not)",
                         torch.__version__)
             continue
-        if name in from_auto and stage not in _AUTO_STAGES.get(name, (stage,)):
-            # group_lora in DPO: +2.5% tokens/s but +1.2 GiB peak at 1B (H100 call29); name it to use it there
-            logger.info("speedups: auto leaves out %s in %s (measured to pay in %s); name it to use it", name, stage,
-                        ", ".join(_AUTO_STAGES[name]))
+        if name in from_auto and name in _AUTO_NOT_4BIT and model_args is not None and model_args.load_in_4bit:
+            logger.info("speedups: auto leaves out %s on a 4-bit base (%s); name it to use it", name,
+                        _AUTO_NOT_4BIT[name])
             continue
         if name == "group_lora" and not {"compile", "fused_lora"} <= set(names):
             logger.info("speedups: group_lora works through compile and fused_lora; left out")

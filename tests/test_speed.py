@@ -108,22 +108,26 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     model_args = SimpleNamespace(load_in_4bit=True)
     one = SimpleNamespace(gradient_checkpointing=False, world_size=1, deepspeed=None, fsdp=None, fsdp_config=None)
     full = ("padding_free", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
-    assert speed.resolve("auto", "sft", model_args, one) == full + ("group_lora",)
-    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "ref_first") + full[1:]  # SFT only
-    assert speed.resolve("auto,group_lora", "dpo", model_args, one)[-1] == "group_lora"  # named: kept
+    assert speed.resolve("auto", "sft", model_args, one) == full + ("group_lora",)  # head_grad: not on a 4-bit base
+    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "ref_first") + full[1:] + ("group_lora",)
+    assert speed.resolve("auto", "rm", model_args, one) == ("shared_prompt",) + full[1:] + ("group_lora",)
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == (
         "padding_free", "kbit_bf16", "fused_lora", "non_blocking")
     assert speed.resolve("auto,compile", "sft", model_args, checkpointed) == (
         "padding_free", "compile", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking", "group_lora")
-    # torch_nf4 (in auto) only on a 4-bit base with compile; head_grad named (not in a GPU's auto)
+    # torch_nf4 (in auto) only on a 4-bit base with compile; head_grad in auto on a bf16 base, named on a 4-bit one
     assert speed.resolve("auto,head_grad", "sft", model_args, one) == full + ("group_lora", "head_grad")
-    assert speed.resolve("auto", "sft", SimpleNamespace(load_in_4bit=False), one) == (
-        "padding_free", "compile", "lean", "fused_lora", "non_blocking", "group_lora")
+    bf16 = SimpleNamespace(load_in_4bit=False)
+    assert speed.resolve("auto", "sft", bf16, one) == (
+        "padding_free", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
+    assert speed.resolve("auto", "dpo", bf16, one) == (
+        "shared_prompt", "ref_first", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
+    assert speed.resolve("auto", "rm", bf16, one)[-1] == "group_lora"  # no LM head of align's in RM
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
     assert speed.resolve("auto,head_grad", "rm", model_args, one) == (
-        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")  # no LM head in RM
+        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking", "group_lora")
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == ("padding_free", "kbit_bf16", "fused_lora", "non_blocking")
     monkeypatch.delenv("WORLD_SIZE")

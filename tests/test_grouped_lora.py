@@ -150,21 +150,43 @@ def test_group_lora_needs_compile_and_fused_lora(monkeypatch):
     assert "group_lora" not in speed.resolve("auto", "sft")  # a CPU's auto has no compile (a GPU's: tests/test_speed)
 
 
+GPU_DPO = "shared_prompt,ref_first,compile,lean,fused_lora,group_lora,head_grad"  # a GPU's auto for DPO (bf16 base)
+
+
 def test_compiled_dpo_with_grouped_lora_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path, monkeypatch):
-    """DPO with the reference through the policy's compiled graph (B = 0 in the grouped op too): first loss log 2,
-    the eager run's losses."""
+    """DPO with the reference through the policy's compiled graph (B = 0 in the grouped op too), with the rest of a
+    GPU's `auto` (lean, the head's gradient built in its forward): first loss log 2, the eager run's losses."""
     made = []
     real = grouped_lora.group_lora
     monkeypatch.setattr(grouped_lora, "group_lora", lambda m: made.append(real(m)) or made[-1])
     runs = {}
-    for spec in ("ref_first", "shared_prompt,ref_first,compile,fused_lora,group_lora"):
+    for spec in ("ref_first", GPU_DPO):
         runs[spec] = speed_run = dpo.main(
             dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")), max_steps=3,
                      speedups=spec, eval_split_size=0, learning_rate=1e-2))
         assert speed_run.align_speedups == tuple(spec.split(","))
     assert made and made[0] > 0
-    want, got = losses(runs["ref_first"]), losses(runs["shared_prompt,ref_first,compile,fused_lora,group_lora"])
+    want, got = losses(runs["ref_first"]), losses(runs[GPU_DPO])
     assert got[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3
+
+
+def test_compiled_reward_stage_with_grouped_lora_keeps_the_losses(tiny_llama, preference_jsonl, tmp_path,
+                                                                  monkeypatch):
+    """The reward model (a sequence classifier) with a GPU's `auto` for RM on a bf16 base: its decoder blocks
+    grouped, the per-step losses of the same compiled set without grouping (both differ from eager's by ~2e-4 at
+    step 2 after a 1e-2 update: compiled fp32 rounding)."""
+    from align import rm
+    from tests.test_rm import rm_argv
+
+    made = []
+    real = grouped_lora.group_lora
+    monkeypatch.setattr(grouped_lora, "group_lora", lambda m: made.append(real(m)) or made[-1])
+    runs = {spec: rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / spec.replace(",", "_")), max_steps=3,
+                                  eval_split_size=0, speedups=spec, learning_rate=1e-2))
+            for spec in ("shared_prompt,compile,lean,fused_lora", "shared_prompt,compile,lean,fused_lora,group_lora")}
+    assert made and made[0] > 0
+    want, got = (losses(runs[k]) for k in runs)
     assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3
 
 

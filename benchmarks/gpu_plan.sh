@@ -238,21 +238,14 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align,align_a6,align_a62,align_a65,align_a7 \
         --align_variants "a6=auto@0.6;a62=auto@0.62;a65=auto@0.65;a7=auto@0.7" --memory_step $W --profile 2 \
         --timeout 200 --out "$OUT" ;;
-  headline_1b)  # the 1B headline rows against stock with today's auto, head_grad beside it; 8B DPO's first loss again
-    command -v compute-sanitizer || ls -d /usr/local/cuda*/bin 2>/dev/null || echo "no compute-sanitizer"
-    R="--runs 8b:dpo_lora --paths align --steps 12 --warmup 1 --timeout 150"
-    $PY benchmarks/throughput.py $R --out "$OUT/plain"
-    $PY benchmarks/throughput.py --runs 1b:sft_lora --paths stock,align,align_hg \
-        --align_variants "hg=auto,head_grad" $W --timeout 150 --out "$OUT/sft"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_hg,align_grp \
-        --align_variants "hg=auto,head_grad;grp=auto,group_lora" $W --timeout 150 --out "$OUT/dpo"
-    # align with the packed row's small index tensors copied from pinned memory (an untracked A/B copy of align)
-    [ -d benchmarks/ab_pinned/align ] && $PY benchmarks/throughput.py $R --align_src benchmarks/ab_pinned \
-        --out "$OUT/pinned" ;;
-  headline_8b)  # the 8B headline rows against stock with today's auto; 8B DPO's first loss launch-blocking
-    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora --paths stock,align $W --timeout 200 --out "$OUT/rows"
-    CUDA_LAUNCH_BLOCKING=1 $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align --steps 12 --warmup 1 \
-        --timeout 150 --out "$OUT/blocking" ;;
+  headline_1b)  # the 1B headline rows against stock with today's auto; head_grad on a 4-bit base (not in its auto)
+    $PY benchmarks/throughput.py --runs 1b:sft_lora,1b:dpo_lora,1b:rm_lora --paths stock,align $W --timeout 150 \
+        --out "$OUT/rows"
+    $PY benchmarks/throughput.py --runs 1b:sft_qlora --paths stock,align,align_hg --align_variants "hg=auto,head_grad" \
+        $W --timeout 150 --out "$OUT/qlora" ;;
+  headline_8b)  # the 8B headline rows against stock with today's auto
+    $PY benchmarks/throughput.py --runs 8b:sft_lora,8b:dpo_lora,8b:sft_qlora --paths stock,align $W --timeout 200 \
+        --out "$OUT/rows" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

@@ -72,24 +72,30 @@ def saved_mib(layers: int, tokens: int, dropout: float, fused: bool, compiled: b
         return saved_activation_mib(model, lambda: model(input_ids=ids, labels=ids, fused_lm_head=True))
 
 
-def saved_activation_mib(model, forward) -> float:
-    """MiB that autograd saves for the backward while `forward()` runs: each storage once, `model`'s own weights
-    and buffers left out (saved too, but resident anyway: e.g. the FP8 layers' transposed weights, `align/fp8.py`).
-    The output is held until counted: its graph keeps them alive."""
+def saved_storages(model, forward) -> dict:
+    """What autograd saves for the backward while `forward()` runs, per storage (`model`'s own weights and buffers
+    left out: saved too, but resident anyway, e.g. the FP8 layers' transposed weights, `align/fp8.py`): data pointer
+    -> (the storage's bytes, the bytes of the distinct views saved from it). The output is held until counted: its
+    graph keeps them alive."""
     weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict = {}
+    views: dict = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in weights:
-            seen[(ptr, t.dtype)] = max(seen.get((ptr, t.dtype), 0), t.untyped_storage().nbytes())
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            views.setdefault(storage.data_ptr(), (storage.nbytes(), {}))[1][
+                (t.storage_offset(), tuple(t.shape), t.stride())] = t.numel() * t.element_size()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
-    total = sum(seen.values()) / 2**20
     del out
-    return total
+    return {ptr: (nbytes, sum(v.values())) for ptr, (nbytes, v) in views.items()}
+
+
+def saved_activation_mib(model, forward) -> float:
+    """MiB that autograd saves for the backward while `forward()` runs, each storage once (`saved_storages`)."""
+    return sum(nbytes for nbytes, _ in saved_storages(model, forward).values()) / 2**20
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,8 @@
 compiled layers: the separate layers' values and gradients, fewer ops, one weight buffer, eager paths untouched."""
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from align import dpo, fused_lora, grouped_lora, speed
 from tests import test_dpo
 from tests.test_dpo import dpo_argv, losses
-from tests.test_speed import VOCAB, assert_same_grads, grads, tiny_lora_model
+from tests.test_speed import REPO, VOCAB, assert_same_grads, grads, tiny_lora_model
 
 
 def _compiled_step(group: bool, budget=None):
@@ -56,30 +58,14 @@ def test_grouped_layers_give_the_separate_layers_values_and_gradients(budget):
     assert all(getattr(m, "_align_precomputed", None) is None for m in model.modules())
 
 
-def _saved_storages(model, forward) -> dict:
-    """For each storage (not the model's weights) autograd saves from while `forward()` runs: (its bytes, the bytes
-    of the distinct views saved from it)."""
-    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    views: dict = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            views.setdefault(storage.data_ptr(), (storage.nbytes(), {}))[1][
-                (t.storage_offset(), tuple(t.shape), t.stride())] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = forward()
-    del out
-    return {ptr: (nbytes, sum(v.values())) for ptr, (nbytes, v) in views.items()}
-
-
 def test_grouped_outputs_keep_no_buffer_alive_for_one_slice():
     """v goes to attention as it is and the backward keeps it: as a view of the group's output it would keep all of
     q/k/v alive (a Llama-3.2-1B layer at DPO's budget 0.2: 15.1 instead of 12.1 MiB per 1,024 tokens; 1B DPO peak
     6.0 -> 7.2 GiB on an H100). Every storage the compiled grouped layers save from is saved whole (gate and up,
     both kept, may share theirs)."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import saved_activations
+
     ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
     torch._dynamo.reset()
     base, model = tiny_lora_model()
@@ -89,7 +75,7 @@ def test_grouped_outputs_keep_no_buffer_alive_for_one_slice():
     try:
         forward = lambda: model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs  # noqa: E731
         forward().sum().backward()  # compiled outside the count
-        storages = _saved_storages(model, forward)
+        storages = saved_activations.saved_storages(model, forward)
     finally:
         torch._dynamo.reset()
     assert storages

@@ -69,10 +69,10 @@ Options (a comma-separated list, `auto`, or `none`):
   (same call): 1B QLoRA 41.4k -> 58.5k tokens/s, 8B QLoRA 13.1k -> 13.8k, at 0.53x / 0.59x stock's peak memory.
 - `head_grad` (with `padding_free` or `shared_prompt`, a frozen LM head): the packed forwards' LM head builds the
   hidden-state gradient of each token's log-probability in its forward (`align/head_grad.py`): two
-  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU, and
-  on a GPU with a bf16 base: the head alone runs 1.30x (1B) / 1.43x (8B) faster (H200), whole steps against `auto`
-  in the same call +2.2% (1B SFT), +2.1% (8B SFT), +1.6% (1B DPO) tokens/s (H100 call30). Not with a 4-bit base
-  (named, it applies): 1B SFT QLoRA ran at 0.80x with it in H200 call17, not measured since.
+  `(tokens x vocab)` projections per training step instead of TRL's three, same outputs. In `auto` on a CPU and a
+  GPU: the head alone runs 1.30x (1B) / 1.43x (8B) faster (H200), whole steps against `auto` in the same call
+  +2.2% (1B SFT), +2.1% (8B SFT), +1.6% (1B DPO) tokens/s (H100 call30), 1B SFT QLoRA +4.6% and +5.5% in two
+  samples, 8B SFT QLoRA +1.7% (H100 call31; H200 call17's 0.80x, with the code of then, did not come back).
 - `fp8` (LoRA, one process): the frozen base linear layers multiply in FP8 (`align/fp8.py`): a bf16 weight held
   as two e4m3 copies with row-wise scales (as many bytes as bf16), activations and output gradients quantized per
   token, `torch._scaled_mm` with bf16 output; adapters, attention, norms and the LM head stay as they were. Twice
@@ -91,7 +91,7 @@ Options (a comma-separated list, `auto`, or `none`):
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
 `auto` (the default) is `padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,
-non_blocking,group_lora,head_grad` on a CUDA GPU (head_grad not on a 4-bit base) and
+non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only) and
 `padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same
 losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
 measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged).
@@ -134,9 +134,6 @@ LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}
 LEAN_BUDGET_ONE_OP = {"sft": 0.58, "dpo": 0.2}
 AUTO_CUDA = ("padding_free", "shared_prompt", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4",
              "non_blocking", "group_lora", "head_grad")
-# options `auto` leaves out on a 4-bit base (named, they apply): head_grad was measured with bf16 bases since
-# (H100 call30: +1.6% to +2.2% tokens/s in 1B SFT, 8B SFT and 1B DPO), with a 4-bit one only in H200 call17
-_AUTO_NOT_4BIT = {"head_grad": "1B SFT QLoRA ran at 0.80x with it in H200 call17, not measured since"}
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION
 _STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm"), "ref_first": ("dpo",)}
@@ -196,12 +193,12 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: torch_nf4 left out (torch %s's CPU compiler gets it wrong; 2.13 does not)",
                         torch.__version__)
             continue
-        if name in from_auto and name in _AUTO_NOT_4BIT and model_args is not None and model_args.load_in_4bit:
-            logger.info("speedups: auto leaves out %s on a 4-bit base (%s); name it to use it", name,
-                        _AUTO_NOT_4BIT[name])
-            continue
         if name == "group_lora" and not {"compile", "fused_lora"} <= set(names):
             logger.info("speedups: group_lora works through compile and fused_lora; left out")
+            continue
+        if name == "group_lora" and model_args is not None and (
+                model_args.load_in_4bit or getattr(model_args, "load_in_8bit", False)):
+            logger.info("speedups: group_lora groups plain linear base layers; a k-bit base keeps one op a layer")
             continue
         if name in ("lean", "torch_nf4") and "compile" not in names:
             logger.info("speedups: %s works through compile; left out", name)

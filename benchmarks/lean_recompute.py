@@ -3,7 +3,7 @@ at each activation memory budget. The partitioner's choice depends on shapes and
 so it is made here on the CPU with the GPU's shapes.
 
     python benchmarks/lean_recompute.py [--shape 1b|8b] [--rows 4 --seq 2048] [--budgets 0.5,0.55,0.65,0.8,1.0]
-        [--accumulate op_ab] [--lora_dropout 0.05] [--out DIR]
+        [--accumulate op_ab] [--lora_dropout 0.05] [--group_lora] [--out DIR]
 
 One decoder layer of Llama-3.2-1B, or with `--shape 8b` of Llama-3.1-8B (its vocabulary cut to 1,000: the head is
 outside the compiled layer), bf16, LoRA r16 on every linear layer, align's `fused_lora`, compiled by
@@ -50,7 +50,7 @@ def _attention_flops_as_on_gpu() -> None:
 
 
 def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lora_dropout: float = 0.0,
-              shape: str = "1b") -> dict:
+              shape: str = "1b", group: bool = False) -> dict:
     """Compile one layer at `budget` and read the partitioner's forward and backward graphs."""
     import torch._functorch.config as functorch
     import torch._functorch.partitioners as partitioners
@@ -59,7 +59,7 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lor
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from align import fused_lora, speed
+    from align import fused_lora, grouped_lora, speed
 
     graphs = []
     original = partitioners.min_cut_rematerialization_partition
@@ -82,6 +82,8 @@ def partition(budget: float, rows: int, seq: int, accumulate: str = "addmm", lor
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules="all-linear"))
         fused_lora.use_fused_lora(model)
         fused_lora.COMPILED_ACCUMULATE = accumulate
+        if group:  # q/k/v and gate/up as one op each (`group_lora`, in a GPU's auto)
+            grouped_lora.group_lora(model)
         speed.compile_layers(model.get_base_model(), memory_budget=budget)
         model.train()
         ids = torch.randint(0, 1000, (rows, seq), generator=torch.Generator().manual_seed(1))
@@ -120,6 +122,8 @@ def main(argv=None) -> int:
                    help="fused_lora.COMPILED_ACCUMULATE: how the compiled layer adds the LoRA product")
     p.add_argument("--lora_dropout", type=float, default=0.0,
                    help="LoRA dropout (the shipped recipes' 0.05): its keep-masks are saved, one byte an element")
+    p.add_argument("--group_lora", action="store_true",
+                   help="q/k/v and gate/up LoRA layers as one op each (align/grouped_lora.py; a GPU's auto)")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
     _attention_flops_as_on_gpu()
@@ -127,8 +131,9 @@ def main(argv=None) -> int:
     runs = []
     for b in (float(x) for x in args.budgets.split(",")):
         t0 = time.time()
-        runs.append(dict(partition(b, rows, args.seq, args.accumulate, args.lora_dropout, args.shape),
-                         accumulate=args.accumulate,
+        runs.append(dict(partition(b, rows, args.seq, args.accumulate, args.lora_dropout, args.shape,
+                                   args.group_lora),
+                         accumulate=args.accumulate, group_lora=args.group_lora,
                          lora_dropout=args.lora_dropout))
         r = runs[-1]
         print(f"budget {b:<5} backward GEMMs {r['bw_gemms']:3d}  attention forwards in the backward "
@@ -146,7 +151,8 @@ def main(argv=None) -> int:
               "runs": runs}
     name = "lean_recompute" + ("" if args.shape == "1b" else "_" + args.shape) + (
         "" if args.accumulate == "addmm" else "_" + args.accumulate)
-    path = os.path.join(args.out, name + (f"_dropout{args.lora_dropout:g}" if args.lora_dropout else "") + "_cpu.json")
+    name += ("_grouped" if args.group_lora else "") + (f"_dropout{args.lora_dropout:g}" if args.lora_dropout else "")
+    path = os.path.join(args.out, name + "_cpu.json")
     write_json_atomic(path, result)
     print(f"wrote {path}")
     return 0

@@ -392,6 +392,31 @@ def test_stages_with_padding_free_and_fused_lora_keep_the_losses(tiny_llama, cha
     assert heads.count(False) >= 3
 
 
+def test_head_grad_on_a_4bit_base_keeps_the_sft_losses(tiny_llama, chat_jsonl, tmp_path, monkeypatch):
+    """`head_grad` is in a GPU's `auto` on a 4-bit base too (H100 call31): on an NF4 base (its LM head left
+    unquantized, as bitsandbytes does) the SFT stage's losses equal the padding-free run's without it, and every
+    training step's head built its gradient in the forward."""
+    from align import head_grad, sft
+
+    from .test_sft import losses, sft_argv
+
+    heads = []
+    real = head_grad.LogProbHeadGradInForward.apply
+    monkeypatch.setattr(head_grad.LogProbHeadGradInForward, "apply", lambda *a: heads.append(a[-1]) or real(*a))
+    q = dict(load_in_4bit="true", dtype="float32", bnb_4bit_compute_dtype="float32")
+    runs = {spec: sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / spec.replace(",", "_")), max_steps=3,
+                                    speedups=spec, eval_split_size=0, optim="sgd", max_grad_norm=0,
+                                    learning_rate=0.1, **q))
+            for spec in ("padding_free", "padding_free,head_grad")}
+    fast = runs["padding_free,head_grad"]
+    assert fast.align_speedups == ("padding_free", "head_grad")
+    assert any("Linear4bit" in type(m).__name__ for m in fast.model.modules())
+    assert len(set(losses(fast))) > 1
+    # plain SGD without clipping (Adam or clipping would hide a wrongly scaled gradient: half of it moves step 2 by 0.2)
+    assert losses(fast) == pytest.approx(losses(runs["padding_free"]), rel=1e-5)  # fp32 rounding: 2e-6
+    assert heads.count(True) == 3
+
+
 def test_layouts_are_planned_once_per_batch_in_the_collator(tiny_llama, chat_jsonl, preference_jsonl, tmp_path,
                                                             monkeypatch):
     """The packed layouts come with the batch from the collator (CPU tensors, no GPU sync in the forward): one

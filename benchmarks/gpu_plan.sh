@@ -76,6 +76,7 @@
 #   headline_1b / headline_8b / headline_qlora  every fixed-length row against stock with today's auto (group_lora
 #            and head_grad in since Call30), lean budget 0.8 beside 1B SFT and 0.3 beside DPO (DPO / SFT peak goal 1.1;
 #            1B SFT at 0.8 stays under 0.6x stock's peak), head_grad beside 1B SFT QLoRA
+#   budget_8b  8B SFT at lean budgets 0.8 and 1.0 beside stock and auto: the 8B share of the limit with no recompute
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -83,7 +84,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -253,9 +254,13 @@ case $CALL in
         --out "$OUT/rows"
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align_b3 --align_variants "b3=auto@0.3" $W --timeout 150 \
         --out "$OUT/dpo_b3" ;;
-  headline_qlora)  # 1B SFT QLoRA against stock, and head_grad on a 4-bit base (not in its auto; call17: 0.80x)
+  headline_qlora)  # 1B SFT QLoRA against stock, and head_grad beside it (Call31: +4.6%, in a 4-bit auto since)
     $PY benchmarks/throughput.py --runs 1b:sft_qlora --paths stock,align,align_hg --align_variants "hg=auto,head_grad" \
         $W --timeout 150 --out "$OUT/qlora" ;;
+  budget_8b)  # 8B SFT at lean budgets 0.8 and 1.0 beside stock and auto (Call31: 0.6 ran at 69% of the limit, 0.62x
+    # stock's peak): how far the 8B step gets with no recompute, memory aside
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align,align_b8,align_b10 \
+        --align_variants "b8=auto@0.8;b10=auto@1.0" $W --timeout 150 --out "$OUT" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

@@ -173,16 +173,17 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: auto leaves out compile and lean (%s); name them to use them", why)
             names = [n for n in names if n not in ({"compile", "lean"} & from_auto)]
     kept = []
+    four_bit = model_args is not None and model_args.load_in_4bit
+    eight_bit = model_args is not None and getattr(model_args, "load_in_8bit", False)
     for name in names:
         if stage not in _STAGE_ONLY.get(name, (stage,)):
             continue
-        if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not model_args.load_in_4bit:
+        if name in ("kbit_bf16", "torch_nf4") and model_args is not None and not four_bit:
             continue
         if name == "fp8":
-            kbit = model_args is not None and (model_args.load_in_4bit or model_args.load_in_8bit)
-            why = ("an 8-bit base keeps bitsandbytes' kernels" if kbit and model_args.load_in_8bit else
+            why = ("an 8-bit base keeps bitsandbytes' kernels" if eight_bit else
                    "a 4-bit base takes FP8 only through torch_nf4 with compile"
-                   if kbit and not {"torch_nf4", "compile"} <= set(names) else
+                   if four_bit and not {"torch_nf4", "compile"} <= set(names) else
                    "the base is trained (no LoRA)" if model_args is not None and not model_args.use_peft else
                    fp8.device_supports_fp8("cuda" if torch.cuda.is_available() else "cpu"))
             if why:
@@ -196,8 +197,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
         if name == "group_lora" and not {"compile", "fused_lora"} <= set(names):
             logger.info("speedups: group_lora works through compile and fused_lora; left out")
             continue
-        if name == "group_lora" and model_args is not None and (
-                model_args.load_in_4bit or getattr(model_args, "load_in_8bit", False)):
+        if name == "group_lora" and (four_bit or eight_bit):
             logger.info("speedups: group_lora groups plain linear base layers; a k-bit base keeps one op a layer")
             continue
         if name in ("lean", "torch_nf4") and "compile" not in names:

@@ -77,6 +77,8 @@
 #            and head_grad in since Call30), lean budget 0.8 beside 1B SFT and 0.3 beside DPO (DPO / SFT peak goal 1.1;
 #            1B SFT at 0.8 stays under 0.6x stock's peak), head_grad beside 1B SFT QLoRA
 #   budget_8b  8B SFT at lean budgets 0.8 and 1.0 beside stock and auto: the 8B share of the limit with no recompute
+#   dpo_attention  DPO's shared-prompt attention alone in align's flash-varlen form and stock's dense layout through
+#            cuDNN / flash / efficient SDPA (the 1B DPO step's attention ran at ~2/3 of SFT's cuDNN rate, call23)
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -84,7 +86,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -261,6 +263,9 @@ case $CALL in
     # stock's peak): how far the 8B step gets with no recompute, memory aside
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align,align_b8,align_b10 \
         --align_variants "b8=auto@0.8;b10=auto@1.0" $W --timeout 150 --out "$OUT" ;;
+  dpo_attention)  # DPO's shared-prompt attention alone: align's flash-varlen call against stock's dense layout
+    # through cuDNN / flash / efficient SDPA (benchmarks/dpo_attention_forms.py), 1B and 8B head sizes
+    $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

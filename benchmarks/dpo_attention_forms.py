@@ -1,0 +1,183 @@
+"""DPO's shared-prompt attention in several forms, forward + backward timed alone.
+
+    python benchmarks/dpo_attention_forms.py [--shapes 1b,8b] [--prompt 1024] [--completion 1024] [--out DIR]
+
+Why: in the 1B DPO step attention took 50.5 of 262 busy ms on an H100 (Call23's profile), run by torch's
+flash-varlen (FlashAttention-2) at about 210-230 TFLOP/s, where SFT's equal samples go through one batched SDPA
+call that picks cuDNN's Hopper kernel at about 320-350 (benchmarks/README.md). This times the candidates on their own
+before any is built into `align.packed_attention`.
+
+The row is what `shared_prompt` packs: `pairs` x (prompt | chosen | rejected), the throughput cases' shapes (1B: 4
+pairs, 32 query / 8 key heads of 64; 8B: 2 pairs, 32 / 8 heads of 128). Forms:
+- `varlen`: align's path (`packed_attention._varlen_attention` with the layout `shared_prompt` sets): per pair a
+  prompt+chosen segment on its own keys and a rejected segment on the prompt's keys and its own, lower-right causal,
+  all in one flash-varlen call.
+- `dense_<backend>` (`cudnn`, `flash`, `efficient`): stock's layout, `[prompt | chosen]` and `[prompt | rejected]` as
+  2 x pairs causal sequences gathered from the row (the prompt's queries computed twice; equal completion lengths
+  only), one batched SDPA call with that backend forced; the rejected sequences' prompt outputs dropped.
+Reported per form: ms for a forward and backward (gradients of q, k and v), TFLOP/s of the form's own work and of
+the work varlen does (pairs of query and visible key x 4 x heads x dim forward, 2.5x that backward), and the largest
+difference from varlen's output. A form that cannot run (a backend refusing the shape) records its error.
+On a CPU (tiny shapes, for tests): varlen through align.testing's stand-in, the dense forms through SDPA's math.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from align.manifest import write_json_atomic  # noqa: E402
+from gemm_ceiling import median_seconds  # noqa: E402
+from throughput import gpu_tag  # noqa: E402
+
+SHAPES = {"1b": dict(pairs=4, heads=32, kv_heads=8, dim=64), "8b": dict(pairs=2, heads=32, kv_heads=8, dim=128),
+          "tiny": dict(pairs=2, heads=4, kv_heads=2, dim=8)}
+BACKENDS = ("cudnn", "flash", "efficient")
+
+
+def layout(pairs: int, prompt: int, completion: int) -> list:
+    """`shared_prompt`'s segments of the row: (q_start, q_end, [(kv_start, kv_end), ...])."""
+    p, c, segs = prompt, completion, []
+    for i in range(pairs):
+        o = i * (p + 2 * c)
+        segs += [(o, o + p + c, [(o, o + p + c)]), (o + p + c, o + p + 2 * c, [(o, o + p), (o + p + c, o + p + 2 * c)])]
+    return segs
+
+
+def dense_indices(torch, pairs: int, prompt: int, completion: int):
+    """Row positions of stock's 2 x pairs sequences (pairs x 2, prompt + completion), and for each row position
+    the flat index of its output among those sequences' outputs."""
+    p, c, seqs, keep = prompt, completion, [], []
+    length = p + c
+    for i in range(pairs):
+        o = i * (p + 2 * c)
+        seqs += [torch.arange(o, o + p + c), torch.cat([torch.arange(o, o + p), torch.arange(o + p + c, o + p + 2 * c)])]
+        keep += [torch.arange(2 * i * length, (2 * i + 1) * length),  # prompt + chosen from the chosen sequence
+                 torch.arange((2 * i + 1) * length + p, (2 * i + 2) * length)]  # rejected from the rejected one
+    return torch.stack(seqs), torch.cat(keep)
+
+
+def visible_pairs(segments) -> int:
+    """Query-key pairs a lower-right causal layout computes (each query sees the keys up to its own position)."""
+    total = 0
+    for q0, q1, kv in segments:
+        lq, lk = q1 - q0, sum(b - a for a, b in kv)
+        total += sum(lk - lq + i + 1 for i in range(lq))
+    return total
+
+
+def varlen_form(torch, q, k, v, segments):
+    from align import packed_attention
+
+    packed_attention.set_layout(segments, q.shape[2])
+    try:
+        return packed_attention._varlen_attention(q, k, v, q.shape[-1] ** -0.5,
+                                                  packed_attention._varlen_args(q.device))
+    finally:
+        packed_attention.set_layout(None)
+
+
+def dense_form(torch, q, k, v, seqs, keep, backend: str | None):
+    """Stock's layout in one batched causal SDPA call (`backend` forced, None: SDPA's choice)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    heads, dim = q.shape[1], q.shape[3]
+    gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, L, D)
+    qs, ks, vs = gather(q), gather(k), gather(v)
+    if ks.shape[1] != heads:  # GQA: not every backend takes enable_gqa
+        ks, vs = (x.repeat_interleave(heads // ks.shape[1], dim=1) for x in (ks, vs))
+    kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, None: SDPBackend.MATH}
+    with sdpa_kernel(kinds[backend]):
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=dim ** -0.5)
+    return out.transpose(1, 2).reshape(-1, heads, dim)[keep][None]  # (1, T, H, D), varlen's layout
+
+
+def make(torch, shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = shape["pairs"] * (prompt + 2 * completion)
+    new = lambda h: torch.randn(1, h, t, shape["dim"], generator=g).to(device, dtype).requires_grad_()
+    return new(shape["heads"]), new(shape["kv_heads"]), new(shape["kv_heads"])
+
+
+def forms(device: str) -> list[str]:
+    return ["varlen"] + ([f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"])
+
+
+def run_form(torch, form: str, q, k, v, segments, seqs, keep):
+    if form == "varlen":
+        return varlen_form(torch, q, k, v, segments)
+    backend = form.removeprefix("dense_")
+    return dense_form(torch, q, k, v, seqs, keep, None if backend == "math" else backend)
+
+
+def measure(torch, name: str, prompt: int, completion: int, device: str, reps: int) -> dict:
+    shape = SHAPES[name]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = make(torch, shape, prompt, completion, device, dtype)
+    segments = layout(shape["pairs"], prompt, completion)
+    seqs, keep = (x.to(device) for x in dense_indices(torch, shape["pairs"], prompt, completion))
+    grad = torch.randn(1, q.shape[2], shape["heads"], shape["dim"], generator=torch.Generator().manual_seed(1)).to(
+        device, dtype)
+    unit = 4 * shape["heads"] * shape["dim"] * 3.5  # flops per visible pair, forward + backward
+    work = {"varlen": visible_pairs(segments)}
+    work["dense"] = 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
+    reference, out = None, {}
+    for form in forms(device):
+        try:
+            o = run_form(torch, form, q, k, v, segments, seqs, keep)
+            if reference is None:
+                reference = o.detach().float()
+            diff = (o.detach().float() - reference).abs().max().item()
+
+            def step(form=form):
+                run_form(torch, form, q, k, v, segments, seqs, keep).backward(grad)
+
+            seconds = median_seconds(torch, step, device, reps)
+        except Exception as e:  # a backend that refuses the shape: recorded, the others still run
+            out[form] = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            continue
+        own = work["varlen" if form == "varlen" else "dense"]
+        out[form] = dict(ms=seconds * 1e3, tflops_own_work=own * unit / seconds / 1e12,
+                         tflops_varlen_work=work["varlen"] * unit / seconds / 1e12, max_abs_diff_from_varlen=diff)
+    return dict(shape=name, **shape, prompt=prompt, completion=completion, tokens=q.shape[2],
+                visible_pairs=work, forms=out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--completion", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = p.parse_args(argv)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from align import testing
+
+        testing.use_cpu_varlen()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    results = [measure(torch, s, args.prompt, args.completion, device, args.reps) for s in args.shapes.split(",")]
+    for r in results:
+        line = ", ".join(f"{f} {v['ms']:.2f} ms ({v['tflops_varlen_work']:.0f} TFLOP/s of varlen's work)"
+                         if "ms" in v else f"{f} {v['error']}" for f, v in r["forms"].items())
+        print(f"[dpo_attention_forms] {r['shape']}: {line}", flush=True)
+    path = os.path.join(args.out, f"dpo_attention_forms_{gpu_tag(name)}.json")
+    write_json_atomic(path, dict(meta=dict(device=name, torch=torch.__version__, reps=args.reps,
+                                           time=time.strftime("%Y-%m-%d %H:%M:%S")), shapes=results))
+    print(f"[dpo_attention_forms] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""benchmarks/dpo_attention_forms.py: stock's dense layout gathered from the shared-prompt row gives the row's
+attention, and the CPU run writes every form."""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+
+def row_mask(segments, t):
+    """The shared-prompt row's attention as one (T, T) boolean mask: each segment's queries see its key ranges up
+    to their own position (lower-right causal over the gathered keys)."""
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    for q0, q1, kv in segments:
+        keys = torch.cat([torch.arange(a, b) for a, b in kv])
+        for i, q in enumerate(range(q0, q1)):
+            mask[q, keys[: len(keys) - (q1 - q0) + i + 1]] = True
+    return mask
+
+
+def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
+    import dpo_attention_forms as daf
+
+    from align import testing
+
+    testing.use_cpu_varlen(monkeypatch.setattr)
+    shape, prompt, completion = daf.SHAPES["tiny"], 5, 3
+    q, k, v = daf.make(torch, shape, prompt, completion, "cpu", torch.float64, seed=3)
+    segments = daf.layout(shape["pairs"], prompt, completion)
+    assert segments[1] == (8, 11, [(0, 5), (8, 11)])  # the first rejected piece: the prompt's keys and its own
+    seqs, keep = daf.dense_indices(torch, shape["pairs"], prompt, completion)
+    assert seqs[1].tolist() == [0, 1, 2, 3, 4, 8, 9, 10] and len(keep) == q.shape[2]
+    group = shape["heads"] // shape["kv_heads"]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+        attn_mask=row_mask(segments, q.shape[2])).transpose(1, 2)
+    dense = daf.dense_form(torch, q, k, v, seqs, keep, None)
+    torch.testing.assert_close(dense, expected)
+    torch.testing.assert_close(daf.varlen_form(torch, q, k, v, segments), expected)
+    # the dense layout computes more pairs: the prompt's queries twice
+    assert daf.visible_pairs(segments) < 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
+
+
+def test_cpu_run_writes_every_form(tmp_path, monkeypatch):
+    import dpo_attention_forms as daf
+
+    from align import packed_attention
+
+    for name in ("_varlen", "_varlen_device", "_VARLEN_DTYPES", "_varlen_fns"):  # main routes them to the stand-in
+        monkeypatch.setattr(packed_attention, name, getattr(packed_attention, name))
+    assert daf.main(["--shapes", "tiny", "--prompt", "6", "--completion", "4", "--reps", "1",
+                     "--out", str(tmp_path)]) == 0
+    (tiny,) = json.loads((tmp_path / "dpo_attention_forms_cpu.json").read_text())["shapes"]
+    assert set(tiny["forms"]) == {"varlen", "dense_math"}
+    assert all(f["ms"] > 0 for f in tiny["forms"].values())
+    assert tiny["forms"]["dense_math"]["max_abs_diff_from_varlen"] < 1e-5
+    assert tiny["visible_pairs"]["varlen"] < tiny["visible_pairs"]["dense"]

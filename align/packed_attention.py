@@ -17,7 +17,15 @@ ATTENTION = "align_segments"  # the attention implementation registered for padd
 _layout: list | None = None  # [(q_start, q_end, [(kv_start, kv_end), ...]), ...] of the current packed row
 _layout_len: int = -1
 _layout_equal: bool = False
+_layout_pairs: tuple | None = None  # (pairs, prompt, completion): shared-prompt pairs all of one shape
 _varlen_plan: dict = {}  # per device: the layout as flash-varlen arguments, built once per forward for all layers
+_pairs_plan: dict = {}  # per device: the gather indices of `DENSE_PAIRS`
+# Experimental, in no `auto`: a row of equal shared-prompt pairs as stock's dense layout ([prompt | chosen] and
+# [prompt | rejected] gathered into 2 x pairs causal sequences) in one batched SDPA call, which a Hopper GPU runs
+# with cuDNN's kernel, instead of one flash-varlen (FlashAttention-2) call: 14% more attention flops at up to ~1.5x
+# the rate (Call23's profiles). To be measured (benchmarks/dpo_attention_forms.py, then whole steps with
+# `--align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`) before it goes into `auto` or is removed.
+DENSE_PAIRS = False
 
 
 def set_layout(segments: list | None, length: int = -1) -> None:
@@ -25,12 +33,70 @@ def set_layout(segments: list | None, length: int = -1) -> None:
 
     The layout stays set after the forward on purpose: gradient checkpointing recomputes attention in the backward.
     The next forward of a wrapped model replaces it; a call with another sequence length ignores it."""
-    global _layout, _layout_len, _layout_equal
+    global _layout, _layout_len, _layout_equal, _layout_pairs
     _layout, _layout_len = segments, length
     _varlen_plan.clear()
+    _pairs_plan.clear()
     # equal samples, each attending to itself: one batched causal call (decided once, not in every layer)
     _layout_equal = bool(segments) and len({q1 - q0 for q0, q1, _ in segments}) == 1 and all(
         len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in segments)
+    pairs = _equal_pairs(segments)
+    _layout_pairs = pairs if pairs and pairs[0] * (pairs[1] + 2 * pairs[2]) == length else None  # the whole row
+
+
+def pair_segments(pairs: int, prompt: int, completion: int) -> list:
+    """The layout of `pairs` shared-prompt rows of one shape, back to back: prompt + chosen attending to itself,
+    then the rejected completion attending to the prompt and itself."""
+    p, c, out = prompt, completion, []
+    for i in range(pairs):
+        o = i * (p + 2 * c)
+        out += [(o, o + p + c, [(o, o + p + c)]), (o + p + c, o + p + 2 * c, [(o, o + p), (o + p + c, o + p + 2 * c)])]
+    return out
+
+
+def _equal_pairs(segments) -> tuple | None:
+    """(pairs, prompt, completion) when `segments` is `pair_segments` of some shape (chosen and rejected of equal
+    length), else None."""
+    if not segments or len(segments) % 2 or len(segments[1][2]) != 2:
+        return None
+    (_, prompt_end), _ = segments[1][2]
+    shape = (len(segments) // 2, prompt_end - segments[0][0], segments[1][1] - segments[1][0])
+    return shape if shape[1] > 0 and shape[2] > 0 and segments == pair_segments(*shape) else None
+
+
+def pair_indices(pairs: int, prompt: int, completion: int, device=None) -> tuple:
+    """For `DENSE_PAIRS`: the row positions of stock's 2 x pairs sequences (pairs x 2, prompt + completion) and, for
+    each row position in order, the flat index of its output among those sequences' outputs."""
+    p, c, seqs, keep = prompt, completion, [], []
+    length = p + c
+    for i in range(pairs):
+        o = i * (p + 2 * c)
+        seqs += [torch.arange(o, o + p + c), torch.cat([torch.arange(o, o + p), torch.arange(o + p + c, o + p + 2 * c)])]
+        keep += [torch.arange(2 * i * length, (2 * i + 1) * length),  # prompt + chosen from the chosen sequence
+                 torch.arange((2 * i + 1) * length + p, (2 * i + 2) * length)]  # rejected from the rejected one
+    device = device or "cpu"
+    return torch.stack(seqs).to(device, non_blocking=True), torch.cat(keep).to(device, non_blocking=True)
+
+
+def _pairs_args(device) -> tuple:
+    plan = _pairs_plan.get(device)
+    if plan is None:
+        plan = _pairs_plan[device] = pair_indices(*_layout_pairs, device=device)
+    return plan
+
+
+def _pairs_attention(query, key, value, scaling, plan):
+    """`DENSE_PAIRS`: the row's equal pairs as stock's 2 x pairs causal sequences in one batched SDPA call (key
+    heads repeated to the query heads, which every SDPA backend takes). (1, heads, T, dim) in, (1, T, heads, dim)
+    out, the rejected sequences' prompt outputs dropped."""
+    seqs, keep = plan
+    heads, dim = query.shape[1], query.shape[3]
+    gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, prompt + completion, D)
+    q, k, v = gather(query), gather(key), gather(value)
+    if k.shape[1] != heads:
+        k, v = (x.repeat_interleave(heads // k.shape[1], dim=1) for x in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).reshape(-1, heads, dim)[keep][None]
 
 
 _VARLEN_DTYPES = (torch.float16, torch.bfloat16)  # flash attention's
@@ -112,9 +178,11 @@ def segment_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     no graph break). Otherwise the layout set by `set_layout` is read on the host (`_segment_attention_eager`)."""
     packed = kwargs.pop(SEGMENTS_KEY, None)
     if packed is not None and query.shape[0] == 1:
-        equal, varlen = packed
+        equal, varlen, pairs = packed
         if equal:
             return _equal_attention(query, key, value, equal, dropout, scaling), None
+        if pairs is not None and not dropout:
+            return _pairs_attention(query, key, value, scaling, pairs), None
         if varlen is not None and not dropout and query.dtype in _VARLEN_DTYPES:
             return _varlen_attention(query, key, value, scaling, varlen), None
     return _segment_attention_eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -141,16 +209,19 @@ def _varlen_device(device) -> bool:
 
 def packed_attention_kwargs(device) -> dict:
     """The current layout for the layers of a packed forward, as keyword arguments transformers passes down to
-    every attention call: `{SEGMENTS_KEY: (n, varlen)}` with `n` the number of equal samples (0 otherwise) and
-    `varlen` the flash-varlen arguments (`_varlen_args`, CUDA) or None. Empty when the attention cannot run from
-    them (no layout; unequal segments without flash varlen: the host-side per-segment calls then)."""
+    every attention call: `{SEGMENTS_KEY: (n, varlen, pairs)}` with `n` the number of equal samples (0 otherwise),
+    `varlen` the flash-varlen arguments (`_varlen_args`, CUDA) or None and `pairs` `DENSE_PAIRS`' gather indices
+    or None. Empty when the attention cannot run from them (no layout; unequal segments without flash varlen: the
+    host-side per-segment calls then)."""
     if _layout is None:
         return {}
     if _layout_equal:
-        return {SEGMENTS_KEY: (len(_layout), None)}
+        return {SEGMENTS_KEY: (len(_layout), None, None)}
+    if DENSE_PAIRS and _layout_pairs is not None:
+        return {SEGMENTS_KEY: (0, None, _pairs_args(device))}
     if _varlen_device(device) and _use_varlen and _varlen() is not None:
         _varlen_call()
-        return {SEGMENTS_KEY: (0, _varlen_args(device))}
+        return {SEGMENTS_KEY: (0, _varlen_args(device), None)}
     return {}
 
 
@@ -172,6 +243,8 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout=
     gqa = heads != kv_heads
     if _layout_equal:  # equal samples: one batched causal call
         return _equal_attention(query, key, value, len(_layout), dropout, scaling), None
+    if DENSE_PAIRS and _layout_pairs is not None and not dropout:  # equal pairs as stock's sequences (experimental)
+        return _pairs_attention(query, key, value, scaling, _pairs_args(query.device)), None
     if _use_varlen and use_varlen(query, dropout):  # every other layout: one flash-varlen call for all segments
         return _varlen_attention(query, key, value, scaling, _varlen_args(query.device)), None
     outs = []

@@ -14,7 +14,9 @@ pairs, 32 query / 8 key heads of 64; 8B: 2 pairs, 32 / 8 heads of 128). Forms:
   all in one flash-varlen call.
 - `dense_<backend>` (`cudnn`, `flash`, `efficient`): stock's layout, `[prompt | chosen]` and `[prompt | rejected]` as
   2 x pairs causal sequences gathered from the row (the prompt's queries computed twice; equal completion lengths
-  only), one batched SDPA call with that backend forced; the rejected sequences' prompt outputs dropped.
+  only), one batched SDPA call with that backend forced; the rejected sequences' prompt outputs dropped. This is
+  `packed_attention.DENSE_PAIRS`' op (experimental), so a whole step can follow with
+  `throughput.py --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`.
 Reported per form: ms for a forward and backward (gradients of q, k and v), TFLOP/s of the form's own work and of
 the work varlen does (pairs of query and visible key x 4 x heads x dim forward, 2.5x that backward), and the largest
 difference from varlen's output. A form that cannot run (a backend refusing the shape) records its error.
@@ -32,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from align import packed_attention  # noqa: E402
 from align.manifest import write_json_atomic  # noqa: E402
 from gemm_ceiling import median_seconds  # noqa: E402
 from throughput import gpu_tag  # noqa: E402
@@ -39,28 +42,6 @@ from throughput import gpu_tag  # noqa: E402
 SHAPES = {"1b": dict(pairs=4, heads=32, kv_heads=8, dim=64), "8b": dict(pairs=2, heads=32, kv_heads=8, dim=128),
           "tiny": dict(pairs=2, heads=4, kv_heads=2, dim=8)}
 BACKENDS = ("cudnn", "flash", "efficient")
-
-
-def layout(pairs: int, prompt: int, completion: int) -> list:
-    """`shared_prompt`'s segments of the row: (q_start, q_end, [(kv_start, kv_end), ...])."""
-    p, c, segs = prompt, completion, []
-    for i in range(pairs):
-        o = i * (p + 2 * c)
-        segs += [(o, o + p + c, [(o, o + p + c)]), (o + p + c, o + p + 2 * c, [(o, o + p), (o + p + c, o + p + 2 * c)])]
-    return segs
-
-
-def dense_indices(torch, pairs: int, prompt: int, completion: int):
-    """Row positions of stock's 2 x pairs sequences (pairs x 2, prompt + completion), and for each row position
-    the flat index of its output among those sequences' outputs."""
-    p, c, seqs, keep = prompt, completion, [], []
-    length = p + c
-    for i in range(pairs):
-        o = i * (p + 2 * c)
-        seqs += [torch.arange(o, o + p + c), torch.cat([torch.arange(o, o + p), torch.arange(o + p + c, o + p + 2 * c)])]
-        keep += [torch.arange(2 * i * length, (2 * i + 1) * length),  # prompt + chosen from the chosen sequence
-                 torch.arange((2 * i + 1) * length + p, (2 * i + 2) * length)]  # rejected from the rejected one
-    return torch.stack(seqs), torch.cat(keep)
 
 
 def visible_pairs(segments) -> int:
@@ -73,8 +54,7 @@ def visible_pairs(segments) -> int:
 
 
 def varlen_form(torch, q, k, v, segments):
-    from align import packed_attention
-
+    """align's path: the row's segments in one flash-varlen call."""
     packed_attention.set_layout(segments, q.shape[2])
     try:
         return packed_attention._varlen_attention(q, k, v, q.shape[-1] ** -0.5,
@@ -83,21 +63,15 @@ def varlen_form(torch, q, k, v, segments):
         packed_attention.set_layout(None)
 
 
-def dense_form(torch, q, k, v, seqs, keep, backend: str | None):
-    """Stock's layout in one batched causal SDPA call (`backend` forced, None: SDPA's choice)."""
-    import torch.nn.functional as F
+def dense_form(torch, q, k, v, plan, backend: str | None):
+    """Stock's layout in one batched causal SDPA call (`packed_attention.DENSE_PAIRS`' op; `backend` forced, None:
+    SDPA's math)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    heads, dim = q.shape[1], q.shape[3]
-    gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, L, D)
-    qs, ks, vs = gather(q), gather(k), gather(v)
-    if ks.shape[1] != heads:  # GQA: not every backend takes enable_gqa
-        ks, vs = (x.repeat_interleave(heads // ks.shape[1], dim=1) for x in (ks, vs))
     kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, None: SDPBackend.MATH}
     with sdpa_kernel(kinds[backend]):
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=dim ** -0.5)
-    return out.transpose(1, 2).reshape(-1, heads, dim)[keep][None]  # (1, T, H, D), varlen's layout
+        return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan)
 
 
 def make(torch, shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
@@ -111,19 +85,19 @@ def forms(device: str) -> list[str]:
     return ["varlen"] + ([f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"])
 
 
-def run_form(torch, form: str, q, k, v, segments, seqs, keep):
+def run_form(torch, form: str, q, k, v, segments, plan):
     if form == "varlen":
         return varlen_form(torch, q, k, v, segments)
     backend = form.removeprefix("dense_")
-    return dense_form(torch, q, k, v, seqs, keep, None if backend == "math" else backend)
+    return dense_form(torch, q, k, v, plan, None if backend == "math" else backend)
 
 
 def measure(torch, name: str, prompt: int, completion: int, device: str, reps: int) -> dict:
     shape = SHAPES[name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v = make(torch, shape, prompt, completion, device, dtype)
-    segments = layout(shape["pairs"], prompt, completion)
-    seqs, keep = (x.to(device) for x in dense_indices(torch, shape["pairs"], prompt, completion))
+    segments = packed_attention.pair_segments(shape["pairs"], prompt, completion)
+    plan = packed_attention.pair_indices(shape["pairs"], prompt, completion, device)
     grad = torch.randn(1, q.shape[2], shape["heads"], shape["dim"], generator=torch.Generator().manual_seed(1)).to(
         device, dtype)
     unit = 4 * shape["heads"] * shape["dim"] * 3.5  # flops per visible pair, forward + backward
@@ -132,13 +106,13 @@ def measure(torch, name: str, prompt: int, completion: int, device: str, reps: i
     reference, out = None, {}
     for form in forms(device):
         try:
-            o = run_form(torch, form, q, k, v, segments, seqs, keep)
+            o = run_form(torch, form, q, k, v, segments, plan)
             if reference is None:
                 reference = o.detach().float()
             diff = (o.detach().float() - reference).abs().max().item()
 
             def step(form=form):
-                run_form(torch, form, q, k, v, segments, seqs, keep).backward(grad)
+                run_form(torch, form, q, k, v, segments, plan).backward(grad)
 
             seconds = median_seconds(torch, step, device, reps)
         except Exception as e:  # a backend that refuses the shape: recorded, the others still run

@@ -24,24 +24,56 @@ def row_mask(segments, t):
 def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
     import dpo_attention_forms as daf
 
-    from align import testing
+    from align import packed_attention, testing
 
     testing.use_cpu_varlen(monkeypatch.setattr)
     shape, prompt, completion = daf.SHAPES["tiny"], 5, 3
     q, k, v = daf.make(torch, shape, prompt, completion, "cpu", torch.float64, seed=3)
-    segments = daf.layout(shape["pairs"], prompt, completion)
+    segments = packed_attention.pair_segments(shape["pairs"], prompt, completion)
     assert segments[1] == (8, 11, [(0, 5), (8, 11)])  # the first rejected piece: the prompt's keys and its own
-    seqs, keep = daf.dense_indices(torch, shape["pairs"], prompt, completion)
+    seqs, keep = plan = packed_attention.pair_indices(shape["pairs"], prompt, completion)
     assert seqs[1].tolist() == [0, 1, 2, 3, 4, 8, 9, 10] and len(keep) == q.shape[2]
     group = shape["heads"] // shape["kv_heads"]
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
         attn_mask=row_mask(segments, q.shape[2])).transpose(1, 2)
-    dense = daf.dense_form(torch, q, k, v, seqs, keep, None)
-    torch.testing.assert_close(dense, expected)
+    torch.testing.assert_close(daf.dense_form(torch, q, k, v, plan, None), expected)
     torch.testing.assert_close(daf.varlen_form(torch, q, k, v, segments), expected)
     # the dense layout computes more pairs: the prompt's queries twice
     assert daf.visible_pairs(segments) < 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
+
+
+def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradients(monkeypatch):
+    """`packed_attention.DENSE_PAIRS` (experimental): a row of equal pairs through the layers' arguments gives the
+    per-segment attention's outputs and q / k / v gradients; rows of unequal pairs (or not the whole row) keep the
+    other paths."""
+    from align import packed_attention
+
+    monkeypatch.setattr(packed_attention, "_use_varlen", False)  # the reference: per-segment SDPA calls
+    g = torch.Generator().manual_seed(4)
+    prompt, completion, pairs = 6, 4, 3
+    t = pairs * (prompt + 2 * completion)
+    q, k, v = (torch.randn(1, h, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    grad = torch.randn(1, t, 4, 8, generator=g, dtype=torch.float64)
+    segments = packed_attention.pair_segments(pairs, prompt, completion)
+    packed_attention.set_layout(segments, t)
+    try:
+        ref, _ = packed_attention.segment_attention(None, q, k, v, None)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+        assert packed_attention.packed_attention_kwargs(q.device) == {}  # off: nothing for the layers on a CPU
+        monkeypatch.setattr(packed_attention, "DENSE_PAIRS", True)
+        kwargs = packed_attention.packed_attention_kwargs(q.device)
+        assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
+        out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+            torch.testing.assert_close(a, b)
+        packed_attention.set_layout(segments[:-1] + [(segments[-1][0], segments[-1][1] - 1, segments[-1][2])], t)
+        assert packed_attention._layout_pairs is None  # a shorter last rejected piece: not equal pairs
+        packed_attention.set_layout(segments, t + 1)
+        assert packed_attention._layout_pairs is None  # the segments do not cover the row
+    finally:
+        packed_attention.set_layout(None)
 
 
 def test_cpu_run_writes_every_form(tmp_path, monkeypatch):

@@ -78,7 +78,8 @@
 #            1B SFT at 0.8 stays under 0.6x stock's peak), head_grad beside 1B SFT QLoRA
 #   budget_8b  8B SFT at lean budgets 0.8 and 1.0 beside stock and auto: the 8B share of the limit with no recompute
 #   dpo_attention  DPO's shared-prompt attention alone in align's flash-varlen form and stock's dense layout through
-#            cuDNN / flash / efficient SDPA (the 1B DPO step's attention ran at ~2/3 of SFT's cuDNN rate, call23)
+#            cuDNN / flash / efficient SDPA (the 1B DPO step's attention ran at ~2/3 of SFT's cuDNN rate, call23),
+#            then 1B and 8B DPO steps with the dense form (packed_attention.DENSE_PAIRS) beside auto and stock
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -265,7 +266,10 @@ case $CALL in
         --align_variants "b8=auto@0.8;b10=auto@1.0" $W --timeout 150 --out "$OUT" ;;
   dpo_attention)  # DPO's shared-prompt attention alone: align's flash-varlen call against stock's dense layout
     # through cuDNN / flash / efficient SDPA (benchmarks/dpo_attention_forms.py), 1B and 8B head sizes
-    $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT" ;;
+    $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT"
+    # then whole DPO steps with that form (packed_attention.DENSE_PAIRS, experimental) beside auto and stock
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths stock,align,align_dp \
+        --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True" $W --timeout 150 --out "$OUT/steps" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

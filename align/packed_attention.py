@@ -40,7 +40,7 @@ def set_layout(segments: list | None, length: int = -1) -> None:
     # equal samples, each attending to itself: one batched causal call (decided once, not in every layer)
     _layout_equal = bool(segments) and len({q1 - q0 for q0, q1, _ in segments}) == 1 and all(
         len(kv) == 1 and kv[0] == (q0, q1) for q0, q1, kv in segments)
-    pairs = _equal_pairs(segments)
+    pairs = _equal_pairs(segments) if DENSE_PAIRS else None
     _layout_pairs = pairs if pairs and pairs[0] * (pairs[1] + 2 * pairs[2]) == length else None  # the whole row
 
 

@@ -62,6 +62,7 @@ def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradien
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
         assert packed_attention.packed_attention_kwargs(q.device) == {}  # off: nothing for the layers on a CPU
         monkeypatch.setattr(packed_attention, "DENSE_PAIRS", True)
+        packed_attention.set_layout(segments, t)  # read when a layout is set
         kwargs = packed_attention.packed_attention_kwargs(q.device)
         assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
         out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs)

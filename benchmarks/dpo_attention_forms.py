@@ -30,6 +30,8 @@ import os
 import sys
 import time
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -53,7 +55,7 @@ def visible_pairs(segments) -> int:
     return total
 
 
-def varlen_form(torch, q, k, v, segments):
+def varlen_form(q, k, v, segments):
     """align's path: the row's segments in one flash-varlen call."""
     packed_attention.set_layout(segments, q.shape[2])
     try:
@@ -63,7 +65,7 @@ def varlen_form(torch, q, k, v, segments):
         packed_attention.set_layout(None)
 
 
-def dense_form(torch, q, k, v, plan, backend: str | None):
+def dense_form(q, k, v, plan, backend: str | None):
     """Stock's layout in one batched causal SDPA call (`packed_attention.DENSE_PAIRS`' op; `backend` forced, None:
     SDPA's math)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -74,7 +76,7 @@ def dense_form(torch, q, k, v, plan, backend: str | None):
         return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan)
 
 
-def make(torch, shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
+def make(shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     t = shape["pairs"] * (prompt + 2 * completion)
     new = lambda h: torch.randn(1, h, t, shape["dim"], generator=g).to(device, dtype).requires_grad_()
@@ -85,17 +87,17 @@ def forms(device: str) -> list[str]:
     return ["varlen"] + ([f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"])
 
 
-def run_form(torch, form: str, q, k, v, segments, plan):
+def run_form(form: str, q, k, v, segments, plan):
     if form == "varlen":
-        return varlen_form(torch, q, k, v, segments)
+        return varlen_form(q, k, v, segments)
     backend = form.removeprefix("dense_")
-    return dense_form(torch, q, k, v, plan, None if backend == "math" else backend)
+    return dense_form(q, k, v, plan, None if backend == "math" else backend)
 
 
-def measure(torch, name: str, prompt: int, completion: int, device: str, reps: int) -> dict:
+def measure(name: str, prompt: int, completion: int, device: str, reps: int) -> dict:
     shape = SHAPES[name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v = make(torch, shape, prompt, completion, device, dtype)
+    q, k, v = make(shape, prompt, completion, device, dtype)
     segments = packed_attention.pair_segments(shape["pairs"], prompt, completion)
     plan = packed_attention.pair_indices(shape["pairs"], prompt, completion, device)
     grad = torch.randn(1, q.shape[2], shape["heads"], shape["dim"], generator=torch.Generator().manual_seed(1)).to(
@@ -106,13 +108,13 @@ def measure(torch, name: str, prompt: int, completion: int, device: str, reps: i
     reference, out = None, {}
     for form in forms(device):
         try:
-            o = run_form(torch, form, q, k, v, segments, plan)
-            if reference is None:
-                reference = o.detach().float()
-            diff = (o.detach().float() - reference).abs().max().item()
+            o = run_form(form, q, k, v, segments, plan).detach().float()
+            if form == "varlen":
+                reference = o
+            diff = None if reference is None else (o - reference).abs().max().item()
 
-            def step(form=form):
-                run_form(torch, form, q, k, v, segments, plan).backward(grad)
+            def step(form=form):  # gradients returned, not accumulated into q / k / v
+                torch.autograd.grad(run_form(form, q, k, v, segments, plan), (q, k, v), grad)
 
             seconds = median_seconds(torch, step, device, reps)
         except Exception as e:  # a backend that refuses the shape: recorded, the others still run
@@ -133,15 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     args = p.parse_args(argv)
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         from align import testing
 
         testing.use_cpu_varlen()
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    results = [measure(torch, s, args.prompt, args.completion, device, args.reps) for s in args.shapes.split(",")]
+    results = [measure(s, args.prompt, args.completion, device, args.reps) for s in args.shapes.split(",")]
     for r in results:
         line = ", ".join(f"{f} {v['ms']:.2f} ms ({v['tflops_varlen_work']:.0f} TFLOP/s of varlen's work)"
                          if "ms" in v else f"{f} {v['error']}" for f, v in r["forms"].items())

@@ -28,7 +28,7 @@ def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
 
     testing.use_cpu_varlen(monkeypatch.setattr)
     shape, prompt, completion = daf.SHAPES["tiny"], 5, 3
-    q, k, v = daf.make(torch, shape, prompt, completion, "cpu", torch.float64, seed=3)
+    q, k, v = daf.make(shape, prompt, completion, "cpu", torch.float64, seed=3)
     segments = packed_attention.pair_segments(shape["pairs"], prompt, completion)
     assert segments[1] == (8, 11, [(0, 5), (8, 11)])  # the first rejected piece: the prompt's keys and its own
     seqs, keep = plan = packed_attention.pair_indices(shape["pairs"], prompt, completion)
@@ -37,8 +37,8 @@ def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
         attn_mask=row_mask(segments, q.shape[2])).transpose(1, 2)
-    torch.testing.assert_close(daf.dense_form(torch, q, k, v, plan, None), expected)
-    torch.testing.assert_close(daf.varlen_form(torch, q, k, v, segments), expected)
+    torch.testing.assert_close(daf.dense_form(q, k, v, plan, None), expected)
+    torch.testing.assert_close(daf.varlen_form(q, k, v, segments), expected)
     # the dense layout computes more pairs: the prompt's queries twice
     assert daf.visible_pairs(segments) < 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
 

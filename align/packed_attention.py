@@ -26,6 +26,9 @@ _pairs_plan: dict = {}  # per device: the gather indices of `DENSE_PAIRS`
 # the rate (Call23's profiles). To be measured (benchmarks/dpo_attention_forms.py, then whole steps with
 # `--align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`) before it goes into `auto` or is removed.
 DENSE_PAIRS = False
+# With `DENSE_PAIRS`: the key/value heads passed to SDPA with `enable_gqa` instead of repeated to the query heads
+# (not every backend takes it; measured before it is kept or removed).
+PAIRS_GQA = False
 
 
 def set_layout(segments: list | None, length: int = -1) -> None:
@@ -93,9 +96,10 @@ def _pairs_attention(query, key, value, scaling, plan):
     heads, dim = query.shape[1], query.shape[3]
     gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, prompt + completion, D)
     q, k, v = gather(query), gather(key), gather(value)
-    if k.shape[1] != heads:
+    gqa = k.shape[1] != heads
+    if gqa and not PAIRS_GQA:
         k, v = (x.repeat_interleave(heads // k.shape[1], dim=1) for x in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa and PAIRS_GQA)
     return out.transpose(1, 2).reshape(-1, heads, dim)[keep][None]
 
 

@@ -17,6 +17,8 @@ pairs, 32 query / 8 key heads of 64; 8B: 2 pairs, 32 / 8 heads of 128). Forms:
   only), one batched SDPA call with that backend forced; the rejected sequences' prompt outputs dropped. This is
   `packed_attention.DENSE_PAIRS`' op (experimental), so a whole step can follow with
   `throughput.py --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`.
+- `dense_<backend>_gqa`: the same with the key/value heads passed through `enable_gqa` rather than repeated to the
+  query heads (`packed_attention.PAIRS_GQA`).
 Reported per form: ms for a forward and backward (gradients of q, k and v), TFLOP/s of the form's own work and of
 the work varlen does (pairs of query and visible key x 4 x heads x dim forward, 2.5x that backward), and the largest
 difference from varlen's output. A form that cannot run (a backend refusing the shape) records its error.
@@ -65,15 +67,19 @@ def varlen_form(q, k, v, segments):
         packed_attention.set_layout(None)
 
 
-def dense_form(q, k, v, plan, backend: str | None):
+def dense_form(q, k, v, plan, backend: str | None, gqa: bool = False):
     """Stock's layout in one batched causal SDPA call (`packed_attention.DENSE_PAIRS`' op; `backend` forced, None:
-    SDPA's math)."""
+    SDPA's math; `gqa`: the key heads through `enable_gqa`, `packed_attention.PAIRS_GQA`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, None: SDPBackend.MATH}
-    with sdpa_kernel(kinds[backend]):
-        return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan)
+    before, packed_attention.PAIRS_GQA = packed_attention.PAIRS_GQA, gqa
+    try:
+        with sdpa_kernel(kinds[backend]):
+            return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan)
+    finally:
+        packed_attention.PAIRS_GQA = before
 
 
 def make(shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
@@ -84,14 +90,15 @@ def make(shape: dict, prompt: int, completion: int, device: str, dtype, seed: in
 
 
 def forms(device: str) -> list[str]:
-    return ["varlen"] + ([f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"])
+    dense = [f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"]
+    return ["varlen"] + dense + [f"{f}_gqa" for f in dense]
 
 
 def run_form(form: str, q, k, v, segments, plan):
     if form == "varlen":
         return varlen_form(q, k, v, segments)
-    backend = form.removeprefix("dense_")
-    return dense_form(q, k, v, plan, None if backend == "math" else backend)
+    backend = form.removeprefix("dense_").removesuffix("_gqa")
+    return dense_form(q, k, v, plan, None if backend == "math" else backend, gqa=form.endswith("_gqa"))
 
 
 def measure(name: str, prompt: int, completion: int, device: str, reps: int) -> dict:

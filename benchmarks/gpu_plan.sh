@@ -270,6 +270,12 @@ case $CALL in
     # then whole DPO steps with that form (packed_attention.DENSE_PAIRS, experimental) beside auto and stock
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths stock,align,align_dp \
         --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True" $W --timeout 150 --out "$OUT/steps" ;;
+  dpo_gqa)  # Call32: DENSE_PAIRS ran +3.1% (1B, two samples) and +3.2% (8B) on whole DPO steps; the forms again with
+    # the key heads through enable_gqa (PAIRS_GQA), then whole steps with and without it beside auto
+    $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths align,align_dp,align_dpg \
+        --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True;dpg=auto!align.packed_attention.DENSE_PAIRS=True,align.packed_attention.PAIRS_GQA=True" \
+        $W --timeout 150 --out "$OUT/steps" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

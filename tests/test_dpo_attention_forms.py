@@ -38,6 +38,8 @@ def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
         attn_mask=row_mask(segments, q.shape[2])).transpose(1, 2)
     torch.testing.assert_close(daf.dense_form(q, k, v, plan, None), expected)
+    torch.testing.assert_close(daf.dense_form(q, k, v, plan, None, gqa=True), expected)  # enable_gqa: the same
+    assert packed_attention.PAIRS_GQA is False  # put back
     torch.testing.assert_close(daf.varlen_form(q, k, v, segments), expected)
     # the dense layout computes more pairs: the prompt's queries twice
     assert daf.visible_pairs(segments) < 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
@@ -65,10 +67,12 @@ def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradien
         packed_attention.set_layout(segments, t)  # read when a layout is set
         kwargs = packed_attention.packed_attention_kwargs(q.device)
         assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
-        out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs)
-        torch.testing.assert_close(out, ref)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
-            torch.testing.assert_close(a, b)
+        for gqa in (False, True):  # key heads repeated, or through enable_gqa (`PAIRS_GQA`)
+            monkeypatch.setattr(packed_attention, "PAIRS_GQA", gqa)
+            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs)
+            torch.testing.assert_close(out, ref)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
+                torch.testing.assert_close(a, b)
         packed_attention.set_layout(segments[:-1] + [(segments[-1][0], segments[-1][1] - 1, segments[-1][2])], t)
         assert packed_attention._layout_pairs is None  # a shorter last rejected piece: not equal pairs
         packed_attention.set_layout(segments, t + 1)
@@ -87,7 +91,8 @@ def test_cpu_run_writes_every_form(tmp_path, monkeypatch):
     assert daf.main(["--shapes", "tiny", "--prompt", "6", "--completion", "4", "--reps", "1",
                      "--out", str(tmp_path)]) == 0
     (tiny,) = json.loads((tmp_path / "dpo_attention_forms_cpu.json").read_text())["shapes"]
-    assert set(tiny["forms"]) == {"varlen", "dense_math"}
+    assert set(tiny["forms"]) == {"varlen", "dense_math", "dense_math_gqa"}
     assert all(f["ms"] > 0 for f in tiny["forms"].values())
     assert tiny["forms"]["dense_math"]["max_abs_diff_from_varlen"] < 1e-5
+    assert tiny["forms"]["dense_math_gqa"]["max_abs_diff_from_varlen"] < 1e-5
     assert tiny["visible_pairs"]["varlen"] < tiny["visible_pairs"]["dense"]

@@ -20,15 +20,12 @@ _layout_equal: bool = False
 _layout_pairs: tuple | None = None  # (pairs, prompt, completion): shared-prompt pairs all of one shape
 _varlen_plan: dict = {}  # per device: the layout as flash-varlen arguments, built once per forward for all layers
 _pairs_plan: dict = {}  # per device: the gather indices of `DENSE_PAIRS`
-# Experimental, in no `auto`: a row of equal shared-prompt pairs as stock's dense layout ([prompt | chosen] and
-# [prompt | rejected] gathered into 2 x pairs causal sequences) in one batched SDPA call, which a Hopper GPU runs
-# with cuDNN's kernel, instead of one flash-varlen (FlashAttention-2) call: 14% more attention flops at up to ~1.5x
-# the rate (Call23's profiles). To be measured (benchmarks/dpo_attention_forms.py, then whole steps with
-# `--align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`) before it goes into `auto` or is removed.
+# Set by `speed.finish` from the `dense_pairs` option (in `auto` on a GPU): a row of equal shared-prompt pairs runs
+# as stock's dense layout ([prompt | chosen] and [prompt | rejected] gathered into 2 x pairs causal sequences) in one
+# batched SDPA call, which a Hopper GPU runs with cuDNN's kernel, instead of one flash-varlen (FlashAttention-2)
+# call: 14% more attention flops at a higher rate. Whole DPO steps +4.0% (1B) / +3.9% (8B) on an H200, +3.1-3.2%
+# with the key heads repeated on an H100 (benchmarks/README.md, Call32). Rows of unequal pairs keep flash varlen.
 DENSE_PAIRS = False
-# With `DENSE_PAIRS`: the key/value heads passed to SDPA with `enable_gqa` instead of repeated to the query heads
-# (not every backend takes it; measured before it is kept or removed).
-PAIRS_GQA = False
 
 
 def set_layout(segments: list | None, length: int = -1) -> None:
@@ -88,18 +85,19 @@ def _pairs_args(device) -> tuple:
     return plan
 
 
-def _pairs_attention(query, key, value, scaling, plan):
-    """`DENSE_PAIRS`: the row's equal pairs as stock's 2 x pairs causal sequences in one batched SDPA call (key
-    heads repeated to the query heads, which every SDPA backend takes). (1, heads, T, dim) in, (1, T, heads, dim)
-    out, the rejected sequences' prompt outputs dropped."""
+def _pairs_attention(query, key, value, scaling, plan, repeat_heads: bool = False):
+    """`DENSE_PAIRS`: the row's equal pairs as stock's 2 x pairs causal sequences in one batched SDPA call, the key
+    heads through `enable_gqa` (cuDNN and flash take it; `repeat_heads`: repeated to the query heads instead, which
+    every backend takes, 0.7% slower in whole steps). (1, heads, T, dim) in, (1, T, heads, dim) out, the rejected
+    sequences' prompt outputs dropped."""
     seqs, keep = plan
     heads, dim = query.shape[1], query.shape[3]
     gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, prompt + completion, D)
     q, k, v = gather(query), gather(key), gather(value)
     gqa = k.shape[1] != heads
-    if gqa and not PAIRS_GQA:
+    if gqa and repeat_heads:
         k, v = (x.repeat_interleave(heads // k.shape[1], dim=1) for x in (k, v))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa and PAIRS_GQA)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa and not repeat_heads)
     return out.transpose(1, 2).reshape(-1, heads, dim)[keep][None]
 
 
@@ -247,7 +245,7 @@ def _segment_attention_eager(module, query, key, value, attention_mask, dropout=
     gqa = heads != kv_heads
     if _layout_equal:  # equal samples: one batched causal call
         return _equal_attention(query, key, value, len(_layout), dropout, scaling), None
-    if DENSE_PAIRS and _layout_pairs is not None and not dropout:  # equal pairs as stock's sequences (experimental)
+    if DENSE_PAIRS and _layout_pairs is not None and not dropout:  # equal pairs as stock's sequences
         return _pairs_attention(query, key, value, scaling, _pairs_args(query.device)), None
     if _use_varlen and use_varlen(query, dropout):  # every other layout: one flash-varlen call for all segments
         return _varlen_attention(query, key, value, scaling, _varlen_args(query.device)), None

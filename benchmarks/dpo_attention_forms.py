@@ -14,11 +14,11 @@ pairs, 32 query / 8 key heads of 64; 8B: 2 pairs, 32 / 8 heads of 128). Forms:
   all in one flash-varlen call.
 - `dense_<backend>` (`cudnn`, `flash`, `efficient`): stock's layout, `[prompt | chosen]` and `[prompt | rejected]` as
   2 x pairs causal sequences gathered from the row (the prompt's queries computed twice; equal completion lengths
-  only), one batched SDPA call with that backend forced; the rejected sequences' prompt outputs dropped. This is
-  `packed_attention.DENSE_PAIRS`' op (experimental), so a whole step can follow with
-  `throughput.py --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True"`.
-- `dense_<backend>_gqa`: the same with the key/value heads passed through `enable_gqa` rather than repeated to the
-  query heads (`packed_attention.PAIRS_GQA`).
+  only), one batched SDPA call with that backend forced, the key heads through `enable_gqa`; the rejected sequences'
+  prompt outputs dropped. This is the `dense_pairs` option's op (`packed_attention.DENSE_PAIRS`, in `auto` on a GPU
+  since Call32; whole steps without it: `throughput.py --align_variants` with the options less `dense_pairs`).
+- `dense_<backend>_repeat`: the same with the key/value heads repeated to the query heads (Call32's first form;
+  Call32's results files name the two `dense_<backend>` and `dense_<backend>_gqa`).
 Reported per form: ms for a forward and backward (gradients of q, k and v), TFLOP/s of the form's own work and of
 the work varlen does (pairs of query and visible key x 4 x heads x dim forward, 2.5x that backward), and the largest
 difference from varlen's output. A form that cannot run (a backend refusing the shape) records its error.
@@ -67,19 +67,15 @@ def varlen_form(q, k, v, segments):
         packed_attention.set_layout(None)
 
 
-def dense_form(q, k, v, plan, backend: str | None, gqa: bool = False):
+def dense_form(q, k, v, plan, backend: str | None, repeat_heads: bool = False):
     """Stock's layout in one batched causal SDPA call (`packed_attention.DENSE_PAIRS`' op; `backend` forced, None:
-    SDPA's math; `gqa`: the key heads through `enable_gqa`, `packed_attention.PAIRS_GQA`)."""
+    SDPA's math; `repeat_heads`: the key heads repeated to the query heads rather than through `enable_gqa`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kinds = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
              "efficient": SDPBackend.EFFICIENT_ATTENTION, None: SDPBackend.MATH}
-    before, packed_attention.PAIRS_GQA = packed_attention.PAIRS_GQA, gqa
-    try:
-        with sdpa_kernel(kinds[backend]):
-            return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan)
-    finally:
-        packed_attention.PAIRS_GQA = before
+    with sdpa_kernel(kinds[backend]):
+        return packed_attention._pairs_attention(q, k, v, q.shape[-1] ** -0.5, plan, repeat_heads=repeat_heads)
 
 
 def make(shape: dict, prompt: int, completion: int, device: str, dtype, seed: int = 0):
@@ -91,14 +87,14 @@ def make(shape: dict, prompt: int, completion: int, device: str, dtype, seed: in
 
 def forms(device: str) -> list[str]:
     dense = [f"dense_{b}" for b in BACKENDS] if device == "cuda" else ["dense_math"]
-    return ["varlen"] + dense + [f"{f}_gqa" for f in dense]
+    return ["varlen"] + dense + [f"{f}_repeat" for f in dense]
 
 
 def run_form(form: str, q, k, v, segments, plan):
     if form == "varlen":
         return varlen_form(q, k, v, segments)
-    backend = form.removeprefix("dense_").removesuffix("_gqa")
-    return dense_form(q, k, v, plan, None if backend == "math" else backend, gqa=form.endswith("_gqa"))
+    backend = form.removeprefix("dense_").removesuffix("_repeat")
+    return dense_form(q, k, v, plan, None if backend == "math" else backend, repeat_heads=form.endswith("_repeat"))
 
 
 def measure(name: str, prompt: int, completion: int, device: str, reps: int) -> dict:

@@ -38,15 +38,14 @@ def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
         attn_mask=row_mask(segments, q.shape[2])).transpose(1, 2)
     torch.testing.assert_close(daf.dense_form(q, k, v, plan, None), expected)
-    torch.testing.assert_close(daf.dense_form(q, k, v, plan, None, gqa=True), expected)  # enable_gqa: the same
-    assert packed_attention.PAIRS_GQA is False  # put back
+    torch.testing.assert_close(daf.dense_form(q, k, v, plan, None, repeat_heads=True), expected)
     torch.testing.assert_close(daf.varlen_form(q, k, v, segments), expected)
     # the dense layout computes more pairs: the prompt's queries twice
     assert daf.visible_pairs(segments) < 2 * shape["pairs"] * (prompt + completion) * (prompt + completion + 1) // 2
 
 
 def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradients(monkeypatch):
-    """`packed_attention.DENSE_PAIRS` (experimental): a row of equal pairs through the layers' arguments gives the
+    """`packed_attention.DENSE_PAIRS` (the `dense_pairs` option): a row of equal pairs through the layers' arguments gives the
     per-segment attention's outputs and q / k / v gradients; rows of unequal pairs (or not the whole row) keep the
     other paths."""
     from align import packed_attention
@@ -67,9 +66,10 @@ def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradien
         packed_attention.set_layout(segments, t)  # read when a layout is set
         kwargs = packed_attention.packed_attention_kwargs(q.device)
         assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
-        for gqa in (False, True):  # key heads repeated, or through enable_gqa (`PAIRS_GQA`)
-            monkeypatch.setattr(packed_attention, "PAIRS_GQA", gqa)
-            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs)
+        for repeat in (False, True):  # key heads through enable_gqa, or repeated
+            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs) if not repeat else (
+                packed_attention._pairs_attention(q, k, v, 8 ** -0.5, kwargs[packed_attention.SEGMENTS_KEY][2],
+                                                  repeat_heads=True), None)
             torch.testing.assert_close(out, ref)
             for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
                 torch.testing.assert_close(a, b)
@@ -91,8 +91,8 @@ def test_cpu_run_writes_every_form(tmp_path, monkeypatch):
     assert daf.main(["--shapes", "tiny", "--prompt", "6", "--completion", "4", "--reps", "1",
                      "--out", str(tmp_path)]) == 0
     (tiny,) = json.loads((tmp_path / "dpo_attention_forms_cpu.json").read_text())["shapes"]
-    assert set(tiny["forms"]) == {"varlen", "dense_math", "dense_math_gqa"}
+    assert set(tiny["forms"]) == {"varlen", "dense_math", "dense_math_repeat"}
     assert all(f["ms"] > 0 for f in tiny["forms"].values())
     assert tiny["forms"]["dense_math"]["max_abs_diff_from_varlen"] < 1e-5
-    assert tiny["forms"]["dense_math_gqa"]["max_abs_diff_from_varlen"] < 1e-5
+    assert tiny["forms"]["dense_math_repeat"]["max_abs_diff_from_varlen"] < 1e-5
     assert tiny["visible_pairs"]["varlen"] < tiny["visible_pairs"]["dense"]

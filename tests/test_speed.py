@@ -111,8 +111,12 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     # head_grad in auto on every base since H100 call31 (1B SFT QLoRA +4.6% / +5.5%); group_lora only on a plain
     # linear base (a 4-bit base has nothing to group)
     assert speed.resolve("auto", "sft", model_args, one) == full + ("head_grad",)
-    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "ref_first") + full[1:] + ("head_grad",)
-    assert speed.resolve("auto", "rm", model_args, one) == ("shared_prompt",) + full[1:]
+    # dense_pairs (equal pairs as stock's dense attention) with shared_prompt since H200 call32
+    assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "dense_pairs", "ref_first") + full[
+        1:] + ("head_grad",)
+    assert speed.resolve("auto", "rm", model_args, one) == ("shared_prompt", "dense_pairs") + full[1:]
+    assert speed.resolve("dense_pairs", "dpo", model_args, one) == ()  # a form of shared_prompt's attention
+    assert speed.resolve("auto,dense_pairs", "sft", model_args, one) == full + ("head_grad",)  # not an SFT option
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
     assert speed.resolve("auto", "sft", model_args, checkpointed) == (
         "padding_free", "kbit_bf16", "fused_lora", "non_blocking", "head_grad")
@@ -124,12 +128,12 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     assert speed.resolve("auto", "sft", bf16, one) == (
         "padding_free", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
     assert speed.resolve("auto", "dpo", bf16, one) == (
-        "shared_prompt", "ref_first", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
+        "shared_prompt", "dense_pairs", "ref_first", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
     assert speed.resolve("auto", "rm", bf16, one)[-1] == "group_lora"  # no LM head of align's in RM
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
     assert speed.resolve("auto,head_grad", "rm", model_args, one) == (
-        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
+        "shared_prompt", "dense_pairs", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == (
         "padding_free", "kbit_bf16", "fused_lora", "non_blocking", "head_grad")
@@ -245,6 +249,59 @@ def test_shared_prompt_row_gives_the_pair_log_probs(head_grad):
     torch.testing.assert_close(got_ref, want_ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(got.label_mask, want.label_mask)
     assert_same_grads(got_grads, want_grads)
+
+
+def test_dense_pairs_gives_the_pair_log_probs(monkeypatch):
+    """`dense_pairs`: a batch of equal pairs through the shared-prompt row, its attention as stock's dense sequences
+    in one batched call, == TRL's two rows per pair (outputs, reference and adapter gradients to 1e-5); a batch of
+    unequal pairs keeps the per-segment attention."""
+    outputs = speed._DPO_OUTPUTS
+    model, peft_model = tiny_lora_model(outputs)
+    batch = pair_batch(prompts=(5, 5, 5), chosen=(4, 4, 4), rejected=(4, 4, 4))
+    weights = torch.tensor([1.0, -2.0, 3.0, -4.0, 0.5, 2.5])[:, None]
+    calls = []
+    dense = packed_attention._pairs_attention
+    monkeypatch.setattr(packed_attention, "_pairs_attention", lambda *a, **k: calls.append(1) or dense(*a, **k))
+
+    def run(batch):
+        peft_model.zero_grad()
+        out = peft_model(**batch, fused_lm_head=True, use_cache=False)
+        (out.log_probs * weights[:len(out.log_probs)]).sum().backward()
+        with torch.no_grad(), peft_model.disable_adapter():
+            ref = peft_model(**batch, fused_lm_head=True, use_cache=False).log_probs
+        return out, ref, grads(peft_model)
+
+    want, want_ref, want_grads = run(batch)
+    unequal = pair_batch()
+    want_unequal = run(unequal)
+    packed_attention.use_segment_attention(model)
+    speed._wrap_forward(model, speed._shared_prompt_forward)
+    monkeypatch.setattr(packed_attention, "DENSE_PAIRS", True)
+    got, got_ref, got_grads = run(batch)
+    assert packed_attention._layout_pairs == (3, 5, 4) and len(calls) == 2 * 2  # 2 layers, policy and reference
+    for name in outputs:
+        torch.testing.assert_close(getattr(got, name).float(), getattr(want, name).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_ref, want_ref, atol=1e-5, rtol=1e-5)
+    assert_same_grads(got_grads, want_grads)
+    calls.clear()
+    got_unequal = run(unequal)
+    assert packed_attention._layout_pairs is None and not calls
+    torch.testing.assert_close(got_unequal[0].log_probs, want_unequal[0].log_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_pairs_is_set_by_finish_from_the_options():
+    from types import SimpleNamespace
+
+    _, peft_model = tiny_lora_model(speed._DPO_OUTPUTS)
+    trainer = SimpleNamespace(model=peft_model, is_deepspeed_enabled=False, is_fsdp_enabled=False, ref_model=None,
+                              args=SimpleNamespace(), data_collator=None)
+    try:
+        speed.finish(trainer, ("shared_prompt", "dense_pairs"))
+        assert packed_attention.DENSE_PAIRS is True
+        speed.finish(trainer, ("shared_prompt",))
+        assert packed_attention.DENSE_PAIRS is False
+    finally:
+        packed_attention.DENSE_PAIRS = False
 
 
 def test_shared_prompt_leaves_other_batches_alone():

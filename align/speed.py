@@ -23,7 +23,7 @@ Options (a comma-separated list, `auto`, or `none`):
   For a reward model (RM) the same row per pair holds the chosen sequence and the rejected one after their common
   prefix (the prompt, and whatever else they share): no pad tokens, the prefix once, and the score head applied to
   the 2B pooled tokens only (transformers' rule: each sequence's rightmost token that is not the pad token).
-- `dense_pairs` (DPO, RM, with `shared_prompt`; in `auto` on a GPU): a batch whose pairs all have one shape (prompt,
+- `dense_pairs` (DPO, RM, with `shared_prompt`; in `auto` on a GPU for DPO, where it was measured): a batch whose pairs all have one shape (prompt,
   chosen and rejected lengths equal across the batch, as when every sample is cut to the same caps) runs its
   attention as stock's layout, `[prompt | chosen]` and `[prompt | rejected]` gathered from the packed row into
   2 x pairs causal sequences in one batched SDPA call (`packed_attention.DENSE_PAIRS`), which a Hopper GPU runs with
@@ -99,7 +99,7 @@ Options (a comma-separated list, `auto`, or `none`):
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
 `auto` (the default) is `padding_free,shared_prompt,dense_pairs,ref_first,compile,lean,kbit_bf16,fused_lora,
-torch_nf4,non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only) and
+torch_nf4,non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only, dense_pairs in DPO only) and
 `padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same
 losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
 measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged).
@@ -214,6 +214,9 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             continue
         if name == "dense_pairs" and "shared_prompt" not in names:
             logger.info("speedups: dense_pairs is a form of shared_prompt's attention; left out")
+            continue
+        if name == "dense_pairs" and stage == "rm" and name in from_auto:
+            logger.info("speedups: auto leaves out dense_pairs in RM (measured in DPO only); name it to use it")
             continue
         if name == "head_grad" and _PACKED_HEAD.get(stage) not in names:
             logger.info("speedups: head_grad works through align's own LM head (%s); left out",

@@ -276,10 +276,13 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths align,align_dp,align_dpg \
         --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True;dpg=auto!align.packed_attention.DENSE_PAIRS=True,align.packed_attention.PAIRS_GQA=True" \
         $W --timeout 150 --out "$OUT/steps" ;;
-  dense_check)  # dense_pairs in auto (Call32): 1B DPO and reward model with auto against auto less dense_pairs
+  dense_check)  # dense_pairs in auto (Call32; DPO only): the reward model with auto and auto,dense_pairs (into RM's
+    # auto if it pays), and 1B DPO with auto against auto less dense_pairs (the option as auto now runs it)
     ND="padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,non_blocking,group_lora,head_grad"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora,1b:rm_lora --paths align,align_nd --align_variants "nd=$ND" \
-        $W --timeout 150 --out "$OUT" ;;
+    $PY benchmarks/throughput.py --runs 1b:rm_lora --paths align,align_dp --align_variants "dp=auto,dense_pairs" \
+        $W --timeout 150 --out "$OUT/rm"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align,align_nd --align_variants "nd=$ND" \
+        $W --timeout 150 --out "$OUT/dpo" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

@@ -114,7 +114,8 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     # dense_pairs (equal pairs as stock's dense attention) with shared_prompt since H200 call32
     assert speed.resolve("auto", "dpo", model_args, one) == ("shared_prompt", "dense_pairs", "ref_first") + full[
         1:] + ("head_grad",)
-    assert speed.resolve("auto", "rm", model_args, one) == ("shared_prompt", "dense_pairs") + full[1:]
+    assert speed.resolve("auto", "rm", model_args, one) == ("shared_prompt",) + full[1:]  # measured in DPO only
+    assert speed.resolve("auto,dense_pairs", "rm", model_args, one)[:2] == ("shared_prompt", "dense_pairs")
     assert speed.resolve("dense_pairs", "dpo", model_args, one) == ()  # a form of shared_prompt's attention
     assert speed.resolve("auto,dense_pairs", "sft", model_args, one) == full + ("head_grad",)  # not an SFT option
     checkpointed = SimpleNamespace(**{**vars(one), "gradient_checkpointing": True})
@@ -133,7 +134,7 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")
     assert speed.resolve("auto,head_grad", "rm", model_args, one) == (
-        "shared_prompt", "dense_pairs", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
+        "shared_prompt", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4", "non_blocking")
     monkeypatch.setenv("WORLD_SIZE", "2")  # DDP
     assert speed.resolve("auto", "sft", model_args, one) == (
         "padding_free", "kbit_bf16", "fused_lora", "non_blocking", "head_grad")

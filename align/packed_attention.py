@@ -79,18 +79,29 @@ def pair_indices(pairs: int, prompt: int, completion: int, device=None) -> tuple
 
 
 def _pairs_args(device) -> tuple:
+    """`pair_indices` of the current layout on `device`, and whether SDPA has a fused kernel there that takes
+    `enable_gqa` (`_gqa_kernels`): decided on the host, once per forward, for every layer."""
     plan = _pairs_plan.get(device)
     if plan is None:
-        plan = _pairs_plan[device] = pair_indices(*_layout_pairs, device=device)
+        plan = _pairs_plan[device] = (*pair_indices(*_layout_pairs, device=device), _gqa_kernels(device))
     return plan
 
 
-def _pairs_attention(query, key, value, scaling, plan, repeat_heads: bool = False):
+def _gqa_kernels(device) -> bool:
+    """SDPA's flash and cuDNN kernels take `enable_gqa` (half precision, a CUDA GPU of compute capability 8.0 or
+    newer). Elsewhere the memory-efficient kernel, which does not, would be passed over for the math one, which
+    builds the whole score matrix: there the key heads are repeated instead."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _pairs_attention(query, key, value, scaling, plan, repeat_heads: bool | None = None):
     """`DENSE_PAIRS`: the row's equal pairs as stock's 2 x pairs causal sequences in one batched SDPA call, the key
-    heads through `enable_gqa` (cuDNN and flash take it; `repeat_heads`: repeated to the query heads instead, which
-    every backend takes, 0.7% slower in whole steps). (1, heads, T, dim) in, (1, T, heads, dim) out, the rejected
-    sequences' prompt outputs dropped."""
-    seqs, keep = plan
+    heads through `enable_gqa` where a fused kernel takes it (`plan`'s third item, for half-precision inputs),
+    else repeated to the query heads (`repeat_heads` forces either; repeated ran 0.7% slower in whole H200 steps).
+    (1, heads, T, dim) in, (1, T, heads, dim) out, the rejected sequences' prompt outputs dropped."""
+    seqs, keep, *gqa_kernels = plan
+    if repeat_heads is None:
+        repeat_heads = not (gqa_kernels and gqa_kernels[0] and query.dtype in _VARLEN_DTYPES)
     heads, dim = query.shape[1], query.shape[3]
     gather = lambda x: x[0][:, seqs].transpose(0, 1)  # (1, H, T, D) -> (2 x pairs, H, prompt + completion, D)
     q, k, v = gather(query), gather(key), gather(value)

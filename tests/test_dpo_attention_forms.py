@@ -66,10 +66,10 @@ def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradien
         packed_attention.set_layout(segments, t)  # read when a layout is set
         kwargs = packed_attention.packed_attention_kwargs(q.device)
         assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
-        for repeat in (False, True):  # key heads through enable_gqa, or repeated
-            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs) if not repeat else (
+        for gqa in (None, True):  # as the layers run it (a CPU: key heads repeated), and through enable_gqa
+            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs) if gqa is None else (
                 packed_attention._pairs_attention(q, k, v, 8 ** -0.5, kwargs[packed_attention.SEGMENTS_KEY][2],
-                                                  repeat_heads=True), None)
+                                                  repeat_heads=False), None)
             torch.testing.assert_close(out, ref)
             for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), ref_grads):
                 torch.testing.assert_close(a, b)
@@ -96,3 +96,24 @@ def test_cpu_run_writes_every_form(tmp_path, monkeypatch):
     assert tiny["forms"]["dense_math"]["max_abs_diff_from_varlen"] < 1e-5
     assert tiny["forms"]["dense_math_repeat"]["max_abs_diff_from_varlen"] < 1e-5
     assert tiny["visible_pairs"]["varlen"] < tiny["visible_pairs"]["dense"]
+
+
+def test_dense_pairs_repeats_the_key_heads_where_no_fused_kernel_takes_gqa(monkeypatch):
+    """`enable_gqa` only where flash / cuDNN run it (a CUDA GPU of compute capability 8.0+, half precision):
+    elsewhere SDPA would fall past the memory-efficient kernel to the math one, so the key heads are repeated."""
+    from align import packed_attention
+
+    for capability, want in (((7, 0), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert packed_attention._gqa_kernels(torch.device("cuda")) is want
+    assert packed_attention._gqa_kernels(torch.device("cpu")) is False
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.shape[1], kw["enable_gqa"])) or sdpa(q, k, v, **kw))
+    plan = packed_attention.pair_indices(2, 3, 2)
+    for dtype, kernels, want in ((torch.bfloat16, True, (2, True)), (torch.float32, True, (4, False)),
+                                 (torch.bfloat16, False, (4, False))):
+        q, k, v = (torch.randn(1, h, 14, 8, dtype=dtype) for h in (4, 2, 2))
+        packed_attention._pairs_attention(q, k, v, 8 ** -0.5, (*plan, kernels))
+        assert seen.pop() == want  # (key heads SDPA got, enable_gqa)

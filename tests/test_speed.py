@@ -1072,14 +1072,16 @@ def test_fused_lora_is_left_out_under_zero3(monkeypatch):
         assert any("forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer)) == kept, env
 
 
-@pytest.mark.parametrize("case", ["equal_samples", "pairs"])
+@pytest.mark.parametrize("case", ["equal_samples", "pairs", "dense_pairs"])
 def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch):
     """With the layout handed to the layers as arguments (`packed_attention_kwargs`), a compiled decoder layer
     traces segment attention: no graph break (one compiled region per layer, not two around a host-side attention
     call), and the same outputs as the eager unpacked model. Equal samples (padding-free SFT): SDPA batched, loss and
     LoRA gradients; pairs (DPO shared prompt): flash varlen, here a CPU stand-in (`align.testing.cpu_varlen_attn`,
     opaque to the compiler like the real op), per-token log-probs and the LoRA gradients of a loss that weighs every
-    row differently (the real kernel's gradients are checked on a GPU, tests/test_speed_cuda.py)."""
+    row differently (the real kernel's gradients are checked on a GPU, tests/test_speed_cuda.py); dense pairs
+    (`dense_pairs`, equal pairs): one batched SDPA call over the gathered sequences, its plan (index tensors and the
+    host's kernel choice) passed to every layer."""
     from torch._dynamo.utils import counters
 
     model, peft_model = tiny_lora_model(speed._SFT_OUTPUTS if case == "equal_samples" else speed._DPO_OUTPUTS)
@@ -1093,9 +1095,10 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
         batch[speed.PLAN_KEY] = speed.host_plan(batch, ("padding_free",))
         forward = speed._packed_sample_forward
     else:
-        plain = batch = pair_batch()
+        plain = batch = pair_batch() if case == "pairs" else pair_batch(prompts=(5, 5), chosen=(4, 4), rejected=(4, 4))
         forward = speed._shared_prompt_forward
         use_cpu_varlen(monkeypatch.setattr)
+        monkeypatch.setattr(packed_attention, "DENSE_PAIRS", case == "dense_pairs")
 
     def run(inputs):
         peft_model.zero_grad()
@@ -1122,7 +1125,8 @@ def test_compiled_layers_trace_segment_attention_in_one_region(case, monkeypatch
         torch._dynamo.reset()
     assert breaks == {}, breaks
     assert frames >= 1
-    assert packed_attention.packed_attention_kwargs(torch.device("cpu"))  # the forward ran from the layers' arguments
+    kwargs = packed_attention.packed_attention_kwargs(torch.device("cpu"))  # the forward ran from these arguments
+    assert (kwargs[packed_attention.SEGMENTS_KEY][2] is not None) == (case == "dense_pairs")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if want_grads is not None:
         assert_same_grads(got_grads, want_grads)

@@ -23,14 +23,14 @@ Options (a comma-separated list, `auto`, or `none`):
   For a reward model (RM) the same row per pair holds the chosen sequence and the rejected one after their common
   prefix (the prompt, and whatever else they share): no pad tokens, the prefix once, and the score head applied to
   the 2B pooled tokens only (transformers' rule: each sequence's rightmost token that is not the pad token).
-- `dense_pairs` (DPO, RM, with `shared_prompt`; in `auto` on a GPU for DPO, where it was measured): a batch whose pairs all have one shape (prompt,
-  chosen and rejected lengths equal across the batch, as when every sample is cut to the same caps) runs its
-  attention as stock's layout, `[prompt | chosen]` and `[prompt | rejected]` gathered from the packed row into
-  2 x pairs causal sequences in one batched SDPA call (`packed_attention.DENSE_PAIRS`), which a Hopper GPU runs with
-  cuDNN's kernel, instead of one flash-varlen call: 14% more attention flops, at a higher rate. Only attention
-  changes; the prompt still goes through every other op once. H200, against `auto` in the same call: 1B DPO +4.0%,
-  8B DPO +3.9% tokens/s (H100, with the key heads repeated: +3.1% and +3.2% / +3.2%), 0.4-0.7 GiB more peak. Batches of
-  unequal pairs keep flash varlen.
+- `dense_pairs` (DPO, RM, with `shared_prompt`; in `auto` on a GPU for DPO, where it was measured): a batch whose
+  pairs all have one shape (prompt, chosen and rejected lengths equal across the batch, as when every sample is cut
+  to the same caps) runs its attention as stock's layout, `[prompt | chosen]` and `[prompt | rejected]` gathered
+  from the packed row into 2 x pairs causal sequences in one batched SDPA call (`packed_attention.DENSE_PAIRS`),
+  which a Hopper GPU runs with cuDNN's kernel, instead of one flash-varlen call: 14% more attention flops, at a
+  higher rate. Only attention changes; the prompt still goes through every other op once. H200, against `auto` in
+  the same call: 1B DPO +4.0%, 8B DPO +3.9% tokens/s (H100, with the key heads repeated: 1B +3.1% and +3.2%, 8B
+  +3.2%), 0.4-0.7 GiB more peak. Batches of unequal pairs keep flash varlen.
 - `ref_first` (DPO): the reference log-probabilities are computed before the policy forward, not after it as in
   TRL (`align/dpo.py` `ReferenceFirst`): the reference forward's working memory no longer comes on top of every
   activation the policy keeps for its backward. Same values. With `compile` the reference forward runs the policy's
@@ -99,10 +99,11 @@ Options (a comma-separated list, `auto`, or `none`):
   which make the whole residual stream fp32 (twice the activation memory, slower element-wise work).
 
 `auto` (the default) is `padding_free,shared_prompt,dense_pairs,ref_first,compile,lean,kbit_bf16,fused_lora,
-torch_nf4,non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only, dense_pairs in DPO only) and
-`padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x tokens/s, same
-losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where they were
-measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and logged).
+torch_nf4,non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only, dense_pairs in
+DPO only) and `padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x
+tokens/s, same losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where
+they were measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and
+logged).
 Segment attention replaces SDPA (or eager) attention on models with plain causal attention (Llama, Qwen2, Mistral
 without sliding window); with flash attention, padding-free batches use its own packing and `shared_prompt` is off.
 Every option keeps the loss: tests/test_speed.py checks the padded vs padding-free loss and the paired vs
@@ -140,8 +141,8 @@ LEAN_BUDGET = {"sft": 0.5, "dpo": 0.2}
 # picks other tensors at each budget: SFT at 0.58 keeps what "addmm" keeps at 0.5 (1B: 7.9 GiB either way, 8B 24.9
 # against 24.5; H100 call23), recomputing 2 GEMM ops a layer instead of 4 (benchmarks/lean_recompute.py)
 LEAN_BUDGET_ONE_OP = {"sft": 0.58, "dpo": 0.2}
-AUTO_CUDA = ("padding_free", "shared_prompt", "dense_pairs", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora", "torch_nf4",
-             "non_blocking", "group_lora", "head_grad")
+AUTO_CUDA = ("padding_free", "shared_prompt", "dense_pairs", "ref_first", "compile", "lean", "kbit_bf16", "fused_lora",
+             "torch_nf4", "non_blocking", "group_lora", "head_grad")
 AUTO_CPU = ("padding_free", "shared_prompt", "ref_first", "head_grad")  # measured on 2 CPU cores: benchmarks/README.md
 ATTENTION = packed_attention.ATTENTION
 _STAGE_ONLY = {"padding_free": ("sft",), "shared_prompt": ("dpo", "rm"), "dense_pairs": ("dpo", "rm"),

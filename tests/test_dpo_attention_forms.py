@@ -45,9 +45,9 @@ def test_dense_and_varlen_forms_give_the_rows_attention(monkeypatch):
 
 
 def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradients(monkeypatch):
-    """`packed_attention.DENSE_PAIRS` (the `dense_pairs` option): a row of equal pairs through the layers' arguments gives the
-    per-segment attention's outputs and q / k / v gradients; rows of unequal pairs (or not the whole row) keep the
-    other paths."""
+    """`packed_attention.DENSE_PAIRS` (the `dense_pairs` option): a row of equal pairs through the layers' arguments
+    gives the per-segment attention's outputs and q / k / v gradients; rows of unequal pairs (or not the whole row)
+    keep the other paths."""
     from align import packed_attention
 
     monkeypatch.setattr(packed_attention, "_use_varlen", False)  # the reference: per-segment SDPA calls

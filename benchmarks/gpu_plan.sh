@@ -278,6 +278,7 @@ case $CALL in
         $W --timeout 150 --out "$OUT/steps" ;;
   dense_check)  # dense_pairs in auto (Call32; DPO only): the reward model with auto and auto,dense_pairs (into RM's
     # auto if it pays), and 1B DPO with auto against auto less dense_pairs (the option as auto now runs it)
+    $PY -m pytest -q tests/test_speed_cuda.py -k "dense_pairs or varlen" > "$OUT/tests.txt" 2>&1; tail -3 "$OUT/tests.txt"
     ND="padding_free,shared_prompt,ref_first,compile,lean,kbit_bf16,fused_lora,torch_nf4,non_blocking,group_lora,head_grad"
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths align,align_dp --align_variants "dp=auto,dense_pairs" \
         $W --timeout 150 --out "$OUT/rm"

@@ -73,6 +73,39 @@ def test_varlen_attention_equals_dense_masked_attention_and_the_per_segment_call
     assert (results[True][0] - results[False][0]).abs().max().item() < 2e-2
 
 
+@cuda
+def test_dense_pairs_equal_the_dense_masked_attention():
+    """`dense_pairs` on a GPU: a row of equal pairs through the layers' arguments (enable_gqa where flash / cuDNN
+    take it) and with the key heads repeated gives the layout's masked fp32 attention and its gradients."""
+    pairs, prompt, completion = 3, 200, 150
+    layout, t = packed_attention.pair_segments(pairs, prompt, completion), pairs * (prompt + 2 * completion)
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(1, t, 32, 64, device="cuda", dtype=torch.bfloat16)
+    before = packed_attention.DENSE_PAIRS
+    packed_attention.DENSE_PAIRS = True
+    try:
+        packed_attention.set_layout(layout, t)
+        kwargs = packed_attention.packed_attention_kwargs(q.device)
+        plan = kwargs[packed_attention.SEGMENTS_KEY][2]
+        assert plan is not None and plan[2] == (torch.cuda.get_device_capability() >= (8, 0))
+        outs = [packed_attention.segment_attention(None, q, k, v, None, scaling=64 ** -0.5, **kwargs)[0],
+                packed_attention._pairs_attention(q, k, v, 64 ** -0.5, plan, repeat_heads=True)]
+        results = [(o.float(), [x.float() for x in torch.autograd.grad(o, (q, k, v), g)]) for o in outs]
+    finally:
+        packed_attention.DENSE_PAIRS = before
+        packed_attention.set_layout(None)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q32, k32, v32, layout)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g.float())
+    for out, grads in results:
+        assert (out - ref).abs().max().item() < 2e-2
+        for a, b in zip(grads, ref_grads):
+            assert (a - b).abs().max().item() < 5e-2 * max(1.0, b.abs().max().item())
+
+
 def first_sync(main, argv, monkeypatch):
     """Run a stage with torch's sync debug mode raising from the end of step 2: the steps reached and the traceback
     frames of the first synchronizing call."""

@@ -378,6 +378,38 @@ def test_reward_pairs_row_gives_the_padded_scores():
     assert segments[1] == (7, 9, [(0, 4), (7, 9)]) and segments[5] == (25, 31, [(25, 31)])
 
 
+def test_reward_pairs_with_dense_pairs_give_the_padded_scores(monkeypatch):
+    """`dense_pairs` named in the reward stage: pairs of one shape (common prefix 5, then 4 tokens each) run their
+    attention as dense sequences and still give TRL's padded scores and gradients to 1e-5."""
+    model, peft_model = tiny_reward_model()
+    g = torch.Generator().manual_seed(5)
+    rand = lambda n, lo: torch.randint(lo, lo + 50, (n,), generator=g).tolist()
+    pairs = []
+    for _ in range(3):
+        prefix = rand(5, 3)
+        pairs.append((prefix + rand(4, 60), prefix + rand(4, 120)))  # the completions differ from their first token
+    batch = reward_batch(pairs)
+    weights = torch.tensor([1.0, -2.0, 3.0, -4.0, 5.0, 0.5])[:, None]
+    calls = []
+    dense = packed_attention._pairs_attention
+    monkeypatch.setattr(packed_attention, "_pairs_attention", lambda *a, **k: calls.append(1) or dense(*a, **k))
+
+    def run():
+        peft_model.zero_grad()
+        logits = peft_model(**batch, use_cache=False).logits
+        (logits * weights).sum().backward()
+        return logits.detach(), grads(peft_model)
+
+    want, want_grads = run()
+    packed_attention.use_segment_attention(model)
+    speed._wrap_forward(model, speed._reward_pair_forward, fused_head_only=False)
+    monkeypatch.setattr(packed_attention, "DENSE_PAIRS", True)
+    got, got_grads = run()
+    assert packed_attention._layout_pairs == (3, 5, 4) and len(calls) == 2  # 2 layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_same_grads(got_grads, want_grads)
+
+
 def test_reward_pairs_leave_other_batches_alone():
     batch = reward_batch(REWARD_PAIRS[:2])
     ids, mask = batch["input_ids"], batch["attention_mask"]

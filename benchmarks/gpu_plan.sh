@@ -80,6 +80,9 @@
 #   dpo_attention  DPO's shared-prompt attention alone in align's flash-varlen form and stock's dense layout through
 #            cuDNN / flash / efficient SDPA (the 1B DPO step's attention ran at ~2/3 of SFT's cuDNN rate, call23),
 #            then 1B and 8B DPO steps with the dense form (packed_attention.DENSE_PAIRS) beside auto and stock
+#            (run in Call32, with dpo_gqa; auto has the dense form since, as the option dense_pairs)
+#   dense_check  dense_pairs as committed after Call32: its GPU test, then 1B RM with it (not in RM's auto yet) and
+#            1B DPO auto against auto less dense_pairs
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -267,7 +270,8 @@ case $CALL in
   dpo_attention)  # DPO's shared-prompt attention alone: align's flash-varlen call against stock's dense layout
     # through cuDNN / flash / efficient SDPA (benchmarks/dpo_attention_forms.py), 1B and 8B head sizes
     $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT"
-    # then whole DPO steps with that form (packed_attention.DENSE_PAIRS, experimental) beside auto and stock
+    # then whole DPO steps with that form (packed_attention.DENSE_PAIRS) beside auto and stock; since Call32 auto has
+    # it (dense_pairs), so align and align_dp run the same: dense_check compares auto against auto less dense_pairs
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths stock,align,align_dp \
         --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True" $W --timeout 150 --out "$OUT/steps" ;;
   dpo_gqa)  # Call32: DENSE_PAIRS ran +3.1% (1B, two samples) and +3.2% (8B) on whole DPO steps; the forms again with

@@ -80,7 +80,8 @@
 #   dpo_attention  DPO's shared-prompt attention alone in align's flash-varlen form and stock's dense layout through
 #            cuDNN / flash / efficient SDPA (the 1B DPO step's attention ran at ~2/3 of SFT's cuDNN rate, call23),
 #            then 1B and 8B DPO steps with the dense form (packed_attention.DENSE_PAIRS) beside auto and stock
-#            (run in Call32, with dpo_gqa; auto has the dense form since, as the option dense_pairs)
+#            (run in Call32, then at dab9a77 `dpo_gqa`: the same with the key heads through enable_gqa, a switch
+#            since folded into the option dense_pairs, which auto has)
 #   dense_check  dense_pairs as committed after Call32: its GPU test, then 1B RM with it (not in RM's auto yet) and
 #            1B DPO auto against auto less dense_pairs
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
@@ -274,12 +275,6 @@ case $CALL in
     # it (dense_pairs), so align and align_dp run the same: dense_check compares auto against auto less dense_pairs
     $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths stock,align,align_dp \
         --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True" $W --timeout 150 --out "$OUT/steps" ;;
-  dpo_gqa)  # Call32: DENSE_PAIRS ran +3.1% (1B, two samples) and +3.2% (8B) on whole DPO steps; the forms again with
-    # the key heads through enable_gqa (PAIRS_GQA), then whole steps with and without it beside auto
-    $PY benchmarks/dpo_attention_forms.py --shapes 1b,8b --out "$OUT"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora,8b:dpo_lora --paths align,align_dp,align_dpg \
-        --align_variants "dp=auto!align.packed_attention.DENSE_PAIRS=True;dpg=auto!align.packed_attention.DENSE_PAIRS=True,align.packed_attention.PAIRS_GQA=True" \
-        $W --timeout 150 --out "$OUT/steps" ;;
   dense_check)  # dense_pairs in auto (Call32; DPO only): the reward model with auto and auto,dense_pairs (into RM's
     # auto if it pays), and 1B DPO with auto against auto less dense_pairs (the option as auto now runs it)
     $PY -m pytest -q tests/test_speed_cuda.py -k "dense_pairs or varlen" > "$OUT/tests.txt" 2>&1; tail -3 "$OUT/tests.txt"

@@ -66,8 +66,8 @@ def test_dense_pairs_attention_in_a_layer_gives_the_segments_outputs_and_gradien
         packed_attention.set_layout(segments, t)  # read when a layout is set
         kwargs = packed_attention.packed_attention_kwargs(q.device)
         assert kwargs[packed_attention.SEGMENTS_KEY][2] is not None
-        for gqa in (None, True):  # as the layers run it (a CPU: key heads repeated), and through enable_gqa
-            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs) if gqa is None else (
+        for form in ("layers", "enable_gqa"):  # as the layers run it (a CPU: key heads repeated), and through gqa
+            out, _ = packed_attention.segment_attention(None, q, k, v, None, **kwargs) if form == "layers" else (
                 packed_attention._pairs_attention(q, k, v, 8 ** -0.5, kwargs[packed_attention.SEGMENTS_KEY][2],
                                                   repeat_heads=False), None)
             torch.testing.assert_close(out, ref)

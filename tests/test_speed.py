@@ -129,7 +129,8 @@ def test_auto_keeps_compile_only_where_it_was_measured(monkeypatch):
     assert speed.resolve("auto", "sft", bf16, one) == (
         "padding_free", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
     assert speed.resolve("auto", "dpo", bf16, one) == (
-        "shared_prompt", "dense_pairs", "ref_first", "compile", "lean", "fused_lora", "non_blocking", "group_lora", "head_grad")
+        "shared_prompt", "dense_pairs", "ref_first", "compile", "lean", "fused_lora", "non_blocking", "group_lora",
+        "head_grad")
     assert speed.resolve("auto", "rm", bf16, one)[-1] == "group_lora"  # no LM head of align's in RM
     assert speed.resolve("head_grad", "sft", model_args, one) == ()  # needs padding_free's own LM head
     assert speed.resolve("shared_prompt,head_grad", "dpo", model_args, one) == ("shared_prompt", "head_grad")

@@ -19,7 +19,7 @@ _layout_len: int = -1
 _layout_equal: bool = False
 _layout_pairs: tuple | None = None  # (pairs, prompt, completion): shared-prompt pairs all of one shape
 _varlen_plan: dict = {}  # per device: the layout as flash-varlen arguments, built once per forward for all layers
-_pairs_plan: dict = {}  # per device: the gather indices of `DENSE_PAIRS`
+_pairs_plan: dict = {}  # per device: `DENSE_PAIRS`' plan (gather indices, kernel choice), built once per forward
 # Set by `speed.finish` from the `dense_pairs` option (in `auto` on a GPU): a row of equal shared-prompt pairs runs
 # as stock's dense layout ([prompt | chosen] and [prompt | rejected] gathered into 2 x pairs causal sequences) in one
 # batched SDPA call, which a Hopper GPU runs with cuDNN's kernel, instead of one flash-varlen (FlashAttention-2)
@@ -223,8 +223,8 @@ def _varlen_device(device) -> bool:
 def packed_attention_kwargs(device) -> dict:
     """The current layout for the layers of a packed forward, as keyword arguments transformers passes down to
     every attention call: `{SEGMENTS_KEY: (n, varlen, pairs)}` with `n` the number of equal samples (0 otherwise),
-    `varlen` the flash-varlen arguments (`_varlen_args`, CUDA) or None and `pairs` `DENSE_PAIRS`' gather indices
-    or None. Empty when the attention cannot run from them (no layout; unequal segments without flash varlen: the
+    `varlen` the flash-varlen arguments (`_varlen_args`, CUDA) or None and `pairs` `DENSE_PAIRS`' plan (gather
+    indices and the kernel choice, `_pairs_args`) or None. Empty when the attention cannot run from them (no layout; unequal segments without flash varlen: the
     host-side per-segment calls then)."""
     if _layout is None:
         return {}

@@ -128,7 +128,7 @@ class RunArguments:
                   "only without gradient checkpointing and on one process, dense_pairs in DPO only; on a CPU "
                   "padding_free, shared_prompt, ref_first, head_grad), `none`, or a comma list of padding_free (SFT), "
                   "shared_prompt (DPO, RM), dense_pairs (DPO, RM), ref_first (DPO), compile, lean, liger, kbit_bf16, "
-                  "fused_lora, torch_nf4, head_grad, non_blocking, group_lora, fp8 (experimental). Each but fp8 keeps "
+                  "fused_lora, torch_nf4, head_grad, non_blocking, group_lora, offload, fp8 (experimental). Each but fp8 keeps "
                   "the loss (CPU tests to 1e-5); measured against stock TRL + PEFT on an H100 and an H200 in "
                   "benchmarks/README.md."},
     )
@@ -139,9 +139,18 @@ class RunArguments:
                   "Default: 0.5 for sft.py and rm.py, 0.3 for dpo.py (its rows carry prompt, chosen and rejected)."},
     )
 
+    offload_gib: float | None = field(
+        default=None,
+        metadata={"help": "With the `offload` speedup: GiB of the activations each forward saves for its backward "
+                  "moved to pinned host memory (the first layers' first) and brought back ahead of their backward. "
+                  "Default: 3."},
+    )
+
     def __post_init__(self):
         if self.lean_memory_budget is not None and not 0 < self.lean_memory_budget <= 1:
             raise ConfigError(f"lean_memory_budget: must be in (0, 1], got {self.lean_memory_budget}")
+        if self.offload_gib is not None and not self.offload_gib > 0:
+            raise ConfigError(f"offload_gib: must be > 0, got {self.offload_gib}")
 
 
 @dataclass

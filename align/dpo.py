@@ -235,7 +235,7 @@ def main(argv=None):
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
     stacking.match_reference_to_policy(trainer.model, reference)  # TRL casts a QLoRA policy to bf16, not "ref"
     stacking.check_reference(trainer.model, reference)
-    speed.finish(trainer, speedups, run_args.lean_memory_budget)
+    speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)
 
     # 5. Train, with held-out reward accuracy and margin before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,

@@ -93,6 +93,11 @@ Options (a comma-separated list, `auto`, or `none`):
   8B base), but the LoRA gradients are FP8's (first step on SmolLM2: median cosine 0.957 to fp32's, bf16 0.999,
   an NF4 base 0.667); trained on an H100, the SmolLM2 SFT stage ended 0.015 above bf16's eval loss, within
   the batch-order spread (benchmarks/README.md, Call21).
+- `offload` (opt-in, CUDA): the first `offload_gib` (recipe key; default 3) of the activations a forward saves for
+  its backward go to pinned host memory on a side stream while the forward goes on, and are brought back on it ahead
+  of their backward (`align/offload.py`). Exact (the same tensors come back); it lets a `lean_memory_budget` that
+  recomputes less fit the memory of one that recomputes more. Weights and small tensors stay on the GPU. Left out
+  under DeepSpeed and FSDP (sharded weights).
 - `cudagraphs` and `mlp_chunks` were removed after an H200 measurement: `REMOVED` holds why, and a recipe naming
   one gets that as its error.
 - `kbit_bf16` (4-bit base): keep the norms, embeddings and head in bf16 as TRL does, instead of PEFT's fp32 copies,
@@ -126,7 +131,7 @@ from align import head_grad as grad_in_forward
 logger = logging.getLogger("align")
 
 OPTIONS = ("padding_free", "shared_prompt", "compile", "lean", "liger", "kbit_bf16", "fused_lora", "torch_nf4",
-           "head_grad", "non_blocking", "fp8", "ref_first", "group_lora", "dense_pairs")
+           "head_grad", "non_blocking", "fp8", "ref_first", "group_lora", "dense_pairs", "offload")
 # options that were measured on an H200 and did not pay (benchmarks/README.md), named in the error for a recipe
 REMOVED = {
     "cudagraphs": "compiled layers as CUDA graphs ran at 0.13x (1B DPO) / 0.30x (1B SFT) the tokens/s of the same set "
@@ -223,7 +228,7 @@ def resolve(spec: str | None, stage: str, model_args=None, train_args=None) -> t
             logger.info("speedups: head_grad works through align's own LM head (%s); left out",
                         _PACKED_HEAD.get(stage, "not in this stage"))
             continue
-        if name in ("liger", "non_blocking") and not torch.cuda.is_available():
+        if name in ("liger", "non_blocking", "offload") and not torch.cuda.is_available():
             logger.info("speedups: %s needs a CUDA GPU; left out", name)
             continue
         kept.append(name)
@@ -274,10 +279,11 @@ def lean_budget(trainer, lean_memory_budget: float | None = None, one_op: bool =
     return budget
 
 
-def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
+def finish(trainer, options, lean_memory_budget: float | None = None, offload_gib: float | None = None) -> None:
     """Options that act on the trainer's model after TRL has set it up (TRL installs its fused LM head in
     `__init__`; the wrappers here sit around that head). `lean_memory_budget`: with `lean`, the fraction of a
-    compiled layer's activations kept for the backward (default: `lean_budget`)."""
+    compiled layer's activations kept for the backward (default: `lean_budget`); `offload_gib`: with `offload`, the
+    saved activations per forward moved to host memory (default `offload.MAX_GIB`)."""
     model = _causal_lm(trainer.model)
     segments = [o for o in ("padding_free", "shared_prompt") if o in options]
     if "shared_prompt" in segments and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled
@@ -354,6 +360,15 @@ def finish(trainer, options, lean_memory_budget: float | None = None) -> None:
     budget = lean_budget(trainer, lean_memory_budget, one_op) if "lean" in options else None
     if "compile" in options:
         compile_layers(model, memory_budget=budget)
+    if "offload" in options:
+        from align import launch, offload
+
+        engine = launch.distributed_engine(trainer.args)
+        if engine.startswith(("deepspeed", "fsdp")):
+            logger.info("speedups: offload left out under %s (sharded weights would be taken for activations)", engine)
+            options = tuple(o for o in options if o != "offload")
+        else:
+            offload.use_offload(model, offload_gib)
     trainer.align_speedups = tuple(options)
     trainer.align_lean_memory_budget = budget
 

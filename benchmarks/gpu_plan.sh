@@ -91,7 +91,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -283,6 +283,20 @@ case $CALL in
         $W --timeout 150 --out "$OUT/rm"
     $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align,align_nd --align_variants "nd=$ND" \
         $W --timeout 150 --out "$OUT/dpo" ;;
+  offload)  # activation offload (align/offload.py, opt-in): its CUDA test and dense_pairs' first, then 8B SFT at lean
+    # budget 0.8 (70% of the limit at 0.65x stock's peak in Call32) with 2 and 3 GiB a forward offloaded, beside
+    # stock, auto and 0.8 alone: whether both 8B goals meet at once
+    $PY -m pytest -q tests/test_speed_cuda.py -k "offload or dense_pairs or varlen" > "$OUT/tests.txt" 2>&1
+    tail -3 "$OUT/tests.txt"
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align,align_b8,align_o8,align_o82 \
+        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3;o82=auto,offload@0.8!align.offload.MAX_GIB=2" \
+        $W --timeout 150 --out "$OUT/sft8b" ;;
+  offload_dpo)  # 1B DPO recomputing less (budget 0.58) with and without 4 GiB offloaded, beside auto (0.2); the
+    # reward model with dense_pairs (into its auto if it pays)
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align,align_b58,align_o58 \
+        --align_variants "b58=auto@0.58;o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 150 --out "$OUT/dpo"
+    $PY benchmarks/throughput.py --runs 1b:rm_lora --paths align,align_dp --align_variants "dp=auto,dense_pairs" \
+        $W --timeout 150 --out "$OUT/rm" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

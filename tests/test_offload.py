@@ -1,0 +1,76 @@
+"""Activation offloading (`offload` speedup, align/offload.py): the same gradients, the first activations moved,
+weights never, prefetched ahead of the backward. On a CPU the "host" copy is a clone (`device_types=("cpu",)`),
+which checks the bookkeeping; the CUDA streams are checked in tests/test_speed_cuda.py."""
+
+import pytest
+import torch
+
+from align import offload, speed
+from align.config import ConfigError, RunArguments
+from tests.test_speed import VOCAB, assert_same_grads, grads, tiny_lora_model
+
+
+def _step(model, ids):
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+    out.sum().backward()
+    return out.detach(), grads(model)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offload_keeps_the_gradients_and_moves_the_first_activations(compiled):
+    ids = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    try:
+        torch._dynamo.reset()
+        base, model = tiny_lora_model()
+        if compiled:
+            speed.compile_layers(base)
+        plain = _step(model, ids)
+        hooks = offload.use_offload(base, max_gib=64 * 2**10 / offload.GIB, min_bytes=4096, ahead_bytes=8192,
+                                    device_types=("cpu",))
+        moved = _step(model, ids)
+        again = _step(model, ids)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(moved[0], plain[0], atol=0, rtol=0)
+    assert_same_grads(moved[1], plain[1], tol=0)
+    assert_same_grads(again[1], plain[1], tol=0)
+    # 64 KiB a forward: some of the first layer's saved activations (2 x 64 tokens x 64 wide fp32 = 32 KiB each)
+    assert 32 * 2**10 <= hooks.offloaded_bytes <= 64 * 2**10
+    assert hooks.fetched_late == 0  # each came back before its backward asked for it
+    assert not hooks._waiting and not hooks._live  # every copy back was used and freed
+
+
+def test_offload_leaves_weights_and_no_grad_forwards_alone():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 256)  # a 256 KiB weight, saved by the matmul for the input's gradient
+    layer.weight.requires_grad_(False)
+    hooks = offload.ActivationOffload(layer, max_bytes=2**30, min_bytes=16 * 2**10, device_types=("cpu",))
+    x = torch.randn(4, 256, requires_grad=True)
+    with hooks.forward():
+        layer(x).sum().backward()
+    assert hooks.offloaded_bytes == 0  # the weight is large enough, but it is a weight; x (4 KiB) is too small
+    big = torch.randn(256, 256, requires_grad=True)
+    with hooks.forward():
+        out = layer(big * 2)  # the scaled input (256 KiB) is saved by the matmul for the weight-less backward
+    assert hooks.offloaded_bytes == 0  # the weight is frozen: nothing of the input saved
+    layer.weight.requires_grad_(True)
+    layer(big * 2).sum().backward()
+    plain, layer.weight.grad = layer.weight.grad, None
+    with hooks.forward():
+        out = layer(big * 2)
+    assert hooks.offloaded_bytes == 256 * 2**10  # the input, saved for the weight's gradient
+    out.sum().backward()
+    assert torch.equal(layer.weight.grad, plain)
+    with torch.no_grad(), hooks.forward():
+        layer(big)
+    assert hooks.offloaded_bytes == 256 * 2**10  # no forward with grad: the hooks were not installed
+
+
+def test_offload_is_cuda_only_and_its_size_checked():
+    if not torch.cuda.is_available():
+        assert speed.resolve("offload", "sft") == ()
+        assert speed.resolve("auto", "sft").count("offload") == 0
+    with pytest.raises(ConfigError, match="offload_gib"):
+        RunArguments(offload_gib=0)
+    assert RunArguments(offload_gib=2.5).offload_gib == 2.5

@@ -369,6 +369,7 @@ def finish(trainer, options, lean_memory_budget: float | None = None, offload_gi
             options = tuple(o for o in options if o != "offload")
         else:
             offload.use_offload(model, offload_gib)
+            trainer.align_offload_gib = offload.MAX_GIB if offload_gib is None else offload_gib
     trainer.align_speedups = tuple(options)
     trainer.align_lean_memory_budget = budget
 

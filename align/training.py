@@ -514,7 +514,8 @@ def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage
         full_lineage.update(lineage)
         if hasattr(trainer, "align_speedups"):  # what speed.finish applied (`speedups: auto` resolved)
             full_lineage["speedups"] = dict(options=list(trainer.align_speedups),
-                                            lean_memory_budget=trainer.align_lean_memory_budget)
+                                            lean_memory_budget=trainer.align_lean_memory_budget,
+                                            offload_gib=getattr(trainer, "align_offload_gib", None))
         path = manifest.write_run(
             out, stage=run.name, config=run.resolved, seed=run.train_args.seed, data=report.as_dict(),
             metrics=metrics, lineage=full_lineage, started=run.started,

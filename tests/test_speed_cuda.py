@@ -181,13 +181,13 @@ def test_no_gpu_sync_between_dpo_log_lines(tiny_llama, preference_jsonl, tmp_pat
 
 
 @cuda
-def test_offload_keeps_the_gradients_and_lowers_the_peak():
+def test_offload_keeps_the_gradients_and_frees_what_it_moved():
     """`offload` with its CUDA streams (pinned host copies on a side stream, prefetched back): a compiled bf16 LoRA
     model's log-probs and adapter gradients as without it, each offloaded tensor back before its backward asked for
-    it, and the peak lower by at least half of what was offloaded."""
+    it, and, once the copies are done, what the forward holds for the backward lower by what was offloaded."""
     import transformers
     from peft import LoraConfig, get_peft_model
-    from trl.models.utils import add_fused_lm_head
+    from trl.trainer.utils import add_fused_lm_head
 
     from align import fused_lora, offload
 
@@ -204,14 +204,16 @@ def test_offload_keeps_the_gradients_and_lowers_the_peak():
     ids = torch.randint(0, 1000, (1, 8192), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
 
     def step():
-        model.zero_grad()
+        model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
         out = model(input_ids=ids, labels=ids, fused_lm_head=True).log_probs
+        torch.cuda.synchronize()
+        torch.empty(1, device="cuda")  # the allocator frees blocks whose side-stream copies are done
+        held = torch.cuda.memory_allocated() - before
         out.float().sum().backward()
         torch.cuda.synchronize()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, \
-            torch.cuda.max_memory_allocated()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, held
 
     try:
         torch._dynamo.reset()
@@ -229,4 +231,4 @@ def test_offload_keeps_the_gradients_and_lowers_the_peak():
         torch.testing.assert_close(moved[1][k], plain[1][k], atol=1e-4, rtol=1e-2, msg=k)
     assert 0.2 * offload.GIB <= hooks.offloaded_bytes <= 0.25 * offload.GIB
     assert hooks.fetched_late == 0
-    assert plain[2] - moved[2] >= 0.5 * hooks.offloaded_bytes, (plain[2], moved[2], hooks.offloaded_bytes)
+    assert plain[2] - moved[2] >= 0.9 * hooks.offloaded_bytes, (plain[2], moved[2], hooks.offloaded_bytes)

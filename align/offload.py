@@ -46,6 +46,7 @@ class ActivationOffload:
         self._weights = None  # storage pointers of parameters and buffers, found once
         self._next_id = 0
         self._sent = 0  # bytes offloaded in this forward
+        self._full = False  # a tensor did not fit: nothing more in this forward
         self._live = weakref.WeakValueDictionary()  # id -> _Saved of every offloaded tensor not yet freed
         self._waiting = []  # ids (ascending) of offloaded tensors not yet prefetched
         self._ahead = []  # ids of tensors prefetched ahead of the backward that needs them
@@ -60,7 +61,7 @@ class ActivationOffload:
         if not torch.is_grad_enabled():
             yield
             return
-        self._sent, self._seen = 0, {}
+        self._sent, self._seen, self._full = 0, {}, False
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
         self.offloaded_bytes, self._seen = self._sent, {}
@@ -81,9 +82,12 @@ class ActivationOffload:
         self._next_id += 1
         nbytes = t.numel() * t.element_size()
         storage = t.untyped_storage()
-        if (t.device.type not in self.device_types or nbytes < self.min_bytes or self._sent + nbytes > self.max_bytes
+        if (self._full or t.device.type not in self.device_types or nbytes < self.min_bytes
                 or storage.nbytes() != nbytes or not t.is_contiguous()
                 or storage.data_ptr() in self._weight_storages()):
+            return _Saved(ident, device=t)
+        if self._sent + nbytes > self.max_bytes:  # the rest of this forward stays: the earliest tensors go first
+            self._full = True
             return _Saved(ident, device=t)
         key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version, t.dtype)
         seen = self._seen.get(key)

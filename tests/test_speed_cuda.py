@@ -229,6 +229,6 @@ def test_offload_keeps_the_gradients_and_frees_what_it_moved():
     assert moved[1].keys() == plain[1].keys() and plain[1]
     for k in plain[1]:  # attention's backward may add in another order from run to run
         torch.testing.assert_close(moved[1][k], plain[1][k], atol=1e-4, rtol=1e-2, msg=k)
-    assert 0.2 * offload.GIB <= hooks.offloaded_bytes <= 0.25 * offload.GIB
+    assert 0.1 * offload.GIB <= hooks.offloaded_bytes <= 0.25 * offload.GIB  # up to the first tensor that did not fit
     assert hooks.fetched_late == 0
     assert plain[2] - moved[2] >= 0.9 * hooks.offloaded_bytes, (plain[2], moved[2], hooks.offloaded_bytes)

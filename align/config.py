@@ -128,8 +128,8 @@ class RunArguments:
                   "only without gradient checkpointing and on one process, dense_pairs in DPO only; on a CPU "
                   "padding_free, shared_prompt, ref_first, head_grad), `none`, or a comma list of padding_free (SFT), "
                   "shared_prompt (DPO, RM), dense_pairs (DPO, RM), ref_first (DPO), compile, lean, liger, kbit_bf16, "
-                  "fused_lora, torch_nf4, head_grad, non_blocking, group_lora, offload, fp8 (experimental). Each but fp8 keeps "
-                  "the loss (CPU tests to 1e-5); measured against stock TRL + PEFT on an H100 and an H200 in "
+                  "fused_lora, torch_nf4, head_grad, non_blocking, group_lora, offload, fp8 (experimental). Each but "
+                  "fp8 keeps the loss (CPU tests to 1e-5); measured against stock TRL + PEFT on an H100 and an H200 in "
                   "benchmarks/README.md."},
     )
     lean_memory_budget: float | None = field(

@@ -4,6 +4,7 @@ which checks the bookkeeping; the CUDA streams are checked in tests/test_speed_c
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from align import offload, speed
 from align.config import ConfigError, RunArguments
@@ -26,10 +27,13 @@ def test_offload_keeps_the_gradients_and_moves_the_first_activations(compiled):
         if compiled:
             speed.compile_layers(base)
         plain = _step(model, ids)
+        graphs = dict(counters["stats"])
+        assert graphs.get("unique_graphs", 0) >= compiled
         hooks = offload.use_offload(base, max_gib=64 * 2**10 / offload.GIB, min_bytes=4096, ahead_bytes=8192,
                                     device_types=("cpu",))
         moved = _step(model, ids)
         again = _step(model, ids)
+        assert dict(counters["stats"]) == graphs  # compiled: the hooks run on the compiled function, no recompile
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(moved[0], plain[0], atol=0, rtol=0)

@@ -56,8 +56,8 @@ def test_offload_leaves_weights_and_no_grad_forwards_alone():
     assert hooks.offloaded_bytes == 0  # the weight is large enough, but it is a weight; x (4 KiB) is too small
     big = torch.randn(256, 256, requires_grad=True)
     with hooks.forward():
-        out = layer(big * 2)  # the scaled input (256 KiB) is saved by the matmul for the weight-less backward
-    assert hooks.offloaded_bytes == 0  # the weight is frozen: nothing of the input saved
+        out = layer(big * 2)  # a frozen weight: the matmul saves the weight (for the input's gradient), not the input
+    assert hooks.offloaded_bytes == 0
     layer.weight.requires_grad_(True)
     layer(big * 2).sum().backward()
     plain, layer.weight.grad = layer.weight.grad, None

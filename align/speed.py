@@ -516,6 +516,11 @@ def _packed_sample_forward(inner, model, kwargs, plan=None, outputs=_SFT_OUTPUTS
 _head_without_grad = False  # set by `head_without_grad`
 
 
+def forward_is_detached() -> bool:
+    """Inside `head_without_grad`: this forward's result is detached (no backward will use what it saves)."""
+    return _head_without_grad
+
+
 @contextlib.contextmanager
 def head_without_grad():
     """The packed forwards' LM head (outside the compiled layers) runs without grad in the block: for a forward run

@@ -29,9 +29,12 @@ def test_offload_keeps_the_gradients_and_moves_the_first_activations(compiled):
         plain = _step(model, ids)
         graphs = dict(counters["stats"])
         assert graphs.get("unique_graphs", 0) >= compiled
-        hooks = offload.use_offload(base, max_gib=64 * 2**10 / offload.GIB, min_bytes=4096, ahead_bytes=8192,
-                                    device_types=("cpu",))
+        hooks = offload.use_offload(base, max_gib=64 * 2**10 / offload.GIB, min_bytes=4096,
+                                    ahead_bytes=128 * 2**10, device_types=("cpu",))
+        waiting, unpack = [], hooks._unpack
+        hooks._unpack = lambda saved: (unpack(saved), waiting.append(len(hooks._waiting)))[0]
         moved = _step(model, ids)
+        hooks._unpack = unpack
         again = _step(model, ids)
         assert dict(counters["stats"]) == graphs  # compiled: the hooks run on the compiled function, no recompile
     finally:
@@ -42,6 +45,8 @@ def test_offload_keeps_the_gradients_and_moves_the_first_activations(compiled):
     # 64 KiB a forward: some of the first layer's saved activations (2 x 64 tokens x 64 wide fp32 = 32 KiB each)
     assert 32 * 2**10 <= hooks.offloaded_bytes <= 64 * 2**10
     assert hooks.fetched_late == 0  # each came back before its backward asked for it
+    # ... but not at the backward's start (the step's peak): only once it was 128 KiB of saved activations short
+    assert waiting[0] > 0 and waiting[-1] == 0, waiting
     assert not hooks._waiting and not hooks._live  # every copy back was used and freed
 
 
@@ -69,6 +74,9 @@ def test_offload_leaves_weights_and_no_grad_forwards_alone():
     with torch.no_grad(), hooks.forward():
         layer(big)
     assert hooks.offloaded_bytes == 256 * 2**10  # no forward with grad: the hooks were not installed
+    with speed.head_without_grad(), hooks.forward():  # a forward whose result is detached (DPO's reference)
+        kept = layer(big * 2)
+    assert not hooks._waiting and not hooks._live and kept.requires_grad  # nothing moved for a graph left unused
 
 
 def test_offload_is_cuda_only_and_its_size_checked():

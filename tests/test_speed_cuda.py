@@ -219,7 +219,7 @@ def test_offload_keeps_the_gradients_and_frees_what_it_moved():
         torch._dynamo.reset()
         speed.compile_layers(base)
         step()
-        plain = step()
+        plain, again = step(), step()
         hooks = offload.use_offload(base, max_gib=0.25)
         step()
         moved = step()
@@ -227,8 +227,10 @@ def test_offload_keeps_the_gradients_and_frees_what_it_moved():
         torch._dynamo.reset()
     torch.testing.assert_close(moved[0], plain[0], atol=0, rtol=0)
     assert moved[1].keys() == plain[1].keys() and plain[1]
-    for k in plain[1]:  # attention's backward may add in another order from run to run
-        torch.testing.assert_close(moved[1][k], plain[1][k], atol=1e-4, rtol=1e-2, msg=k)
+    for k in plain[1]:  # attention's backward may add in another order from run to run: that run-to-run spread
+        noise = (again[1][k] - plain[1][k]).norm() / plain[1][k].norm()
+        diff = (moved[1][k] - plain[1][k]).norm() / plain[1][k].norm()
+        assert diff <= max(4 * noise, 1e-5), (k, diff.item(), noise.item())
     assert 0.1 * offload.GIB <= hooks.offloaded_bytes <= 0.25 * offload.GIB  # up to the first tensor that did not fit
     assert hooks.fetched_late == 0
     assert plain[2] - moved[2] >= 0.9 * hooks.offloaded_bytes, (plain[2], moved[2], hooks.offloaded_bytes)

@@ -92,7 +92,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload_min|offload2}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload_min|offload2|offload2_min}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -323,6 +323,13 @@ case $CALL in
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8,align_o8a \
         --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3;o8a=auto,offload@0.8!align.offload.MAX_GIB=3,align.offload.AHEAD=2" \
         $W --timeout 150 --out "$OUT/sft8b" ;;
+  offload2_min)  # offload2's short form: the CUDA test, 1B DPO auto / 0.58 / 0.58 with 4 GiB, 8B SFT 0.8 / 0.8 with 3 GiB
+    $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
+    tail -3 "$OUT/tests.txt"
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align,align_b58,align_o58 \
+        --align_variants "b58=auto@0.58;o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
+        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

@@ -504,7 +504,8 @@ def test_head_grad_on_a_4bit_base_keeps_the_sft_losses(tiny_llama, chat_jsonl, t
     assert any("Linear4bit" in type(m).__name__ for m in fast.model.modules())
     assert len(set(losses(fast))) > 1
     # plain SGD without clipping (Adam or clipping would hide a wrongly scaled gradient: half of it moves step 2 by 0.2)
-    assert losses(fast) == pytest.approx(losses(runs["padding_free"]), rel=1e-5)  # fp32 rounding: 2e-6
+    # fp32 rounding through two SGD steps at lr 0.1: 2e-6 to 1.4e-5 seen (a CI run on 2 cores), 1e-2 for a wrong scale
+    assert losses(fast) == pytest.approx(losses(runs["padding_free"]), rel=1e-4)
     assert heads.count(True) == 3
 
 

@@ -1,7 +1,7 @@
 """Activation offloading (the `offload` speed option): the first `max_bytes` of the activations a forward saves for
-its backward go to pinned host memory on a side stream while the forward goes on, and come back on that stream ahead
-of the backward that needs them (from when the backward is `ahead_bytes` of saved activations short of them), so
-that a lean budget that recomputes less still fits the memory of one that recomputes more. Exact: the tensors come back bit for bit.
+its backward go to pinned host memory on a side stream while the forward goes on, and come back on another ahead of
+the backward that needs them (from when the backward is `ahead_bytes` of saved activations short of them), so that
+a lean budget that recomputes less still fits the memory of one that recomputes more. Exact: the same bits come back.
 
 How: `torch.autograd.graph.saved_tensors_hooks` around the backbone's forward (not compiled), so each compiled layer's
 saved tensors pass through `pack` when its forward ends and through `unpack` when its backward starts (torch runs
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 MAX_GIB = 3.0  # default bytes offloaded per forward (recipe key `offload_gib`)
 MIN_BYTES = 4 * 2**20  # smaller saved tensors stay on the device (RoPE tables, softmax statistics)
-AHEAD = 1.0  # default prefetch distance, in offloaded bytes: how far (in activations saved) ahead of its backward
+AHEAD = 1.0  # default `ahead_bytes`, times `max_bytes`: how far ahead (in saved activations) a copy back starts
 
 
 class _Saved:

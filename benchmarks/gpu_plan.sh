@@ -84,7 +84,9 @@
 #            since folded into the option dense_pairs, which auto has)
 #   dense_check  dense_pairs as committed after Call32: its GPU test, then 1B RM with it (not in RM's auto yet) and
 #            1B DPO auto against auto less dense_pairs
-#   offload / offload_dpo / offload_all / offload_min  activation offload (the opt-in option `offload`): see the cases below
+#   offload / offload_dpo / offload_all / offload2 / offload2_min  activation offload (the opt-in option `offload`):
+#            see the cases below (offload_all ran as Call33; offload2 is next, with the JSONs copied out of
+#            $OUT/r/offload2/* into $OUT/j by the device command, as more than two folders deep do not come back)
 #   memory_8b  what holds the 8B SFT LoRA peak (allocator history of one step) at auto's budget 0.58 and at 0.6-0.7, which
 #            ran at 67% of the arithmetic limit but 0.62x of stock's peak (call23): what would have to go for 0.6 to
 #            fit the 0.6x goal
@@ -92,7 +94,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload_min|offload2|offload2_min}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload2|offload2_min}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -300,17 +302,9 @@ case $CALL in
         $W --timeout 150 --out "$OUT/dpo"
     $PY benchmarks/throughput.py --runs 1b:rm_lora --paths align,align_dp --align_variants "dp=auto,dense_pairs" \
         $W --timeout 150 --out "$OUT/rm" ;;
-  offload_all)  # offload and offload_dpo in one call (a machine that comes rarely): the tests, 8B SFT, 1B DPO, RM
+  offload_all)  # offload and offload_dpo in one call (a machine that comes rarely; Call33): tests, 8B SFT, 1B DPO, RM
     OUT="$OUT" bash "$0" offload || true
     OUT="$OUT" bash "$0" offload_dpo ;;
-  offload_min)  # the short form (little device time left): the offload test, 8B SFT stock / 0.8 / 0.8 with 3 GiB
-    # offloaded, 1B DPO auto / 0.8 / 0.8 with 4 GiB offloaded
-    $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
-    tail -3 "$OUT/tests.txt"
-    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths stock,align_b8,align_o8 \
-        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 150 --out "$OUT/sft8b"
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align,align_b8,align_o8 \
-        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=4" $W --timeout 150 --out "$OUT/dpo" ;;
   offload2)  # after Call33 (offload's first GPU call): copies back timed by the backward's place (the first layers'
     # tensors no longer back at the backward's start, the peak), a side stream each way, DPO's detached reference
     # forward not offloaded; the CUDA test, then 8B SFT at 0.8 with 3 GiB (prefetch distance 1x and 2x), 1B DPO at

@@ -30,10 +30,10 @@ class _Saved:
     """One saved tensor: on the device (`device`), or in host memory (`host`) until prefetched back; `pos`: the
     activation bytes saved up to and with it (its place in the forward, the backward's clock)."""
 
-    __slots__ = ("pos", "device", "host", "sent", "ready", "nbytes", "__weakref__")
+    __slots__ = ("pos", "device", "host", "sent", "ready", "__weakref__")
 
-    def __init__(self, pos, device=None, host=None, nbytes=0, sent=None):
-        self.pos, self.device, self.host, self.sent, self.ready, self.nbytes = pos, device, host, sent, None, nbytes
+    def __init__(self, pos, device=None, host=None, sent=None):
+        self.pos, self.device, self.host, self.sent, self.ready = pos, device, host, sent, None
 
 
 class ActivationOffload:
@@ -90,13 +90,13 @@ class ActivationOffload:
         if storage.data_ptr() in self._weight_storages():
             return _Saved(self._pos, device=t)
         self._pos += nbytes
-        ident = self._pos
+        pos = self._pos
         if (self._full or t.device.type not in self.device_types or nbytes < self.min_bytes
                 or storage.nbytes() != nbytes or not t.is_contiguous()):
-            return _Saved(ident, device=t)
+            return _Saved(pos, device=t)
         if self._sent + nbytes > self.max_bytes:  # the rest of this forward stays: the earliest tensors go first
             self._full = True
-            return _Saved(ident, device=t)
+            return _Saved(pos, device=t)
         key = (storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version, t.dtype)
         seen = self._seen.get(key)
         if seen is not None and seen[0]() is not None:  # the same tensor saved by a second op (eager layers): one copy
@@ -113,10 +113,10 @@ class ActivationOffload:
             t.record_stream(side)  # its memory is reused only after the copy
         else:
             host = t.detach().clone()
-        saved = _Saved(ident, host=host, nbytes=nbytes, sent=sent)
+        saved = _Saved(pos, host=host, sent=sent)
         self._seen[key] = (weakref.ref(t), saved)  # a live tensor: its memory is not yet another tensor's
-        self._live[ident] = saved
-        self._waiting.append(ident)
+        self._live[pos] = saved
+        self._waiting.append(pos)
         self._sent += nbytes
         return saved
 

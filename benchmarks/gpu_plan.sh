@@ -94,7 +94,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload2|offload2_min}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload2|offload2_min|passes}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -324,6 +324,20 @@ case $CALL in
         --align_variants "b58=auto@0.58;o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo" || true
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
         --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" ;;
+  passes)  # pairs_per_pass (a DPO batch's pairs through forward and backward in passes, gradients summed): 1B DPO
+    # in passes of 2 pairs at lean budgets 0.58 and 0.8 beside stock, auto (0.2) and 0.58 in one pass (Call33: 1.09x
+    # auto's speed at 12.1 GiB, DPO/SFT 1.5) and 0.58 with 4 GiB offloaded (the mended offload); 8B DPO in passes of
+    # one pair at 0.58; 8B SFT at 0.8 with and without 3 GiB offloaded; then the CUDA offload test
+    PP='!align.pair_passes.PairPasses.pairs_per_pass'
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_b58,align_p58,align_p8,align_o58 \
+        --align_variants "b58=auto@0.58;p58=auto@0.58$PP=2;p8=auto@0.8$PP=2;o58=auto,offload@0.58!align.offload.MAX_GIB=4" \
+        $W --timeout 120 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_p58 --align_variants "p58=auto@0.58$PP=1" \
+        $W --timeout 120 --out "$OUT/dpo8b" || true
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
+        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" || true
+    $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
+    tail -3 "$OUT/tests.txt" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

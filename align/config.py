@@ -146,16 +146,17 @@ class RunArguments:
                   "Default: 3."},
     )
 
-    pairs_per_pass: int | None = field(
-        default=None,
-        metadata={"help": "dpo.py and rm.py: run each training batch's pairs through forward and backward this many "
-                  "at a time, the gradients summed before the optimizer step: the same update as one pass, with the "
-                  "activations of this many pairs (not under DeepSpeed). Default: the whole batch at once."},
+    passes_per_batch: int = field(
+        default=1,
+        metadata={"help": "sft.py, dpo.py, rm.py: run each training batch through forward and backward in this many "
+                  "passes over parts of its examples (SFT samples, DPO / RM pairs), the gradients summed before the "
+                  "one optimizer step: the batch's update, schedule and logged steps, with the activations of one "
+                  "part at a time (not under DeepSpeed). Default: 1, the whole batch at once."},
     )
 
     def __post_init__(self):
-        if self.pairs_per_pass is not None and not self.pairs_per_pass >= 1:
-            raise ConfigError(f"pairs_per_pass: must be >= 1, got {self.pairs_per_pass}")
+        if not self.passes_per_batch >= 1:
+            raise ConfigError(f"passes_per_batch: must be >= 1, got {self.passes_per_batch}")
         if self.lean_memory_budget is not None and not 0 < self.lean_memory_budget <= 1:
             raise ConfigError(f"lean_memory_budget: must be in (0, 1], got {self.lean_memory_budget}")
         if self.offload_gib is not None and not self.offload_gib > 0:

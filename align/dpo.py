@@ -25,7 +25,7 @@ import contextlib
 import torch
 from trl import DPOTrainer
 
-from align import config, data, modeling, pair_passes, speed, stacking, training
+from align import batch_passes, config, data, modeling, speed, stacking, training
 
 
 class ReferenceFirst:
@@ -196,7 +196,7 @@ class DeferredDPOMetrics(training.DeferredTokenCount):
         super().log(logs, start_time)
 
 
-class AlignDPOTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, pair_passes.PairPasses,
+class AlignDPOTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, batch_passes.BatchPasses,
                      training.PairWeightedMetrics, DeferredDPOMetrics, ReferenceFirst, QuickReferenceSwitch, DPOTrainer):
     """TRL's DPOTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs, reads its training
     metrics once per log line, computes the reference log-probabilities before the policy forward, switches to the
@@ -233,7 +233,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
-    trainer.pairs_per_pass = run_args.pairs_per_pass
+    trainer.passes_per_batch = run_args.passes_per_batch
     stacking.match_reference_to_policy(trainer.model, reference)  # TRL casts a QLoRA policy to bf16, not "ref"
     stacking.check_reference(trainer.model, reference)
     speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)

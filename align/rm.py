@@ -18,10 +18,10 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from trl import RewardTrainer
 
-from align import config, data, modeling, pair_passes, speed, stacking, training
+from align import batch_passes, config, data, modeling, speed, stacking, training
 
 
-class AlignRewardTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, pair_passes.PairPasses,
+class AlignRewardTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, batch_passes.BatchPasses,
                          training.PairWeightedMetrics, RewardTrainer):
     """TRL's RewardTrainer that stops on a NaN/inf loss, weights its logged metrics by pairs and lists its trained
     parameters once."""
@@ -59,7 +59,7 @@ def main(argv=None):
         model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
-    trainer.pairs_per_pass = run_args.pairs_per_pass
+    trainer.passes_per_batch = run_args.passes_per_batch
     speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)
 
     # 5. Train, with held-out pairwise accuracy before and after.

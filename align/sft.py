@@ -16,13 +16,15 @@ if __package__ in (None, ""):  # run as a script: import the package, not the si
 
 from trl import SFTTrainer
 
-from align import config, data, modeling, speed, stacking, training
+from align import batch_passes, config, data, modeling, speed, stacking, training
 
 
-class AlignSFTTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, training.TokenWeightedMetrics,
-                      training.DeferredSFTMetrics, SFTTrainer):
+class AlignSFTTrainer(training.NonFiniteLossGuard, training.CachedParameterScans, batch_passes.BatchPasses,
+                      training.TokenWeightedMetrics, training.DeferredSFTMetrics, SFTTrainer):
     """TRL's SFTTrainer that stops on a NaN/inf loss, weights its logged metrics by trained tokens, reads them on
     the host once per log line and lists its trained parameters once."""
+
+    pass_loss = "token_sum"  # batch_passes: each pass's token sum over the batch's trained-token count
 
 
 def main(argv=None):
@@ -55,6 +57,7 @@ def main(argv=None):
         model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
+    trainer.passes_per_batch = run_args.passes_per_batch
     speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)
 
     # 5. Train (resuming from the last checkpoint when there is one), eval loss before and after.

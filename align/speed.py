@@ -125,7 +125,7 @@ import logging
 
 import torch
 
-from align import fp8, fused_lora, packed_attention, pair_passes
+from align import fp8, fused_lora, packed_attention
 from align import head_grad as grad_in_forward
 
 logger = logging.getLogger("align")
@@ -389,8 +389,6 @@ def _wrap_forward(model, packed_forward, fused_head_only: bool = True) -> None:
     @functools.wraps(inner)
     def forward(*args, **kwargs):
         plan = kwargs.pop(PLAN_KEY, None)
-        if isinstance(plan, pair_passes.PassPlans):  # a batch planned for passes, in one forward (evaluation)
-            plan = None
         if not args and (kwargs.get("fused_lm_head") or not fused_head_only):
             out = packed_forward(inner, model, kwargs, plan)
             if out is not None:
@@ -479,7 +477,7 @@ def plan_in_collator(trainer, planner) -> None:
     @functools.wraps(collate)
     def collate_and_plan(examples):
         batch = collate(examples)
-        plan = pair_passes.plan_passes(trainer, planner, batch)  # a plan per pass when pairs go in passes
+        plan = planner(batch)
         if plan is not None:
             batch[PLAN_KEY] = plan
         return batch

@@ -455,9 +455,6 @@ def begin(name: str, classes, argv=None):
     train_args = next(p for p in parsed if isinstance(p, TrainingArguments))
     run_args = next(p for p in parsed if isinstance(p, config.RunArguments))
     model_args = next(p for p in parsed if isinstance(p, config.ModelArguments))
-    if run_args.pairs_per_pass is not None and name not in ("dpo", "rm"):
-        raise config.ConfigError(f"pairs_per_pass: a key of dpo.py and rm.py (batches of pairs), not of {name}.py. "
-                                 "Fix: remove it from the recipe")
     # refuse launch combinations known to break (ZeRO-3/FSDP with quantization, checkpointing settings, ...)
     launch.check_launch(model_args, train_args, adapter=bool(model_args.use_peft or run_args.sft_adapter))
     setup_logging(train_args)
@@ -519,7 +516,7 @@ def finish(trainer, run: StageRun, model_args, *, report, metrics: dict, lineage
             full_lineage["speedups"] = dict(options=list(trainer.align_speedups),
                                             lean_memory_budget=trainer.align_lean_memory_budget,
                                             offload_gib=getattr(trainer, "align_offload_gib", None),
-                                            pairs_per_pass=getattr(trainer, "pairs_per_pass", None))
+                                            passes_per_batch=getattr(trainer, "passes_per_batch", 1))
         path = manifest.write_run(
             out, stage=run.name, config=run.resolved, seed=run.train_args.seed, data=report.as_dict(),
             metrics=metrics, lineage=full_lineage, started=run.started,

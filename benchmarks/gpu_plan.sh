@@ -324,18 +324,22 @@ case $CALL in
         --align_variants "b58=auto@0.58;o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo" || true
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
         --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" ;;
-  passes)  # pairs_per_pass (a DPO batch's pairs through forward and backward in passes, gradients summed): 1B DPO
-    # in passes of 2 pairs at lean budgets 0.58 and 0.8 beside stock, auto (0.2) and 0.58 in one pass (Call33: 1.09x
-    # auto's speed at 12.1 GiB, DPO/SFT 1.5) and 0.58 with 4 GiB offloaded (the mended offload); 8B DPO in passes of
-    # one pair at 0.58; 8B SFT at 0.8 with and without 3 GiB offloaded; then the CUDA offload test
-    PP='!align.pair_passes.PairPasses.pairs_per_pass'
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_b58,align_p58,align_p8,align_o58 \
-        --align_variants "b58=auto@0.58;p58=auto@0.58$PP=2;p8=auto@0.8$PP=2;o58=auto,offload@0.58!align.offload.MAX_GIB=4" \
-        $W --timeout 120 --out "$OUT/dpo" || true
-    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_p58 --align_variants "p58=auto@0.58$PP=1" \
+  passes)  # passes_per_batch (a batch through forward and backward in passes over its examples, gradients summed,
+    # one optimizer step): 1B DPO in 2 passes at lean budgets 0.58 and 0.8 beside stock, auto (0.2) and 0.58 in one
+    # pass (Call33: 1.09x auto's speed at 12.1 GiB, DPO/SFT 1.5); 8B SFT in 2 passes at 1.0 and 0.8 beside 0.8 in one;
+    # 8B DPO in 2 passes at 0.58 beside auto; then the mended offload (1B DPO 0.58 + 4 GiB, 8B SFT 0.8 + 3 GiB) and
+    # the CUDA offload test. Lowest priority last: the call's time limit cuts from the end
+    PP='!align.batch_passes.BatchPasses.passes_per_batch'
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_b58,align_p58,align_p8 \
+        --align_variants "b58=auto@0.58;p58=auto@0.58$PP=2;p8=auto@0.8$PP=2" $W --timeout 120 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_p10,align_p8 \
+        --align_variants "b8=auto@0.8;p10=auto@1.0$PP=2;p8=auto@0.8$PP=2" $W --timeout 120 --out "$OUT/sft8b" || true
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_p58 --align_variants "p58=auto@0.58$PP=2" \
         $W --timeout 120 --out "$OUT/dpo8b" || true
-    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
-        --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" || true
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align_o58 \
+        --align_variants "o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo_off" || true
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_o8 \
+        --align_variants "o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b_off" || true
     $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
     tail -3 "$OUT/tests.txt" ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses

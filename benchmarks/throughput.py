@@ -230,9 +230,13 @@ class Meter:
         self.torch, self.cuda, self.window = torch, cuda, window
         self.begin, self.end, self.batch_tokens = [], [], []
 
-    def count(self, collate, stage: str):
+    def count(self, collate, stage: str, rows: int | None = None):
+        """`collate`, counting the tokens of each batch of `rows` examples: with `passes_per_batch` the trainer's
+        collator also collates each pass's part of the batch (fewer examples), not counted again."""
         def counted(examples):
             batch = collate(examples)
+            if rows and len(examples) < rows:  # a pass's part of a batch already counted
+                return batch
             if stage == "sft":
                 n = sum(len(e["input_ids"]) for e in examples)
             else:  # the tokens of TRL's padded pair rows (prompt + chosen, prompt + rejected), after any truncation
@@ -431,7 +435,8 @@ def worker(spec: dict) -> dict:
         return trace(trainer, torch, train=spec["step_bits"] == "train")
     window = spec.get("timing") == "window"
     meter = Meter(torch, cuda, (spec["warmup"], spec["warmup"] + spec["steps"]) if window else None)
-    trainer.data_collator = meter.count(trainer.data_collator, kind)
+    trainer.data_collator = meter.count(trainer.data_collator, kind,
+                                        rows=shape["pairs" if kind in ("dpo", "rm") else "batch"])
     trainer.add_callback(meter.callback())
     profiler = StepProfiler(torch, cuda, first=spec["warmup"] + spec["steps"], steps=spec.get("profile_steps", 0),
                             stack=spec.get("profile_stack", False))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align import dpo, fused_lora, pair_passes, sft, stacking
+from align import dpo, fused_lora, sft, stacking
 from align.manifest import read_json
 
 from .test_sft import base_state, losses, sft_argv
@@ -448,16 +448,17 @@ def test_compiled_dpo_reference_runs_the_policy_s_graph(tiny_llama, preference_j
         assert got == pytest.approx(want, abs=1e-4) and len(set(got)) == 3
 
 
-def _grad_norms(trainer):
+
+def grad_norms(trainer):
     return [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
 
 
 @pytest.mark.parametrize("speedups", ["none", "shared_prompt,ref_first,head_grad"])
-def test_pairs_per_pass_gives_the_one_pass_update(speedups, tiny_llama, sft_adapter, preference_jsonl, tmp_path,
-                                                  monkeypatch):
-    """4 pairs per batch through forward and backward 3 + 1 at a time: the losses, gradient norms and trained
-    adapter of one pass, the logged metrics of the whole batch, and no forward sees the whole batch. With
-    `shared_prompt`, each pass's forwards get the layout the collator planned for that pass."""
+def test_passes_per_batch_give_the_one_pass_update(speedups, tiny_llama, sft_adapter, preference_jsonl, tmp_path,
+                                                   monkeypatch):
+    """4 pairs per batch through forward and backward in 3 passes (2 + 1 + 1 pairs): the losses, gradient norms and
+    trained adapter of one pass, the logged metrics of the whole batch, and no forward sees the whole batch. With
+    `shared_prompt`, each pass's forwards get the layout the collator planned for that pass's pairs."""
     from align import speed
 
     plans = []  # (pairs in the forward's batch, the plan's batch shape) of every packed pair forward
@@ -465,50 +466,51 @@ def test_pairs_per_pass_gives_the_one_pass_update(speedups, tiny_llama, sft_adap
     monkeypatch.setattr(speed, "_shared_prompt_forward", lambda inner, model, kwargs, plan=None, **kw: plans.append(
         (kwargs["input_ids"].shape[0] // 2, plan and plan.length)) or real(inner, model, kwargs, plan, **kw))
     runs, tokens = {}, {}
-    for k in (None, 3):
-        out = str(tmp_path / f"dpo_{k}")
+    for passes in (1, 3):
         seen = []  # the token count of every forward (policy and reference)
-        overrides = dict(sft_adapter=sft_adapter, max_steps=3, eval_split_size=0, speedups=speedups,
-                         learning_rate=1e-3, per_device_train_batch_size=4)
-        if k:
-            overrides["pairs_per_pass"] = k
         hook = torch.nn.modules.module.register_module_forward_pre_hook(
             lambda m, args, seen=seen: seen.append(args[0].numel()) if isinstance(m, torch.nn.Embedding) else None)
         try:
-            runs[k] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, out, **overrides))
+            runs[passes] = dpo.main(dpo_argv(tiny_llama, preference_jsonl, str(tmp_path / f"dpo_{passes}"),
+                                             sft_adapter=sft_adapter, max_steps=3, eval_split_size=0,
+                                             speedups=speedups, learning_rate=1e-3, per_device_train_batch_size=4,
+                                             passes_per_batch=passes))
         finally:
             hook.remove()
-        tokens[k] = seen
-    one, chunked = runs[None], runs[3]
-    assert chunked.pairs_per_pass == 3 and one.pairs_per_pass is None
-    assert losses(chunked) == pytest.approx(losses(one), abs=1e-5) and len(set(losses(one))) > 1
-    assert _grad_norms(chunked) == pytest.approx(_grad_norms(one), rel=1e-4) and min(_grad_norms(one)) > 0
+        tokens[passes] = seen
+    one, split = runs[1], runs[3]
+    assert split.passes_per_batch == 3 and one.passes_per_batch == 1
+    assert losses(split) == pytest.approx(losses(one), abs=1e-5) and len(set(losses(one))) > 1
+    assert grad_norms(split) == pytest.approx(grad_norms(one), rel=1e-4) and min(grad_norms(one)) > 0
     for key in ("rewards/accuracies", "rewards/margins", "logps/chosen"):
-        logged = [[h[key] for h in r.state.log_history if key in h] for r in (one, chunked)]
+        logged = [[h[key] for h in r.state.log_history if key in h] for r in (one, split)]
         assert logged[1] == pytest.approx(logged[0], abs=1e-5), key
-    a = load_file(os.path.join(str(tmp_path / "dpo_None"), "adapter_model.safetensors"))
-    b = load_file(os.path.join(str(tmp_path / "dpo_3"), "adapter_model.safetensors"))
+    a, b = (load_file(os.path.join(str(tmp_path / f"dpo_{p}"), "adapter_model.safetensors")) for p in (1, 3))
     assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
-    assert len(tokens[3]) == 2 * len(tokens[None])  # a forward per pass (policy and reference each)
-    assert max(tokens[3]) < max(tokens[None])
-    if "shared_prompt" in speedups:  # 3 steps x (reference + policy): one pass of 4, then passes of 3 and 1
-        assert [p for p, _ in plans] == [4] * 6 + [3, 3, 1, 1] * 3
+    assert len(tokens[3]) == 3 * len(tokens[1])  # a forward per pass (policy and reference each)
+    assert max(tokens[3]) < max(tokens[1])
+    if "shared_prompt" in speedups:  # 3 steps x (reference + policy): one pass of 4, then passes of 2, 1 and 1
+        assert [p for p, _ in plans] == [4] * 6 + [2, 2, 1, 1, 1, 1] * 3
         assert all(length is not None and length[0] == 2 * p for p, length in plans)
     else:
         assert plans == []
-    assert read_json(os.path.join(str(tmp_path / "dpo_3"), "run.json"))["lineage"]["speedups"]["pairs_per_pass"] == 3
+    run = read_json(os.path.join(str(tmp_path / "dpo_3"), "run.json"))
+    assert run["lineage"]["speedups"]["passes_per_batch"] == 3
 
 
-def test_pairs_per_pass_refuses_what_it_cannot_split(tiny_llama, chat_jsonl, tmp_path):
-    from align import config
+def test_passes_per_batch_are_checked_and_split_the_examples(tiny_llama, preference_jsonl, tmp_path):
+    from align import batch_passes, config, ppo
 
-    with pytest.raises(config.ConfigError, match="pairs_per_pass: must be >= 1"):
-        config.RunArguments(pairs_per_pass=0)
-    with pytest.raises(config.ConfigError, match="pairs_per_pass: a key of dpo.py and rm.py"):
-        sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / "sft"), pairs_per_pass=2))
-    n = 2
-    batch = {"input_ids": torch.arange(8).view(4, 2), "ref_chosen_logps": torch.tensor([1.0, 2.0])}
-    part = pair_passes.pair_rows(batch, 1, 2, n)
-    assert part["input_ids"].tolist() == [[2, 3], [6, 7]] and part["ref_chosen_logps"].tolist() == [2.0]
-    with pytest.raises(ValueError, match="batch key 'extra' is not one row per pair"):
-        pair_passes.pair_rows(dict(batch, extra=torch.zeros(3)), 0, 1, n)
+    from .test_ppo import ppo_argv
+
+    with pytest.raises(config.ConfigError, match="passes_per_batch: must be >= 1"):
+        config.RunArguments(passes_per_batch=0)
+    with pytest.raises(config.ConfigError, match="passes_per_batch: a key of sft.py, dpo.py and rm.py, not of ppo"):
+        ppo.main(ppo_argv(tiny_llama, preference_jsonl, str(tmp_path / "ppo"), passes_per_batch=2))
+    split = batch_passes.split_examples
+    rows = [{"input_ids": [0] * n} for n in (10, 1, 1, 1, 9, 2)]
+    assert [len(g) for g in split(rows, 2)] == [3, 3]
+    assert [[len(e["input_ids"]) for e in g] for g in split(rows, 2, "tokens")] == [[10, 1, 1], [1, 9, 2]]
+    assert [len(g) for g in split(rows, 3, "tokens")] == [1, 4, 1]
+    assert [len(g) for g in split(rows[:2], 5)] == [1, 1]  # no empty pass
+    assert [len(g) for g in split(rows, 1)] == [6]

@@ -128,17 +128,19 @@ def test_scorer_batches_similar_lengths_and_keeps_the_input_order():
     assert model.shapes == [(2, 9), (2, 7), (2, 2)]  # in input order the batches would be 2x9, 2x8, 2x7
 
 
-def test_pairs_per_pass_gives_the_reward_model_s_one_pass_update(tiny_llama, preference_jsonl, tmp_path):
-    """8 pairs per batch in passes of 3, 3 and 2, with and without the packed pair rows: the losses and gradient
-    norms of one pass, and the same trained weights (plain SGD: Adam's first steps, about lr x sign(gradient), would
-    turn rounding-level gradient differences of near-zero entries into lr-sized weight differences)."""
+
+def test_passes_per_batch_give_the_reward_model_s_one_pass_update(tiny_llama, preference_jsonl, tmp_path):
+    """8 pairs per batch in 3 passes (3, 3 and 2 pairs), with and without the packed pair rows: the losses and
+    gradient norms of one pass, and the same trained weights (plain SGD: Adam's first steps, about lr x sign(gradient),
+    would turn rounding-level gradient differences of near-zero entries into lr-sized weight differences)."""
     for speedups in ("none", "shared_prompt"):
-        runs = [rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / f"{speedups}_{k}"), max_steps=3,
-                                eval_split_size=0, speedups=speedups, optim="sgd", learning_rate=0.1, **({"pairs_per_pass": k} if k else {})))
-                for k in (None, 3)]
+        runs = [rm.main(rm_argv(tiny_llama, preference_jsonl, str(tmp_path / f"{speedups}_{p}"), max_steps=3,
+                                eval_split_size=0, speedups=speedups, optim="sgd", learning_rate=0.1,
+                                passes_per_batch=p))
+                for p in (1, 3)]
         logged = [[h[k] for h in r.state.log_history if "loss" in h for k in ("loss", "grad_norm")] for r in runs]
         assert len(logged[0]) == 6 and len(set(logged[0][::2])) > 1
         assert logged[1] == pytest.approx(logged[0], rel=1e-4), speedups
-        a, b = (load_file(os.path.join(str(tmp_path / f"{speedups}_{k}"), "adapter_model.safetensors"))
-                for k in (None, 3))
+        a, b = (load_file(os.path.join(str(tmp_path / f"{speedups}_{p}"), "adapter_model.safetensors"))
+                for p in (1, 3))
         assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5

@@ -251,3 +251,31 @@ def test_forgetting_gate_records_and_fails(tiny_llama, chat_jsonl, tmp_path):
         sft.main(sft_argv(tiny_llama, chat_jsonl, strict, max_steps=2, forgetting_gate="fail",
                           forgetting_threshold=-1.0, forgetting_limit=3))
     assert json.load(open(os.path.join(strict, "run.json")))["forgetting"]["exceeded"] is True
+
+
+@pytest.mark.parametrize("speedups", ["none", "padding_free,head_grad"])
+def test_passes_per_batch_give_the_one_pass_sft_update(speedups, tiny_llama, chat_jsonl, tmp_path):
+    """4 samples per batch through forward and backward in 2 passes of about as many tokens each, padded or packed:
+    the losses (each pass's token sum over the batch's trained-token count), gradient norms, logged token metrics
+    and trained adapter of one pass, and every forward holds fewer tokens than the whole batch's. Plain SGD: Adam's
+    first steps (about lr x sign(gradient)) would turn rounding-level gradient differences into lr-sized ones."""
+    runs, tokens = {}, {}
+    for passes in (1, 2):
+        seen = []
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, args, seen=seen: seen.append(args[0].numel()) if isinstance(m, torch.nn.Embedding) else None)
+        try:
+            runs[passes] = sft.main(sft_argv(tiny_llama, chat_jsonl, str(tmp_path / f"sft_{passes}"), max_steps=3,
+                                             speedups=speedups, eval_split_size=0, optim="sgd", learning_rate=0.5,
+                                             passes_per_batch=passes))
+        finally:
+            hook.remove()
+        tokens[passes] = seen
+    one, split = runs[1], runs[2]
+    assert losses(split) == pytest.approx(losses(one), abs=1e-5) and len(set(losses(one))) > 1
+    for key in ("grad_norm", "mean_token_accuracy", "entropy"):
+        logged = [[h[key] for h in r.state.log_history if key in h and "loss" in h] for r in (one, split)]
+        assert len(logged[0]) == 3 and logged[1] == pytest.approx(logged[0], rel=1e-4), key
+    a, b = (load_file(os.path.join(str(tmp_path / f"sft_{p}"), "adapter_model.safetensors")) for p in (1, 2))
+    assert a.keys() == b.keys() and max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+    assert len(tokens[2]) == 2 * len(tokens[1]) and max(tokens[2]) < min(tokens[1])

@@ -105,7 +105,8 @@ def test_sft_output_layout_and_manifest(tiny_llama, chat_jsonl, tmp_path):
     assert len(run["lineage"]["chat_template_sha256"]) == 64
     assert run["lineage"]["parent_adapter"] is None
     assert run["lineage"]["speedups"] == {"options": ["padding_free", "head_grad"],  # auto on a CPU
-                                          "lean_memory_budget": None, "offload_gib": None}
+                                          "lean_memory_budget": None, "offload_gib": None,
+                                          "passes_per_batch": 1}
     assert run["data"]["train"] == 56 and run["data"]["eval"] == 8
     assert run["metrics"]["eval_loss"] < run["metrics"]["before_eval_loss"]
     assert run["config"]["ModelArguments"]["lora_r"] == 8

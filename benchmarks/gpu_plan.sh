@@ -94,7 +94,7 @@
 #   budget2  the same SFT budgets at 8B beside stock (8B SFT LoRA is at 0.58x stock's peak, goal 0.6x: how much
 #            budget it can take), then the 1B SFT budgets once more (a second sample of each: runs spread ~5%)
 set -eu
-CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload2|offload2_min|passes}
+CALL=${1:?usage: gpu_plan.sh fp8_a|fp8_b|fp8_c|fp8_quality|rest|memory|host|host_1b|host_cg|profile|budget|budget2|accumulate|accumulate_dpo|accumulate_1b|dropout|rm_auto|rows|gaps|gaps_nb|rows_nb|qlora_nb|gemm|refbits|dpo_steps|firstloss|group|head|headline_1b|headline_8b|headline_qlora|budget_8b|dpo_attention|autotune|forms|memory_8b|dense_check|offload|offload_dpo|offload_all|offload2|offload2_min|passes|passes_min}
 OUT=${OUT:-/tmp/out}/$CALL
 PY=${PYTHON:-python3}
 W="--steps 8 --warmup 3 --timing window"
@@ -342,6 +342,12 @@ case $CALL in
         --align_variants "o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b_off" || true
     $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
     tail -3 "$OUT/tests.txt" ;;
+  passes_min)  # passes' short form: 1B DPO stock / auto / 2 passes at 0.58 and 0.8; 8B SFT 0.8 / 2 passes at 1.0
+    PP='!align.batch_passes.BatchPasses.passes_per_batch'
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_p58,align_p8 \
+        --align_variants "p58=auto@0.58$PP=2;p8=auto@0.8$PP=2" $W --timeout 100 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_p10 \
+        --align_variants "b8=auto@0.8;p10=auto@1.0$PP=2" $W --timeout 100 --out "$OUT/sft8b" || true ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

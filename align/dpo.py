@@ -233,10 +233,9 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
-    trainer.passes_per_batch = run_args.passes_per_batch
     stacking.match_reference_to_policy(trainer.model, reference)  # TRL casts a QLoRA policy to bf16, not "ref"
     stacking.check_reference(trainer.model, reference)
-    speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)
+    speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib, run_args.passes_per_batch)
 
     # 5. Train, with held-out reward accuracy and margin before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None,

@@ -54,7 +54,7 @@ def parse(argv=None):
     if (run_args.speedups or "none").strip() not in ("none", "", "auto"):  # auto: what pays here, i.e. nothing
         raise config.ConfigError(f"ppo.py has no speed options (speedups: {run_args.speedups!r}); the stages that "
                                  "take them are sft.py, dpo.py and rm.py. Fix: remove speedups or set it to auto/none")
-    if run_args.passes_per_batch != 1:
+    if run_args.passes_per_batch not in (None, 1):
         raise config.ConfigError("passes_per_batch: a key of sft.py, dpo.py and rm.py, not of ppo.py (its "
                                  "mini_batch_size sets the rows of a pass). Fix: remove it from the recipe")
     if not (args.reward_adapter or args.reward_model or args.reward_fn):

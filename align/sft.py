@@ -57,8 +57,7 @@ def main(argv=None):
         model=model, args=train_args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer
     )
     trainer.stop_on_nonfinite_loss = run_args.stop_on_nonfinite_loss
-    trainer.passes_per_batch = run_args.passes_per_batch
-    speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib)
+    speed.finish(trainer, speedups, run_args.lean_memory_budget, run_args.offload_gib, run_args.passes_per_batch)
 
     # 5. Train (resuming from the last checkpoint when there is one), eval loss before and after.
     metrics = training.train_and_evaluate(trainer, run, has_eval=eval_ds is not None)

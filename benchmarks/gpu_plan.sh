@@ -324,17 +324,16 @@ case $CALL in
         --align_variants "b58=auto@0.58;o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo" || true
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_o8 \
         --align_variants "b8=auto@0.8;o8=auto,offload@0.8!align.offload.MAX_GIB=3" $W --timeout 120 --out "$OUT/sft8b" ;;
-  passes)  # passes_per_batch (a batch through forward and backward in passes over its examples, gradients summed,
+  passes)  # (`a1`: `auto` before Call34, one pass at 0.2; `#N`: passes_per_batch N) passes_per_batch (a batch through forward and backward in passes over its examples, gradients summed,
     # one optimizer step): 1B DPO in 2 passes at lean budgets 0.58 and 0.8 beside stock, auto (0.2) and 0.58 in one
     # pass (Call33: 1.09x auto's speed at 12.1 GiB, DPO/SFT 1.5); 8B SFT in 2 passes at 1.0 and 0.8 beside 0.8 in one;
     # 8B DPO in 2 passes at 0.58 beside auto; then the mended offload (1B DPO 0.58 + 4 GiB, 8B SFT 0.8 + 3 GiB) and
     # the CUDA offload test. Lowest priority last: the call's time limit cuts from the end
-    PP='!align.batch_passes.BatchPasses.passes_per_batch'
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_b58,align_p58,align_p8 \
-        --align_variants "b58=auto@0.58;p58=auto@0.58$PP=2;p8=auto@0.8$PP=2" $W --timeout 120 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align_a1,align_b58,align_p58,align_p8 \
+        --align_variants "a1=auto@0.2#1;b58=auto@0.58#1;p58=auto@0.58#2;p8=auto@0.8#2" $W --timeout 120 --out "$OUT/dpo" || true
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_p10,align_p8 \
-        --align_variants "b8=auto@0.8;p10=auto@1.0$PP=2;p8=auto@0.8$PP=2" $W --timeout 120 --out "$OUT/sft8b" || true
-    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_p58 --align_variants "p58=auto@0.58$PP=2" \
+        --align_variants "b8=auto@0.8;p10=auto@1.0#2;p8=auto@0.8#2" $W --timeout 120 --out "$OUT/sft8b" || true
+    $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align_a1,align_p58 --align_variants "a1=auto@0.2#1;p58=auto@0.58#2" \
         $W --timeout 120 --out "$OUT/dpo8b" || true
     $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths align_o58 \
         --align_variants "o58=auto,offload@0.58!align.offload.MAX_GIB=4" $W --timeout 120 --out "$OUT/dpo_off" || true
@@ -343,11 +342,10 @@ case $CALL in
     $PY -m pytest -q tests/test_speed_cuda.py -k offload > "$OUT/tests.txt" 2>&1 || true
     tail -3 "$OUT/tests.txt" ;;
   passes_min)  # passes' short form: 1B DPO stock / auto / 2 passes at 0.58 and 0.8; 8B SFT 0.8 / 2 passes at 1.0
-    PP='!align.batch_passes.BatchPasses.passes_per_batch'
-    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align,align_p58,align_p8 \
-        --align_variants "p58=auto@0.58$PP=2;p8=auto@0.8$PP=2" $W --timeout 100 --out "$OUT/dpo" || true
+    $PY benchmarks/throughput.py --runs 1b:dpo_lora --paths stock,align_a1,align_p58,align_p8 \
+        --align_variants "a1=auto@0.2#1;p58=auto@0.58#2;p8=auto@0.8#2" $W --timeout 100 --out "$OUT/dpo" || true
     $PY benchmarks/throughput.py --runs 8b:sft_lora --paths align_b8,align_p10 \
-        --align_variants "b8=auto@0.8;p10=auto@1.0$PP=2" $W --timeout 100 --out "$OUT/sft8b" || true ;;
+        --align_variants "b8=auto@0.8;p10=auto@1.0#2" $W --timeout 100 --out "$OUT/sft8b" || true ;;
   extra_8b)  # group_lora in 8B DPO and head_grad in 8B SFT beside auto; two more plain 12-step 8B DPO first losses
     $PY benchmarks/throughput.py --runs 8b:dpo_lora --paths align,align_grp --align_variants "grp=auto,group_lora" \
         $W --timeout 150 --out "$OUT/grp"

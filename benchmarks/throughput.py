@@ -420,7 +420,9 @@ def worker(spec: dict) -> dict:
 
             trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok)
         budget = spec.get("lean_memory_budget")
-        speed.finish(trainer, options, *([budget] if budget else []))  # an --align_src checkout may lack it
+        passes = {"passes_per_batch": spec["passes_per_batch"]} if spec.get("passes_per_batch") else {}
+        speed.finish(trainer, options, *([budget] if budget else []), **passes)  # an --align_src checkout may lack
+        # the later arguments
         if "lean" in options:  # the budget the stage used (an --align_src checkout may not record it)
             budget = getattr(trainer, "align_lean_memory_budget", None) or (
                 speed.lean_budget(trainer, budget) if hasattr(speed, "lean_budget") else budget)
@@ -460,7 +462,7 @@ def worker(spec: dict) -> dict:
     return dict(
         path=spec["path"], lean_memory_budget=budget, options=list(options) if spec["path"].startswith("align") else (
             ["use_liger_kernel"] if spec["path"] == "stock_liger" else []),
-        inductor=spec.get("inductor") or None,
+        inductor=spec.get("inductor") or None, passes_per_batch=getattr(trainer, "passes_per_batch", None),
         tokens_per_s=timed_tokens / timed_s, step_s_mean=sum(step_s[w:w + n]) / max(1, len(step_s[w:w + n])),
         tokens_per_step=tokens, step_s=step_s, losses=losses,
         first_log=next((h for h in trainer.state.log_history if "loss" in h), None),  # DPO: step 1's rewards, logps
@@ -652,6 +654,12 @@ def merge_runs(sources: list[list[dict]]) -> list[dict]:
     return list(merged.values())
 
 
+def passes(run: dict) -> int:
+    """The passes each batch of a run went through (`passes_per_batch`; Call34 set it as a class attribute)."""
+    return int(run.get("passes_per_batch") or (run.get("inductor") or {}).get(
+        "align.batch_passes.BatchPasses.passes_per_batch") or 1)
+
+
 def compare(runs: list[dict]) -> list[dict]:
     """One row per (shape, case, data, path other than stock): ratios to stock and the largest loss difference."""
     by = {key(r): r for r in runs}
@@ -665,7 +673,8 @@ def compare(runs: list[dict]) -> list[dict]:
         row = dict(shape=r["shape"], case=r["case"], data=data, timing=r.get("timing", "step"), path=r["path"],
                    lora_dropout=r.get("lora_dropout", 0.0),
                    options=[f"lean@{r['lean_memory_budget']:g}" if o == "lean" and r.get("lean_memory_budget")
-                            else o for o in r.get("options") or []],
+                            else o for o in r.get("options") or []] + (
+                       [f"passes={passes(r)}"] if passes(r) > 1 else []),
                    stock=_summary(stock), other=_summary(r))
         if stock and "error" not in stock and "error" not in r:
             row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
@@ -918,6 +927,7 @@ def main(argv=None):
         for path in [p for _ in range(args.repeats) for p in paths]:  # interleaved: stock, align, stock, align...
             options = args.align_options if path == "align" else variants.get(path[len("align_"):], "none")
             options, _, inductor = options.partition("!")  # `opts!cpp_wrapper=True`: torch._inductor.config keys
+            options, _, passes = options.partition("#")  # `opts#2`: passes_per_batch
             options, _, budget = options.partition("@")  # `opts@0.3`: lean's memory budget
             spec = dict(shape=named, case=case, path=path, shape_cfg=shape_cfg, steps=args.steps, warmup=args.warmup,
                         rows=rows_per_step * (args.steps + args.warmup + args.profile + args.memory_step),
@@ -928,6 +938,7 @@ def main(argv=None):
                         profile_steps=args.profile, profile_stack=args.profile_stack, timing=args.timing,
                         align_src=args.align_src and os.path.abspath(args.align_src), cpu_varlen=args.cpu_varlen,
                         lean_memory_budget=float(budget) if budget else None, step_bits=args.step_bits,
+                        passes_per_batch=int(passes) if passes else None,
                         fill_uninitialized=args.fill_uninitialized,
                         inductor=inductor_config(inductor))
             print(f"[throughput] {shape} {case} {path} ...", flush=True)

@@ -79,6 +79,19 @@ def test_non_blocking_reaches_the_trainers_data_loader(tmp_path):
     assert trainer.accelerator.dataloader_config.non_blocking and args.dataloader_pin_memory
 
 
+def test_dpo_goes_in_two_passes_with_lean_unless_the_recipe_says():
+    import trl
+
+    from align import dpo, rm, sft
+
+    d, s, r = (object.__new__(c) for c in (dpo.AlignDPOTrainer, sft.AlignSFTTrainer, rm.AlignRewardTrainer))
+    gpu_auto = speed.AUTO_CUDA
+    assert speed.batch_passes(d, gpu_auto) == 2 and speed.batch_passes(d, speed.AUTO_CPU) == 1
+    assert speed.batch_passes(s, gpu_auto) == 1 and speed.batch_passes(r, gpu_auto) == 1
+    assert speed.batch_passes(d, gpu_auto, 1) == 1 and speed.batch_passes(s, (), 3) == 3
+    assert isinstance(d, trl.DPOTrainer)
+
+
 def test_lean_budget_per_stage_and_checked():
     """`lean`'s activation budget: DPO keeps less of each layer than SFT by default (its rows are 1.5x as long), a
     recipe value wins, and a value outside (0, 1] is a config error naming the key."""
@@ -94,6 +107,12 @@ def test_lean_budget_per_stage_and_checked():
     with pytest.raises(ValueError, match="lean_memory_budget"):
         speed.lean_budget(sft, 0.0)
     assert config.RunArguments(lean_memory_budget=0.4).lean_memory_budget == 0.4
+    # DPO in passes (H100 Call34): each pass holds half the pairs, so the layers keep more at the same peak
+    dpo.passes_per_batch = 2
+    assert speed.lean_budget(dpo) == 0.58 and speed.lean_budget(dpo, one_op=True) == 0.58
+    assert speed.lean_budget(dpo, 0.3) == 0.3
+    sft.passes_per_batch = 2
+    assert speed.lean_budget(sft) == 0.5  # SFT in passes keeps its budget unless the recipe sets one
     with pytest.raises(config.ConfigError, match="lean_memory_budget"):
         config.RunArguments(lean_memory_budget=1.5)
 

@@ -40,8 +40,9 @@ Options (a comma-separated list, `auto`, or `none`):
   SwiGLU and LoRA adds, and fewer saved activations (the partitioner recomputes cheap element-wise ops).
 - `lean` (with `compile`): the partitioner keeps about half of the activations a compiled layer would save and
   recomputes the rest in the backward, matmuls included (`activation_memory_budget`, recipe key
-  `lean_memory_budget`: 0.5 for SFT and RM, 0.58 with fused LoRA's whole-layer op (the same memory), 0.2 for DPO,
-  whose rows are 1.5x as long): less memory, some speed.
+  `lean_memory_budget`: 0.5 for SFT and RM, 0.58 with fused LoRA's whole-layer op (the same memory), for DPO 0.58
+  in its default 2 passes (`passes_per_batch`, `align/batch_passes.py`) and 0.2 in one, its rows being 1.5x as
+  long): less memory, some speed.
 - `liger`: Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (what TRL's `use_liger_kernel` applies). GPU only.
 - `fused_lora`: LoRA layers compute in the activations' dtype. PEFT casts every adapted layer's input to the fp32
   LoRA weights (under autocast the matmul then casts it back to bf16: two copies of the input per layer in the
@@ -105,7 +106,7 @@ Options (a comma-separated list, `auto`, or `none`):
 
 `auto` (the default) is `padding_free,shared_prompt,dense_pairs,ref_first,compile,lean,kbit_bf16,fused_lora,
 torch_nf4,non_blocking,group_lora,head_grad` on a CUDA GPU (group_lora with a plain linear base only, dense_pairs in
-DPO only) and `padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x
+DPO only; DPO then in 2 passes a batch, `batch_passes`) and `padding_free,shared_prompt,ref_first,head_grad` on a CPU (SmolLM2 stages: SFT 2.1x, DPO 2.6x, RM 1.8x
 tokens/s, same losses); `compile` and `lean` come with it only on one process without gradient checkpointing, where
 they were measured (name them to use them elsewhere); options that do not apply to a stage or model are left out (and
 logged).

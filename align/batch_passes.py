@@ -29,8 +29,9 @@ class BatchPasses:
     weighted by its share of the pairs does. Unlike `gradient_accumulation_steps`, the optimizer step, the
     learning-rate schedule and what a logged step is stay those of the recipe's batch, and the logged metrics are
     the batch's (each pass's, weighted by what it holds). The collator makes each pass's sub-batch from its own
-    examples, so padding and packed layouts are the sub-batch's. Off (1) by default; not under DeepSpeed, whose
-    engine steps at every backward of a step without accumulation; evaluation batches go in one pass."""
+    examples, so padding and packed layouts are the sub-batch's. Set by `speed.finish` (the recipe's value, else 2
+    for DPO with `lean`, else 1: off); not under DeepSpeed, whose engine steps at every backward of a step without
+    accumulation; evaluation batches go in one pass."""
 
     passes_per_batch: int = 1
     pass_loss = "pair_mean"  # DPO, RM: a pass's loss weighs its share of the pairs; SFT sets "token_sum"

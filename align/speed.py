@@ -294,12 +294,14 @@ def lean_budget(trainer, lean_memory_budget: float | None = None, one_op: bool =
 
 def batch_passes(trainer, options, passes_per_batch: int | None = None) -> int:
     """The passes each training batch goes through in: the recipe's `passes_per_batch`, else `DPO_PASSES` for DPO
-    with `lean` (the GPU `auto`), else 1."""
+    with `lean` (the GPU `auto`) and at least that many pairs a batch, else 1 (a batch of one pair keeps DPO's
+    one-pass lean budget, as its pass would hold more than an SFT step of one row)."""
     from trl import DPOTrainer
 
     if passes_per_batch is not None:
         return passes_per_batch
-    return DPO_PASSES if "lean" in options and isinstance(trainer, DPOTrainer) else 1
+    dpo = "lean" in options and isinstance(trainer, DPOTrainer)
+    return DPO_PASSES if dpo and trainer.args.per_device_train_batch_size >= DPO_PASSES else 1
 
 
 def finish(trainer, options, lean_memory_budget: float | None = None, offload_gib: float | None = None,

@@ -650,7 +650,8 @@ def test_two_cpu_processes_train_the_one_process_adapter(
 ):
     """SFT, then DPO from that SFT adapter: 2 processes x batch 2 (accelerate launch with cpu_2proc.yaml,
     gloo) give the adapter of 1 process x batch 4 within ATOL; the same 2 processes without the gradient
-    all-reduce do not.
+    all-reduce do not. DPO in 2 passes a batch on each process (`passes_per_batch`: the first pass's backward
+    under DDP's `no_sync`, the gradients reduced at the last) gives that adapter too.
 
     Exact equality is not expected: each process sums its own half of the batch and the all-reduce adds the
     two halves, a different float summation order than one process summing all four sequences, and Adam
@@ -665,7 +666,8 @@ def test_two_cpu_processes_train_the_one_process_adapter(
         "seed": 0,
     }
     out = {
-        name: str(tmp_path / name) for name in ("sft1", "dpo1", "sft2", "sft2_nosync", "dpo2", "dpo2_nosync")
+        name: str(tmp_path / name)
+        for name in ("sft1", "dpo1", "sft2", "sft2_nosync", "dpo2", "dpo2_nosync", "dpo2_passes")
     }
 
     # one process, batch 4, in this process
@@ -702,6 +704,9 @@ def test_two_cpu_processes_train_the_one_process_adapter(
             )
         )
         runs.append({"stage": stage, "nosync": nosync, "argv": argv, "record": str(tmp_path / name)})
+    runs.append({"stage": "dpo", "nosync": False, "record": str(tmp_path / "dpo2_passes"), "argv": dpo_argv(
+        tiny_llama, preference_jsonl, out["dpo2_passes"], per_device_train_batch_size=2, passes_per_batch=2,
+        sft_adapter=out["sft1"], **common)})
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     (tmp_path / "two_process_runs.py").write_text(TWO_PROCESS_RUNS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
@@ -735,6 +740,12 @@ def test_two_cpu_processes_train_the_one_process_adapter(
         assert synced_diff <= ATOL, (stage, synced_diff)
         assert control_diff > 100 * ATOL, (stage, control_diff)
         assert launch.check_saved_adapter(out[f"{stage}2"])["tensors"] == 28
+    passes = [json.loads((tmp_path / f"dpo2_passes.rank{r}.json").read_text()) for r in (0, 1)]
+    assert {p["wrapper"] for p in passes} == {"DistributedDataParallel"}
+    assert [len(p["batches"]) for p in passes] == [6, 6]  # 3 steps x 2 passes of one pair on each process
+    passes_diff = max_diff(out["dpo1"], out["dpo2_passes"])
+    print(f"dpo, 2 passes: max |2 procs - 1 proc| = {passes_diff:.2e}")
+    assert passes_diff <= ATOL, passes_diff
 
 
 def test_sharded_engines_evaluate_before_training_inside_train(tiny_llama, chat_jsonl, tmp_path, monkeypatch):

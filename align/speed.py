@@ -292,7 +292,7 @@ def lean_budget(trainer, lean_memory_budget: float | None = None, one_op: bool =
     return budget
 
 
-def batch_passes(trainer, options, passes_per_batch: int | None = None) -> int:
+def resolve_passes(trainer, options, passes_per_batch: int | None = None) -> int:
     """The passes each training batch goes through in: the recipe's `passes_per_batch`, else `DPO_PASSES` for DPO
     with `lean` (the GPU `auto`) and at least that many pairs a batch, else 1 (a batch of one pair keeps DPO's
     one-pass lean budget, as its pass would hold more than an SFT step of one row)."""
@@ -312,7 +312,7 @@ def finish(trainer, options, lean_memory_budget: float | None = None, offload_gi
     saved activations per forward moved to host memory (default `offload.MAX_GIB`); `passes_per_batch`: the
     trainer's `batch_passes.BatchPasses` setting (default: `DPO_PASSES` for DPO with `lean`, else 1)."""
     if hasattr(trainer, "passes_per_batch"):  # before the lean budget, which depends on it
-        trainer.passes_per_batch = batch_passes(trainer, options, passes_per_batch)
+        trainer.passes_per_batch = resolve_passes(trainer, options, passes_per_batch)
     model = _causal_lm(trainer.model)
     segments = [o for o in ("padding_free", "shared_prompt") if o in options]
     if "shared_prompt" in segments and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled

@@ -89,11 +89,11 @@ def test_dpo_goes_in_two_passes_with_lean_unless_the_recipe_says():
     for t in (d, s, r):
         t.args = SimpleNamespace(per_device_train_batch_size=4)
     gpu_auto = speed.AUTO_CUDA
-    assert speed.batch_passes(d, gpu_auto) == 2 and speed.batch_passes(d, speed.AUTO_CPU) == 1
+    assert speed.resolve_passes(d, gpu_auto) == 2 and speed.resolve_passes(d, speed.AUTO_CPU) == 1
     d.args.per_device_train_batch_size = 1  # one pair a batch: one pass (and DPO's one-pass lean budget)
-    assert speed.batch_passes(d, gpu_auto) == 1
-    assert speed.batch_passes(s, gpu_auto) == 1 and speed.batch_passes(r, gpu_auto) == 1
-    assert speed.batch_passes(d, gpu_auto, 1) == 1 and speed.batch_passes(s, (), 3) == 3
+    assert speed.resolve_passes(d, gpu_auto) == 1
+    assert speed.resolve_passes(s, gpu_auto) == 1 and speed.resolve_passes(r, gpu_auto) == 1
+    assert speed.resolve_passes(d, gpu_auto, 1) == 1 and speed.resolve_passes(s, (), 3) == 3
     assert isinstance(d, trl.DPOTrainer)
 
 

@@ -654,7 +654,7 @@ def merge_runs(sources: list[list[dict]]) -> list[dict]:
     return list(merged.values())
 
 
-def passes(run: dict) -> int:
+def run_passes(run: dict) -> int:
     """The passes each batch of a run went through (`passes_per_batch`; Call34 set it as a class attribute)."""
     return int(run.get("passes_per_batch") or (run.get("inductor") or {}).get(
         "align.batch_passes.BatchPasses.passes_per_batch") or 1)
@@ -674,7 +674,7 @@ def compare(runs: list[dict]) -> list[dict]:
                    lora_dropout=r.get("lora_dropout", 0.0),
                    options=[f"lean@{r['lean_memory_budget']:g}" if o == "lean" and r.get("lean_memory_budget")
                             else o for o in r.get("options") or []] + (
-                       [f"passes={passes(r)}"] if passes(r) > 1 else []),
+                       [f"passes={run_passes(r)}"] if run_passes(r) > 1 else []),
                    stock=_summary(stock), other=_summary(r))
         if stock and "error" not in stock and "error" not in r:
             row["speedup"] = r["tokens_per_s"] / stock["tokens_per_s"]
